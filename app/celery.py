@@ -1,0 +1,66 @@
+"""The Celery app (``celery -A app worker`` / ``celery -A app beat``) and its process signals.
+
+Imports nothing that imports prometheus_client: the worker must choose its multiprocess directory
+(``celeryd_init``) before the first metric object exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Celery, signals
+
+from app.config import get_settings
+
+app = Celery("app")
+app.config_from_object("celeryconfig")
+
+log = logging.getLogger(__name__)
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    from app import logs
+
+    s = get_settings()
+    logs.configure(s.log_level, s.log_format)
+
+
+@signals.celeryd_init.connect
+def _worker_main_process_init(**_: Any) -> None:
+    from app import exporter
+
+    exporter.prepare_multiprocess(get_settings())
+
+
+@signals.worker_init.connect
+def _worker_init(**_: Any) -> None:
+    from app import exporter
+
+    exporter.serve_worker_metrics(get_settings())
+
+
+@signals.worker_process_init.connect
+def _child_init(**_: Any) -> None:
+    # Sockets inherited from the parent (DB pool, HTTP pool) must not be used by two processes.
+    from app.powens.client import reset_client
+    from app.store.db import dispose_after_fork
+
+    dispose_after_fork()
+    reset_client()
+
+
+@signals.worker_process_shutdown.connect
+def _child_shutdown(pid: int | None = None, **_: Any) -> None:
+    from app import exporter
+
+    exporter.child_exited(pid or os.getpid())
+
+
+@signals.beat_init.connect
+def _beat_init(**_: Any) -> None:
+    from app import exporter
+
+    exporter.serve_single_process_metrics(get_settings())

@@ -1,0 +1,499 @@
+"""The ``balances`` admin shell (typer + rich). Fixed command names: DESIGN.md "Admin shell".
+
+Every read command has ``--json``. The actor is ``--as NAME``, else the OS user. ``admin grant`` is the
+bootstrap (whoever reaches the database may run it); every other command checks the actor's roles.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from app.config import ConfigError, Settings, get_settings
+from app.contract import OpenBankingGetBalancesOutput
+from app.errors import InvalidInput, PolicyDenied, Reason, RefreshError
+from app.jsonio import dumps
+from app.policy import ADMIN, Actor, default_actor_name, validate_actor_name
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, help="Balance refresh admin shell (Powens).")
+db_cli = typer.Typer(no_args_is_help=True, help="Database schema.")
+tenant_cli = typer.Typer(no_args_is_help=True, help="Tenants.")
+powens_cli = typer.Typer(no_args_is_help=True, help="Powens users.")
+accounts_cli = typer.Typer(no_args_is_help=True, help="Bank accounts (openbanking.accounts.sync).")
+admin_cli = typer.Typer(no_args_is_help=True, help="Roles of actors (bootstrap: whoever reaches the DB).")
+sandbox_cli = typer.Typer(no_args_is_help=True, help="The local Powens-compatible sandbox server.")
+cli.add_typer(db_cli, name="db")
+cli.add_typer(tenant_cli, name="tenant")
+cli.add_typer(powens_cli, name="powens")
+cli.add_typer(accounts_cli, name="accounts")
+cli.add_typer(admin_cli, name="admin")
+cli.add_typer(sandbox_cli, name="sandbox")
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_DENIED = 3
+EXIT_TIMEOUT = 4
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+TenantOpt = Annotated[str, typer.Option("--tenant", "-t", help="Tenant id.")]
+
+
+class State:
+    actor_name: str = ""
+
+
+state = State()
+
+
+@cli.callback()
+def main_callback(
+    as_: Annotated[str | None, typer.Option("--as", help="Act as this actor (default: the OS user).")] = None,
+) -> None:
+    name = as_ or default_actor_name()
+    try:
+        state.actor_name = validate_actor_name(name)
+    except InvalidInput as exc:
+        _fail(Reason.INVALID_INPUT, exc.message, EXIT_USAGE, as_json=False)
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _fail(reason: Reason, message: str, code: int, *, as_json: bool) -> NoReturn:
+    if as_json:
+        out.print_json(dumps({"error": {"reason": reason.value, "message": message}}))
+    else:
+        err.print(f"[red]{reason.value}:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _fail_from(exc: RefreshError, as_json: bool) -> NoReturn:
+    code = (
+        EXIT_DENIED
+        if isinstance(exc, PolicyDenied)
+        else EXIT_USAGE
+        if exc.reason is Reason.INVALID_INPUT
+        else EXIT_FAILED
+    )
+    _fail(exc.reason, exc.message, code, as_json=as_json)
+
+
+def _actor(settings: Settings) -> Actor:
+    from app.refresh import resolve_actor
+
+    return resolve_actor(state.actor_name, settings)
+
+
+def _require(settings: Settings, *, admin: bool, as_json: bool, what: str) -> Actor:
+    actor = _actor(settings)
+    if (admin and ADMIN not in actor.roles) or (not admin and not actor.roles):
+        need = '"admin"' if admin else "a role"
+        _fail(
+            Reason.POLICY_DENIED,
+            f"{what} requires {need} (actor {actor.name!r} has "
+            f"{', '.join(sorted(actor.roles)) or 'no role'}); "
+            f"an operator grants it with `balances admin grant {actor.name}`",
+            EXIT_DENIED,
+            as_json=as_json,
+        )
+    return actor
+
+
+def _print(obj: Any) -> None:
+    out.print_json(dumps(obj), highlight=False) if out.is_terminal else print(dumps(obj, indent=2))
+
+
+# -- db ------------------------------------------------------------------------------------------------
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the Alembic migrations to DATABASE_URL."""
+    from app.store.migrate import current_revision, upgrade
+
+    settings = _settings()
+    upgrade(settings)
+    err.print(f"database at revision {current_revision(settings)}")
+
+
+# -- tenants --------------------------------------------------------------------------------------------
+
+
+@tenant_cli.command("add")
+def tenant_add(
+    tenant_id: Annotated[str, typer.Argument(help="Tenant id (1-128 characters).")],
+    name: Annotated[str | None, typer.Option(help="Display name.")] = None,
+) -> None:
+    from app.store import repo
+    from app.store.db import session_scope
+
+    settings = _settings()
+    _require(settings, admin=True, as_json=False, what="tenant add")
+    if not 1 <= len(tenant_id.strip()) <= 128:
+        _fail(Reason.INVALID_INPUT, "tenant id must be 1 to 128 characters", EXIT_USAGE, as_json=False)
+    with session_scope(settings) as session:
+        _, created = repo.add_tenant(session, tenant_id.strip(), name or tenant_id, _now())
+    err.print(f"tenant {tenant_id} {'added' if created else 'already exists'}")
+
+
+@tenant_cli.command("list")
+def tenant_list(json_: JsonOpt = False) -> None:
+    from app.store import repo
+    from app.store.db import session_scope
+
+    settings = _settings()
+    _require(settings, admin=False, as_json=json_, what="tenant list")
+    with session_scope(settings) as session:
+        tenants = repo.list_tenants(session, active_only=False)
+    if json_:
+        _print([{"id": t.id, "name": t.name, "active": t.active, "createdAt": t.created_at} for t in tenants])
+        return
+    table = Table("id", "name", "active", "created")
+    for t in tenants:
+        table.add_row(t.id, t.name, str(t.active), t.created_at.isoformat(timespec="seconds"))
+    out.print(table)
+
+
+# -- Powens users ---------------------------------------------------------------------------------------
+
+
+@powens_cli.command("link")
+def powens_link(
+    tenant: TenantOpt,
+    user_id: Annotated[int, typer.Option("--user-id", help="Powens id_user.")],
+) -> None:
+    """Store a Powens user's permanent token, read from stdin (never from argv), encrypted at rest."""
+    from app.accounts import link_powens_user
+
+    settings = _settings()
+    _require(settings, admin=True, as_json=False, what="powens link")
+    if sys.stdin.isatty():
+        import getpass
+
+        token = getpass.getpass("Powens permanent token: ")
+    else:
+        token = sys.stdin.readline()
+    try:
+        created = link_powens_user(settings, tenant, user_id, token, _now())
+    except (ValueError, ConfigError) as exc:
+        _fail(Reason.INVALID_INPUT, str(exc), EXIT_USAGE, as_json=False)
+    except RefreshError as exc:
+        _fail_from(exc, False)
+    err.print(f"Powens user {user_id} {'linked to' if created else 'token replaced for'} tenant {tenant}")
+
+
+# -- accounts -------------------------------------------------------------------------------------------
+
+
+@accounts_cli.command("sync")
+def accounts_sync(tenant: TenantOpt, json_: JsonOpt = False) -> None:
+    """Discover the tenant's accounts at Powens and register them."""
+    from app.accounts import sync_accounts
+    from app.refresh import Deps
+
+    settings = _settings()
+    actor = _actor(settings)
+    try:
+        result = sync_accounts(tenant, actor, Deps.default(settings))
+    except (RefreshError, ConfigError) as exc:
+        if isinstance(exc, ConfigError):
+            _fail(Reason.INVALID_INPUT, str(exc), EXIT_USAGE, as_json=json_)
+        _fail_from(exc, json_)
+    if json_:
+        _print(result.as_contract())
+    else:
+        err.print(
+            f"synced {result.synced} accounts ({result.created} new), {result.failed} Powens users failed"
+        )
+        for e in result.errors:
+            err.print(f"  [yellow]{e}[/]", highlight=False)
+    if result.failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@accounts_cli.command("list")
+def accounts_list(tenant: TenantOpt, json_: JsonOpt = False) -> None:
+    from app.accounts import account_records
+
+    settings = _settings()
+    _require(settings, admin=True, as_json=json_, what="accounts list")
+    records = account_records(settings, tenant)
+    if json_:
+        _print([r.model_dump() for r in records])
+        return
+    table = Table(
+        "id", "Powens id", "name", "type", "currency", "status", "connection state", "last refreshed"
+    )
+    for r in records:
+        meta = r.metadata or {}
+        last = meta.get("lastRefreshedAt")
+        table.add_row(
+            r.id,
+            r.externalId,
+            r.displayName,
+            r.accountType,
+            r.currency,
+            str(meta.get("status")),
+            str(meta.get("connectionState") or "ok"),
+            last.isoformat(timespec="seconds") if last else "never",
+        )
+    out.print(table)
+
+
+# -- refresh --------------------------------------------------------------------------------------------
+
+
+@cli.command("refresh")
+def refresh_cmd(
+    tenant: TenantOpt,
+    account: Annotated[str, typer.Option("--account", "-a", help="Canonical account id.")],
+    connection: Annotated[str | None, typer.Option("--connection", help="Canonical connection id.")] = None,
+    balance_type: Annotated[
+        list[str] | None, typer.Option("--balance-type", help="Only this balance type (repeatable).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Force a bank sync first (4 per 24 h).")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the task id and return.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait for the outcome.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Refresh one account's balances (openbanking.balances.refresh) on a worker."""
+    from app.refresh import Deps, Trigger, check_policy, outcome_for_task
+    from app.tasks import dispatch_refresh
+
+    settings = _settings()
+    raw: dict[str, Any] = {"tenantId": tenant, "accountId": account}
+    if connection:
+        raw["connectionId"] = connection
+    if balance_type:
+        raw["balanceTypes"] = balance_type
+    if force:
+        raw["forceRefresh"] = True
+    try:
+        check_policy(raw, state.actor_name, Trigger.ON_DEMAND, deps=Deps.default(settings))
+    except RefreshError as exc:
+        _fail_from(exc, json_)
+    try:
+        task_id = dispatch_refresh(raw, state.actor_name, Trigger.ON_DEMAND)
+    except Exception as exc:  # kombu raises several types for an unreachable broker
+        _fail(
+            Reason.INTERNAL,
+            f"could not publish to the broker ({type(exc).__name__}): is Redis up at CELERY_BROKER_URL?",
+            EXIT_FAILED,
+            as_json=json_,
+        )
+    if no_wait:
+        if json_:
+            _print({"taskId": task_id})
+        else:
+            print(task_id)
+        return
+    limit = timeout or settings.max_attempts * (settings.task_time_limit + settings.retry_cap_seconds)
+    deadline = time.monotonic() + limit
+    with (
+        err.status(f"refreshing {account} (task {task_id})…", spinner="dots") if err.is_terminal else _null()
+    ):
+        while True:
+            try:
+                output = outcome_for_task(settings, task_id, raw)
+            except RefreshError as exc:
+                _fail_from(exc, json_)
+            if output is not None:
+                break
+            if time.monotonic() > deadline:
+                _fail(
+                    Reason.INTERNAL,
+                    f"no outcome for task {task_id} after {limit:.0f}s: is a worker "
+                    "consuming the 'interactive' queue?",
+                    EXIT_TIMEOUT,
+                    as_json=json_,
+                )
+            time.sleep(0.2)
+    if json_:
+        _print(output)
+        return
+    _balances_table(output.balances, title=f"Refreshed at {output.refreshedAt.isoformat(timespec='seconds')}")
+    for e in output.errors or []:
+        err.print(f"[yellow]note:[/] {e}", highlight=False)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+def _balances_table(records: Any, title: str | None = None) -> None:
+    table = Table("account", "type", "current", "available", "currency", "last updated (UTC)", title=title)
+    for r in records:
+        table.add_row(
+            r.accountId,
+            r.balanceType,
+            f"{r.currentBalance:,.2f}",
+            "" if r.availableBalance is None else f"{r.availableBalance:,.2f}",
+            r.currency,
+            r.lastUpdatedAt.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    out.print(table)
+
+
+# -- show (openbanking.balances.get) --------------------------------------------------------------------
+
+
+@cli.command("show")
+def show(
+    tenant: TenantOpt,
+    account: Annotated[str | None, typer.Option("--account", "-a")] = None,
+    balance_type: Annotated[list[str] | None, typer.Option("--balance-type")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Canonical balance records from the store (no Powens call)."""
+    from app.refresh import to_record
+    from app.store import repo
+    from app.store.db import session_scope
+
+    settings = _settings()
+    _require(settings, admin=False, as_json=json_, what="show")
+    with session_scope(settings) as session:
+        rows = repo.latest_balances(session, tenant, account, balance_type)
+        records = [to_record(r) for r in rows]
+        as_of = max((r.refreshed_at for r in rows), default=None)
+    result = OpenBankingGetBalancesOutput(balances=records, asOf=as_of)
+    if json_:
+        _print(result)
+        return
+    _balances_table(records, title=f"Balances of {tenant}")
+
+
+# -- admin ----------------------------------------------------------------------------------------------
+
+
+@admin_cli.command("grant")
+def admin_grant(
+    name: Annotated[str, typer.Argument()],
+    role: Annotated[str, typer.Option(help="Role to grant.")] = ADMIN,
+) -> None:
+    from app.store import repo
+    from app.store.db import session_scope
+
+    settings = _settings()
+    try:
+        validate_actor_name(name)
+    except InvalidInput as exc:
+        _fail(exc.reason, exc.message, EXIT_USAGE, as_json=False)
+    with session_scope(settings) as session:
+        changed = repo.grant_role(session, name, role, _now())
+    err.print(f"{name} {'now has' if changed else 'already has'} role {role}")
+
+
+@admin_cli.command("revoke")
+def admin_revoke(
+    name: Annotated[str, typer.Argument()], role: Annotated[str, typer.Option()] = ADMIN
+) -> None:
+    from app.store import repo
+    from app.store.db import session_scope
+
+    settings = _settings()
+    _require(settings, admin=True, as_json=False, what="admin revoke")
+    with session_scope(settings) as session:
+        changed = repo.revoke_role(session, name, role, _now())
+    err.print(f"{name} {'no longer has' if changed else 'did not have'} role {role}")
+
+
+@admin_cli.command("list")
+def admin_list(json_: JsonOpt = False) -> None:
+    from app.store import repo
+    from app.store.db import session_scope
+
+    settings = _settings()
+    with session_scope(settings) as session:
+        actors = repo.list_actors(session)
+    if json_:
+        _print([{"name": a.name, "roles": list(a.roles), "updatedAt": a.updated_at} for a in actors])
+        return
+    table = Table("actor", "roles", "updated")
+    for a in actors:
+        table.add_row(a.name, ", ".join(a.roles) or "-", a.updated_at.isoformat(timespec="seconds"))
+    out.print(table)
+
+
+# -- sandbox and demo -----------------------------------------------------------------------------------
+
+
+@sandbox_cli.command("serve")
+def sandbox_serve(
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    seed: int = 42,
+    users: Annotated[int, typer.Option(help="Powens users to create at start.")] = 0,
+    latency_ms: float = 0.0,
+    fault_rate: Annotated[float, typer.Option(help="Probability of a 503 on a data call.")] = 0.0,
+    rate_limit_rate: Annotated[float, typer.Option(help="Probability of a 429 on a data call.")] = 0.0,
+    retry_after: Annotated[float, typer.Option(help="Retry-After seconds sent with a 429.")] = 1.0,
+    accounts_per_connection: int = 2,
+    connections_per_user: int = 1,
+) -> None:
+    """Serve the Powens-compatible sandbox until interrupted (admin routes under /_sandbox/)."""
+    from app.powens.sandbox import Knobs, SandboxHTTPServer, SandboxState
+
+    knobs = Knobs(
+        latency_ms=latency_ms,
+        fault_rate=fault_rate,
+        rate_limit_rate=rate_limit_rate,
+        retry_after=retry_after,
+        accounts_per_connection=accounts_per_connection,
+        connections_per_user=connections_per_user,
+    )
+    sstate = SandboxState(seed=seed, knobs=knobs)
+    for _ in range(users):
+        sstate.create_user()
+    server = SandboxHTTPServer((host, port), sstate)
+    err.print(f"Powens sandbox on http://{host}:{server.server_address[1]}/2.0/ (seed {seed}, {users} users)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@cli.command("demo")
+def demo_cmd(
+    tenants: Annotated[int, typer.Option(help="Demo tenants to seed.")] = 3,
+) -> None:
+    """Seed demo tenants against a local sandbox and refresh every account (no services needed)."""
+    from app.demo import run_demo
+
+    code = run_demo(tenants=tenants, console=out)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    try:
+        cli()
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/] {exc}")
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Settings: the one place that reads the environment.
+
+Every other module receives a ``Settings`` (or calls :func:`get_settings`). Names of the variables
+are fixed interfaces (DESIGN.md "Environment"); the ``BALANCES_*`` tuning knobs are ours.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+POWENS_DOMAIN_RE = re.compile(r"^[a-z\d]+(-[a-z\d]+)*$")
+DEFAULT_DATABASE_URL = "sqlite:///balances.db"
+
+
+class ConfigError(RuntimeError):
+    """A variable is missing or malformed. The message names the variable, never its value."""
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    database_url: str = Field(DEFAULT_DATABASE_URL, validation_alias=_env("DATABASE_URL"))
+    celery_broker_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("CELERY_BROKER_URL"))
+    celery_result_backend: str | None = Field(None, validation_alias=_env("CELERY_RESULT_BACKEND"))
+
+    powens_domain: str | None = Field(None, validation_alias=_env("POWENS_DOMAIN"))
+    powens_base_url_override: str | None = Field(None, validation_alias=_env("POWENS_BASE_URL"))
+    powens_client_id: str | None = Field(None, validation_alias=_env("POWENS_CLIENT_ID"))
+    powens_client_secret: SecretStr | None = Field(None, validation_alias=_env("POWENS_CLIENT_SECRET"))
+    # Powens sends naive datetimes in its own zone; we store UTC.
+    powens_timezone: str = Field("Europe/Paris", validation_alias=_env("BALANCES_POWENS_TIMEZONE"))
+    powens_connect_timeout: float = Field(3.05, gt=0, validation_alias=_env("BALANCES_HTTP_CONNECT_TIMEOUT"))
+    powens_read_timeout: float = Field(20.0, gt=0, validation_alias=_env("BALANCES_HTTP_READ_TIMEOUT"))
+    powens_page_size: int = Field(1000, ge=1, le=1000, validation_alias=_env("BALANCES_POWENS_PAGE_SIZE"))
+    powens_webview_lang: str = Field("en", validation_alias=_env("BALANCES_WEBVIEW_LANG"))
+
+    encryption_key: SecretStr | None = Field(None, validation_alias=_env("BALANCES_ENCRYPTION_KEY"))
+    metrics_port: int = Field(9464, ge=0, le=65535, validation_alias=_env("BALANCES_METRICS_PORT"))
+    metrics_dir: str | None = Field(None, validation_alias=_env("BALANCES_METRICS_DIR"))
+
+    # Retries of one refresh (ContractSpec's sample workflow: 3 attempts, exponential from 1 s).
+    max_attempts: int = Field(3, ge=1, le=20, validation_alias=_env("BALANCES_MAX_ATTEMPTS"))
+    retry_base_seconds: float = Field(1.0, gt=0, validation_alias=_env("BALANCES_RETRY_BASE_SECONDS"))
+    retry_cap_seconds: float = Field(300.0, gt=0, validation_alias=_env("BALANCES_RETRY_CAP_SECONDS"))
+    force_sync_quota: int = Field(4, ge=0, validation_alias=_env("BALANCES_FORCE_SYNC_QUOTA"))
+    task_soft_time_limit: int = Field(120, ge=1, validation_alias=_env("BALANCES_TASK_SOFT_TIME_LIMIT"))
+    task_time_limit: int = Field(150, ge=1, validation_alias=_env("BALANCES_TASK_TIME_LIMIT"))
+    visibility_timeout: int = Field(3600, ge=60, validation_alias=_env("BALANCES_VISIBILITY_TIMEOUT"))
+
+    # Business calendar: which day a snapshot belongs to, when the nightly run fires.
+    timezone: str = Field("Europe/Paris", validation_alias=_env("BALANCES_TIMEZONE"))
+    nightly_cron: str = Field("0 2 * * *", validation_alias=_env("BALANCES_NIGHTLY_CRON"))
+
+    log_format: str = Field("json", pattern="^(json|text)$", validation_alias=_env("BALANCES_LOG_FORMAT"))
+    log_level: str = Field("INFO", validation_alias=_env("BALANCES_LOG_LEVEL"))
+
+    @field_validator("powens_domain")
+    @classmethod
+    def _domain(cls, v: str | None) -> str | None:
+        if v is not None and v != "" and not POWENS_DOMAIN_RE.match(v):
+            raise ValueError("must match [a-z0-9]+(-[a-z0-9]+)*, e.g. acme-sandbox")
+        return v or None
+
+    @field_validator("powens_base_url_override")
+    @classmethod
+    def _base_url(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if not re.match(r"^https?://[^/]+", v):
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8765/2.0")
+        return v.rstrip("/") + "/"
+
+    @field_validator("powens_timezone", "timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {v!r}") from exc
+        return v
+
+    @field_validator("nightly_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError("must be a 5-field crontab expression such as '0 2 * * *'")
+        return v
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        if self.task_time_limit <= self.task_soft_time_limit:
+            raise ValueError("BALANCES_TASK_TIME_LIMIT must exceed BALANCES_TASK_SOFT_TIME_LIMIT")
+        # A countdown longer than the visibility timeout makes Redis redeliver the task early.
+        if self.retry_cap_seconds + self.task_time_limit >= self.visibility_timeout:
+            raise ValueError(
+                "BALANCES_VISIBILITY_TIMEOUT must exceed "
+                "BALANCES_RETRY_CAP_SECONDS + BALANCES_TASK_TIME_LIMIT"
+            )
+        return self
+
+    @property
+    def powens_base_url(self) -> str:
+        if self.powens_base_url_override:
+            return self.powens_base_url_override
+        if self.powens_domain:
+            return f"https://{self.powens_domain}.biapi.pro/2.0/"
+        raise ConfigError("POWENS_DOMAIN or POWENS_BASE_URL must be set to reach Powens")
+
+    @property
+    def powens_zone(self) -> ZoneInfo:
+        return ZoneInfo(self.powens_timezone)
+
+    @property
+    def business_zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def metrics_directory(self) -> Path:
+        if self.metrics_dir:
+            return Path(self.metrics_dir)
+        return Path(tempfile.gettempdir()) / f"balances-metrics-{self.metrics_port}"
+
+
+_FIELD_TO_ENV = {
+    name: (f.validation_alias.choices[0] if isinstance(f.validation_alias, AliasChoices) else name.upper())
+    for name, f in Settings.model_fields.items()
+}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment; errors name the variable, never echo a value."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ())]
+            name = loc[0] if loc else "?"
+            env = _FIELD_TO_ENV.get(name, name)
+            problems.append(f"{env}: {err.get('msg', 'invalid')}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+_override: Settings | None = None
+
+
+@lru_cache(maxsize=1)
+def _cached() -> Settings:
+    return load_settings()
+
+
+def get_settings() -> Settings:
+    return _override if _override is not None else _cached()
+
+
+def use_settings(settings: Settings | None) -> None:
+    """Install explicit settings for this process (the demo, tests); ``None`` goes back to the env."""
+    global _override
+    _override = settings
+    _cached.cache_clear()

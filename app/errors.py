@@ -1,0 +1,75 @@
+"""The closed failure taxonomy (DESIGN.md, fixed reason labels).
+
+Errors are mapped to a reason once, at the boundary where they happen (Powens client, policy, input
+validation), and passed on as values; no layer re-interprets them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    PROVIDER_UNAVAILABLE = "provider_unavailable"
+    RATE_LIMITED = "rate_limited"
+    NEEDS_USER_ACTION = "needs_user_action"
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    INVALID_RESPONSE = "invalid_response"
+    INVALID_INPUT = "invalid_input"
+    POLICY_DENIED = "policy_denied"
+    INTERNAL = "internal"
+
+    @property
+    def retryable(self) -> bool:
+        return self in _RETRYABLE
+
+
+_RETRYABLE = frozenset({Reason.PROVIDER_UNAVAILABLE, Reason.RATE_LIMITED, Reason.INTERNAL})
+
+
+class RefreshError(Exception):
+    """A refresh failed for ``reason``. ``message`` is safe to log: it never carries a secret."""
+
+    def __init__(
+        self,
+        reason: Reason,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        request_id: str | None = None,
+        status: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+        self.request_id = request_id
+        self.status = status
+        self.code = code
+
+    @property
+    def retryable(self) -> bool:
+        return self.reason.retryable
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(reason={self.reason.value!r}, message={self.message!r})"
+
+    def as_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"reason": self.reason.value, "message": self.message}}
+
+
+class PolicyDenied(RefreshError):
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.POLICY_DENIED, message)
+
+
+class InvalidInput(RefreshError):
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.INVALID_INPUT, message)
+
+
+class NotFound(RefreshError):
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.NOT_FOUND, message)

@@ -1,0 +1,71 @@
+"""Serving /metrics: one HTTP server per worker (in the parent), prometheus_client multiprocess mode.
+
+Prefork children each write their own mmap files into the directory; the parent's collector sums
+them, so one scrape sees the whole worker. One server per child would undercount (each answers
+with its own numbers only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from app.config import Settings
+
+log = logging.getLogger(__name__)
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_multiprocess(settings: Settings) -> Path | None:
+    """Wipe and select the directory. Must run before prometheus_client is first imported."""
+    if settings.metrics_port == 0:
+        return None
+    if "prometheus_client" in sys.modules:
+        log.warning("prometheus_client imported before the worker chose its directory; not multiprocess")
+        return None
+    directory = settings.metrics_directory
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # prometheus_client reads this itself when its value classes are chosen (at import).
+    os.environ[ENV] = str(directory)
+    return directory
+
+
+def serve_worker_metrics(settings: Settings) -> None:
+    if settings.metrics_port == 0:
+        return
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    import app.metrics  # noqa: F401 - registers and pre-initialises the label sets
+
+    if os.environ.get(ENV):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        start_http_server(settings.metrics_port, registry=registry)
+    else:
+        start_http_server(settings.metrics_port)
+    log.info("metrics on :%d/metrics", settings.metrics_port)
+
+
+def serve_single_process_metrics(settings: Settings) -> None:
+    if settings.metrics_port == 0:
+        return
+    from prometheus_client import start_http_server
+
+    import app.metrics  # noqa: F401
+
+    start_http_server(settings.metrics_port)
+    log.info("metrics on :%d/metrics", settings.metrics_port)
+
+
+def child_exited(pid: int) -> None:
+    if not os.environ.get(ENV):
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)

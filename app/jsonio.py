@@ -1,0 +1,72 @@
+"""JSON text with exact money: ``Decimal`` is written as a JSON number, digit for digit.
+
+``json`` cannot write a Decimal as a number without going through float; pydantic writes it as a
+string. Neither is what the contract's consumers expect (``"currentBalance": 1234.56``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel
+
+
+def decimal_text(value: Decimal) -> str:
+    if not value.is_finite():
+        raise ValueError(f"non-finite amount {value}")
+    text = format(value, "f")
+    return text
+
+
+def to_plain(obj: Any) -> Any:
+    """Models, dates and containers to JSON-ready values, Decimals kept as Decimal."""
+    if isinstance(obj, BaseModel):
+        return to_plain(obj.model_dump(mode="python", exclude_none=False))
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, datetime):
+        return obj.isoformat().replace("+00:00", "Z")
+    if isinstance(obj, date):
+        return obj.isoformat()
+    if isinstance(obj, uuid.UUID):
+        return str(obj)
+    return obj
+
+
+def dumps(obj: Any, *, indent: int | None = None, drop_none: bool = False) -> str:
+    plain = to_plain(obj)
+    if drop_none:
+        plain = _drop_none(plain)
+    marks: dict[str, str] = {}
+
+    def default(o: Any) -> Any:
+        if isinstance(o, Decimal):
+            key = f"\x00dec{len(marks)}\x00"
+            marks[json.dumps(key)] = decimal_text(o)
+            return key
+        raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+    text = json.dumps(plain, default=default, indent=indent, ensure_ascii=False)
+    for quoted, number in marks.items():
+        text = text.replace(quoted, number, 1)
+    return text
+
+
+def _drop_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [_drop_none(v) for v in obj]
+    return obj
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse JSON keeping every non-integer number exact."""
+    return json.loads(text, parse_float=Decimal)

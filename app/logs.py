@@ -1,0 +1,92 @@
+"""Structured logs: one JSON object per line (worker, beat, CLI), secrets scrubbed.
+
+Telemetry events (logger ``openbanking.telemetry``) are already JSON documents: they are written as
+they are, one per line, so a log shipper can route them by their ``event`` key.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from app.jsonio import dumps
+
+CONTEXT_FIELDS = ("task_id", "task_name", "run_id", "tenant_id", "account_id", "reason", "trigger", "attempt")
+_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+# Bearer tokens, Powens sandbox tokens, Fernet tokens, IBANs: never in a log line, whatever the code did.
+_SCRUB = [
+    (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1[redacted]"),
+    (re.compile(r"\bsbx_[0-9a-f]{8,}\b"), "[redacted]"),
+    (re.compile(r"\bgAAAAA[A-Za-z0-9_=-]{20,}"), "[redacted]"),
+    (
+        re.compile(r"(?i)(client_secret|auth_token|access_token|token)(['\"]?\s*[:=]\s*['\"]?)[^'\"\s&,}]+"),
+        r"\1\2[redacted]",
+    ),
+    (re.compile(r"\b([A-Z]{2}\d{2})[A-Z0-9]{6,26}([A-Z0-9]{4})\b"), r"\1****\2"),
+]
+
+
+def scrub(text: str) -> str:
+    for pattern, repl in _SCRUB:
+        text = pattern.sub(repl, text)
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": scrub(record.getMessage()),
+            "pid": record.process,
+        }
+        for key, value in vars(record).items():
+            if key not in _RESERVED and not key.startswith("_") and value is not None:
+                doc[key] = scrub(value) if isinstance(value, str) else value
+        try:
+            from celery._state import get_current_task
+
+            task = get_current_task()
+            if task is not None and task.request.id:
+                doc.setdefault("task_id", task.request.id)
+                doc.setdefault("task_name", task.name)
+        except ImportError:  # pragma: no cover
+            pass
+        if record.exc_info:
+            doc["exc"] = scrub(self.formatException(record.exc_info))
+        return dumps(doc)
+
+
+class RawFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(record.getMessage())
+
+
+def configure(level: str = "INFO", fmt: str = "json", stream: Any = None) -> None:
+    stream = stream or sys.stderr
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+    tel = logging.getLogger("openbanking.telemetry")
+    for h in list(tel.handlers):
+        tel.removeHandler(h)
+    th = logging.StreamHandler(stream)
+    th.setFormatter(RawFormatter())
+    tel.addHandler(th)
+    tel.setLevel(logging.INFO)
+    tel.propagate = False
+    for noisy in ("urllib3", "alembic.runtime.migration"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,72 @@
+"""Prometheus objects (fixed names, DESIGN.md "Observability") and their export.
+
+No tenant or account id ever goes into a label: cardinality stays bounded by the taxonomy.
+Label sets known in advance are created at import with value 0, so ``rate()`` sees the first failure.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from app.errors import Reason
+
+PROVIDER = "powens"
+TRIGGERS = ("scheduled", "on_demand")
+
+REFRESHED = Counter(
+    "openbanking_balances_refreshed",
+    "Balance refreshes that succeeded (terminal outcome, after retries).",
+    ["provider", "trigger"],
+)
+REFRESH_FAILED = Counter(
+    "openbanking_balances_refresh_failed",
+    "Balance refreshes that failed (terminal outcome, after retries), by reason.",
+    ["provider", "trigger", "reason"],
+)
+RETRIES = Counter(
+    "openbanking_balance_refresh_retries",
+    "Refresh attempts that failed with a retryable reason and were scheduled again.",
+    ["provider", "reason"],
+)
+DURATION = Histogram(
+    "openbanking_balance_refresh_duration_seconds",
+    "Wall time of one refresh attempt, from validation to commit.",
+    ["provider", "trigger"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+LAST_SUCCESS = Gauge(
+    "openbanking_balances_last_success_timestamp_seconds",
+    "Unix time of the last successful refresh.",
+    ["provider"],
+    multiprocess_mode="max",
+)
+NIGHTLY_LAST_SUCCESS = Gauge(
+    "openbanking_nightly_run_last_success_timestamp_seconds",
+    "Unix time at which the last nightly run finished with every tenant summarised.",
+    multiprocess_mode="max",
+)
+POWENS_HTTP_REQUESTS = Counter(
+    "powens_http_requests",
+    "HTTP calls to Powens by route template and status (timeout/error when no answer came).",
+    ["endpoint", "status"],
+)
+POWENS_HTTP_DURATION = Histogram(
+    "powens_http_request_duration_seconds",
+    "Latency of HTTP calls to Powens by route template.",
+    ["endpoint"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30),
+)
+
+
+def _preinitialise() -> None:
+    for trigger in TRIGGERS:
+        REFRESHED.labels(provider=PROVIDER, trigger=trigger)
+        DURATION.labels(provider=PROVIDER, trigger=trigger)
+        for reason in Reason:
+            REFRESH_FAILED.labels(provider=PROVIDER, trigger=trigger, reason=reason.value)
+    for reason in Reason:
+        if reason.retryable:
+            RETRIES.labels(provider=PROVIDER, reason=reason.value)
+
+
+_preinitialise()

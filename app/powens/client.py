@@ -1,0 +1,255 @@
+"""Powens HTTP client: one pooled ``requests.Session`` per process, typed answers, classified errors.
+
+The client knows nothing of the database. Tokens travel in the Authorization header only; they never
+enter a URL, a log line, a metric label or an exception message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from app import metrics
+from app.config import Settings
+from app.errors import Reason
+from app.jsonio import loads
+from app.powens.errors import PowensError, error_from_response
+from app.powens.models import Answer, PowensAccount, PowensConnection, invalid
+
+log = logging.getLogger(__name__)
+
+EP_ACCOUNTS = "/users/{id_user}/accounts"
+EP_ACCOUNT = "/users/{id_user}/accounts/{id_account}"
+EP_CONNECTIONS = "/users/{id_user}/connections"
+EP_CONNECTION = "/users/{id_user}/connections/{id_connection}"
+EP_AUTH_INIT = "/auth/init"
+EP_AUTH_RENEW = "/auth/renew"
+
+
+class PowensClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        zone: ZoneInfo,
+        connect_timeout: float = 3.05,
+        read_timeout: float = 20.0,
+        page_size: int = 1000,
+        session: requests.Session | None = None,
+        pool_size: int = 10,
+    ) -> None:
+        self.base_url = base_url.rstrip("/") + "/"
+        self.zone = zone
+        self.timeout = (connect_timeout, read_timeout)
+        self.page_size = page_size
+        if session is None:
+            session = requests.Session()
+            # Retries are the task's business (with backoff and accounting), never urllib3's.
+            adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+            session.mount("https://", adapter)
+            session.mount("http://", adapter)
+            session.headers["User-Agent"] = "balances-refresh/0.1"
+            session.headers["Accept"] = "application/json"
+        self.session = session
+        # Called before every request (cluster-wide rate limiting hooks in here).
+        self.before_request: Callable[[str], None] | None = None
+
+    # -- low level ---------------------------------------------------------------------------------
+
+    def _url(self, template: str, path_params: dict[str, Any]) -> str:
+        return self.base_url + template.format(**path_params).lstrip("/")
+
+    def request(
+        self,
+        method: str,
+        template: str,
+        *,
+        token: str | None,
+        path_params: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        flags: tuple[str, ...] = (),
+        data: dict[str, Any] | None = None,
+    ) -> tuple[Any, str | None]:
+        """One HTTP call. Returns (parsed JSON with exact decimals, Powens request id)."""
+        url = self._url(template, path_params or {})
+        if flags:
+            url += "?" + "&".join(flags)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if self.before_request is not None:
+            self.before_request(template)
+        started = time.perf_counter()
+        status_label = "error"
+        try:
+            resp = self.session.request(
+                method, url, params=params, data=data, headers=headers, timeout=self.timeout
+            )
+            status_label = str(resp.status_code)
+        except requests.Timeout:
+            status_label = "timeout"
+            raise PowensError(
+                Reason.PROVIDER_UNAVAILABLE,
+                f"Powens {template} timed out (connect {self.timeout[0]}s, read {self.timeout[1]}s)",
+            ) from None
+        except requests.ConnectionError:
+            raise PowensError(Reason.PROVIDER_UNAVAILABLE, f"Powens {template}: connection failed") from None
+        except requests.RequestException as exc:
+            raise PowensError(
+                Reason.PROVIDER_UNAVAILABLE, f"Powens {template}: {type(exc).__name__}"
+            ) from None
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.POWENS_HTTP_REQUESTS.labels(endpoint=template, status=status_label).inc()
+            metrics.POWENS_HTTP_DURATION.labels(endpoint=template).observe(elapsed)
+
+        request_id = resp.headers.get("X-Request-Id") or resp.headers.get("Request-Id")
+        body: Any = None
+        if resp.content:
+            try:
+                body = loads(resp.content)
+            except ValueError:
+                if resp.status_code < 400:
+                    raise invalid("body is not JSON", template) from None
+        if resp.status_code >= 400:
+            err = error_from_response(
+                resp.status_code, body, endpoint=template, retry_after=resp.headers.get("Retry-After")
+            )
+            if err.request_id is None:
+                err.request_id = request_id
+            raise err
+        if isinstance(body, dict) and body.get("request_id") is not None and request_id is None:
+            request_id = str(body["request_id"])
+        return body, request_id
+
+    def _pages(
+        self, template: str, key: str, *, token: str, path_params: dict[str, Any], flags: tuple[str, ...] = ()
+    ) -> Iterator[tuple[list[Any], str | None]]:
+        offset = 0
+        while True:
+            body, rid = self.request(
+                "GET",
+                template,
+                token=token,
+                path_params=path_params,
+                params={"limit": self.page_size, "offset": offset},
+                flags=flags,
+            )
+            if not isinstance(body, dict) or not isinstance(body.get(key), list):
+                raise invalid(f"'{key}' list is missing", template)
+            items: list[Any] = body[key]
+            yield items, rid
+            has_next = bool(((body.get("_links") or {}).get("next") or {}).get("href"))
+            if len(items) < self.page_size and not has_next:
+                return
+            if not items:
+                return
+            offset += len(items)
+
+    # -- Powens operations -------------------------------------------------------------------------
+
+    def list_accounts(
+        self, token: str, user: int | str = "me", *, include_disabled: bool = True
+    ) -> Answer[list[PowensAccount]]:
+        accounts: list[PowensAccount] = []
+        rid = None
+        for items, page_rid in self._pages(
+            EP_ACCOUNTS,
+            "accounts",
+            token=token,
+            path_params={"id_user": user},
+            flags=("all",) if include_disabled else (),
+        ):
+            rid = rid or page_rid
+            accounts.extend(PowensAccount.parse(item, self.zone, EP_ACCOUNTS) for item in items)
+        return Answer(accounts, rid)
+
+    def get_account(self, token: str, user: int | str, account_id: int) -> Answer[PowensAccount]:
+        body, rid = self.request(
+            "GET", EP_ACCOUNT, token=token, path_params={"id_user": user, "id_account": account_id}
+        )
+        return Answer(PowensAccount.parse(body, self.zone, EP_ACCOUNT), rid)
+
+    def list_connections(self, token: str, user: int | str = "me") -> Answer[list[PowensConnection]]:
+        conns: list[PowensConnection] = []
+        rid = None
+        for items, page_rid in self._pages(
+            EP_CONNECTIONS, "connections", token=token, path_params={"id_user": user}, flags=("all",)
+        ):
+            rid = rid or page_rid
+            conns.extend(PowensConnection.parse(item, self.zone, EP_CONNECTIONS) for item in items)
+        return Answer(conns, rid)
+
+    def sync_connection(self, token: str, user: int | str, connection_id: int) -> Answer[PowensConnection]:
+        """Force a bank sync without the user present (``psu_requested=false`` is required then)."""
+        body, rid = self.request(
+            "PUT",
+            EP_CONNECTION,
+            token=token,
+            path_params={"id_user": user, "id_connection": connection_id},
+            params={"psu_requested": "false"},
+        )
+        return Answer(PowensConnection.parse(body, self.zone, EP_CONNECTION), rid)
+
+    def init_user(self, client_id: str, client_secret: str) -> tuple[int, str]:
+        """Create a Powens user; returns (id_user, permanent token)."""
+        body, _ = self.request(
+            "POST",
+            EP_AUTH_INIT,
+            token=None,
+            data={"client_id": client_id, "client_secret": client_secret},
+        )
+        if not isinstance(body, dict) or not body.get("auth_token") or body.get("id_user") is None:
+            raise invalid("auth_token or id_user missing", EP_AUTH_INIT)
+        return int(body["id_user"]), str(body["auth_token"])
+
+    def renew_token(self, client_id: str, client_secret: str, id_user: int, *, revoke_previous: bool) -> str:
+        body, _ = self.request(
+            "POST",
+            EP_AUTH_RENEW,
+            token=None,
+            data={
+                "grant_type": "client_credentials",
+                "client_id": client_id,
+                "client_secret": client_secret,
+                "id_user": id_user,
+                "revoke_previous": "true" if revoke_previous else "false",
+            },
+        )
+        if not isinstance(body, dict) or not body.get("access_token"):
+            raise invalid("access_token missing", EP_AUTH_RENEW)
+        return str(body["access_token"])
+
+
+_lock = threading.Lock()
+_client: PowensClient | None = None
+_client_key: tuple[int, str] | None = None
+
+
+def get_client(settings: Settings) -> PowensClient:
+    """The process's client. A forked child builds its own: a pooled socket must not cross fork."""
+    global _client, _client_key
+    key = (os.getpid(), settings.powens_base_url)
+    with _lock:
+        if _client is None or _client_key != key:
+            _client = PowensClient(
+                settings.powens_base_url,
+                zone=settings.powens_zone,
+                connect_timeout=settings.powens_connect_timeout,
+                read_timeout=settings.powens_read_timeout,
+                page_size=settings.powens_page_size,
+            )
+            _client_key = key
+        return _client
+
+
+def reset_client() -> None:
+    global _client, _client_key
+    with _lock:
+        _client, _client_key = None, None

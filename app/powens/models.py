@@ -1,0 +1,194 @@
+"""Powens payloads as typed values: the subset of fields we use, validated at the boundary.
+
+Anything missing, mistyped or unknown (a currency outside ISO 4217) raises ``invalid_response``.
+Naive Powens datetimes are read in the Powens zone and returned in UTC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, Generic, TypeVar
+from zoneinfo import ZoneInfo
+
+from app.contract import ISO_4217
+from app.errors import Reason
+from app.powens.errors import PowensError
+
+POWENS_DATETIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d")
+
+
+def invalid(what: str, endpoint: str) -> PowensError:
+    return PowensError(Reason.INVALID_RESPONSE, f"Powens {endpoint} sent an invalid payload: {what}")
+
+
+def parse_powens_datetime(value: Any, zone: ZoneInfo, *, field: str, endpoint: str) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise invalid(f"{field} is not a datetime string", endpoint)
+    text = value.strip()
+    # Powens sometimes adds fractional seconds or an offset: let fromisoformat handle those.
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        parsed = None
+        for fmt in POWENS_DATETIME_FORMATS:
+            try:
+                parsed = datetime.strptime(text, fmt)  # noqa: DTZ007 - naive by Powens' contract
+                break
+            except ValueError:
+                continue
+    if parsed is None:
+        raise invalid(f"{field} {text[:40]!r} is not a datetime", endpoint)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=zone)
+    return parsed.astimezone(UTC)
+
+
+def parse_amount(value: Any, *, field: str, endpoint: str, required: bool) -> Decimal | None:
+    if value is None:
+        if required:
+            raise invalid(f"{field} is missing", endpoint)
+        return None
+    if isinstance(value, bool):
+        raise invalid(f"{field} is not a number", endpoint)
+    if isinstance(value, float):
+        # Only reached when a caller parsed JSON without parse_float=Decimal: go through repr so the
+        # shortest round-tripping text, not the binary expansion, is kept.
+        value = repr(value)
+    try:
+        amount = Decimal(value) if not isinstance(value, Decimal) else value
+    except (InvalidOperation, TypeError, ValueError):
+        raise invalid(f"{field} is not a number", endpoint) from None
+    if not amount.is_finite():
+        raise invalid(f"{field} is not finite", endpoint)
+    return amount
+
+
+def _int(value: Any, *, field: str, endpoint: str, required: bool = True) -> int | None:
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise invalid(f"{field} is not an integer id", endpoint)
+    try:
+        return int(value)
+    except ValueError:
+        raise invalid(f"{field} is not an integer id", endpoint) from None
+
+
+def _str(value: Any) -> str | None:
+    if value is None:
+        return None
+    return str(value)
+
+
+@dataclass(frozen=True)
+class PowensAccount:
+    id: int
+    id_connection: int
+    id_user: int | None
+    name: str
+    original_name: str | None
+    number: str | None
+    iban: str | None
+    bic: str | None
+    balance: Decimal
+    coming: Decimal | None
+    currency: str
+    currency_precision: int | None
+    type: str
+    usage: str | None
+    last_update: datetime | None
+    disabled: datetime | None
+    deleted: datetime | None
+    error: str | None
+
+    @classmethod
+    def parse(cls, raw: Any, zone: ZoneInfo, endpoint: str) -> PowensAccount:
+        if not isinstance(raw, dict):
+            raise invalid("account is not an object", endpoint)
+        cur = raw.get("currency")
+        if isinstance(cur, dict):
+            code, precision = cur.get("id"), cur.get("precision")
+        else:
+            code, precision = cur, None
+        if not isinstance(code, str) or code not in ISO_4217:
+            raise invalid(f"unknown currency {str(code)[:8]!r}", endpoint)
+        name = raw.get("name") or raw.get("original_name")
+        if not isinstance(name, str) or not name.strip():
+            raise invalid("account name is missing", endpoint)
+        acc_id = _int(raw.get("id"), field="id", endpoint=endpoint)
+        conn_id = _int(raw.get("id_connection"), field="id_connection", endpoint=endpoint)
+        assert acc_id is not None and conn_id is not None
+        balance = parse_amount(raw.get("balance"), field="balance", endpoint=endpoint, required=True)
+        assert balance is not None
+        return cls(
+            id=acc_id,
+            id_connection=conn_id,
+            id_user=_int(raw.get("id_user"), field="id_user", endpoint=endpoint, required=False),
+            name=name.strip(),
+            original_name=_str(raw.get("original_name")),
+            number=_str(raw.get("number")),
+            iban=_str(raw.get("iban")),
+            bic=_str(raw.get("bic")),
+            balance=balance,
+            coming=parse_amount(raw.get("coming"), field="coming", endpoint=endpoint, required=False),
+            currency=code,
+            currency_precision=precision if isinstance(precision, int) else None,
+            type=str(raw.get("type") or "unknown"),
+            usage=_str(raw.get("usage")),
+            last_update=parse_powens_datetime(
+                raw.get("last_update"), zone, field="last_update", endpoint=endpoint
+            ),
+            disabled=parse_powens_datetime(raw.get("disabled"), zone, field="disabled", endpoint=endpoint),
+            deleted=parse_powens_datetime(raw.get("deleted"), zone, field="deleted", endpoint=endpoint),
+            error=_str(raw.get("error")),
+        )
+
+
+@dataclass(frozen=True)
+class PowensConnection:
+    id: int
+    id_user: int | None
+    id_connector: int | None
+    state: str | None
+    error_message: str | None
+    last_update: datetime | None
+    next_try: datetime | None
+    active: bool
+
+    @classmethod
+    def parse(cls, raw: Any, zone: ZoneInfo, endpoint: str) -> PowensConnection:
+        if not isinstance(raw, dict):
+            raise invalid("connection is not an object", endpoint)
+        conn_id = _int(raw.get("id"), field="id", endpoint=endpoint)
+        assert conn_id is not None
+        # Older Powens payloads call the state "error".
+        state = raw.get("state", raw.get("error"))
+        return cls(
+            id=conn_id,
+            id_user=_int(raw.get("id_user"), field="id_user", endpoint=endpoint, required=False),
+            id_connector=_int(
+                raw.get("id_connector"), field="id_connector", endpoint=endpoint, required=False
+            ),
+            state=_str(state),
+            error_message=_str(raw.get("error_message")),
+            last_update=parse_powens_datetime(
+                raw.get("last_update"), zone, field="last_update", endpoint=endpoint
+            ),
+            next_try=parse_powens_datetime(raw.get("next_try"), zone, field="next_try", endpoint=endpoint),
+            active=bool(raw.get("active", True)),
+        )
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Answer(Generic[T]):
+    """A parsed Powens answer with the request id kept for the audit row."""
+
+    value: T
+    request_id: str | None

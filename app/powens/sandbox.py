@@ -1,0 +1,625 @@
+"""A Powens-compatible local server: the subset of the API we call, in Powens' wire format.
+
+Naive ``YYYY-MM-DD HH:MM:SS`` datetimes in Europe/Paris, currency objects, the ``{code, description,
+message, request_id}`` error envelope, connection states, ``limit``/``offset`` pagination, the
+value-less ``all`` flag, ``PUT ...?psu_requested=false`` forced syncs. Data is seeded and
+deterministic. Knobs (latency, 5xx rate, 429 + Retry-After, connection states, scripted per-account
+faults, malformed payloads) are set at start or through ``/_sandbox/*`` admin routes, which also
+count calls, so tests and the benchmark can measure what reached "Powens".
+
+It is not a mock of our own code: the client talks to it over HTTP exactly as to Powens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import random
+import re
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+from zoneinfo import ZoneInfo
+
+from app.jsonio import dumps, loads
+
+log = logging.getLogger(__name__)
+PARIS = ZoneInfo("Europe/Paris")
+CURRENCIES = {"EUR": ("€", 2), "USD": ("$", 2), "GBP": ("£", 2), "CHF": ("CHF", 2), "JPY": ("¥", 0)}
+ACCOUNT_TYPES = ("checking", "savings", "card", "market", "loan")
+
+
+def powens_time(dt: datetime) -> str:
+    return dt.astimezone(PARIS).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass
+class SConnection:
+    id: int
+    id_user: int
+    id_connector: int
+    state: str | None = None
+    error_message: str | None = None
+    last_update: datetime | None = None
+    next_try: datetime | None = None
+    active: bool = True
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "id_user": self.id_user,
+            "id_connector": self.id_connector,
+            "state": self.state,
+            "error": self.state,
+            "error_message": self.error_message,
+            "last_update": powens_time(self.last_update) if self.last_update else None,
+            "created": powens_time(self.last_update) if self.last_update else None,
+            "next_try": powens_time(self.next_try) if self.next_try else None,
+            "active": self.active,
+        }
+
+
+@dataclass
+class SAccount:
+    id: int
+    id_connection: int
+    id_user: int
+    name: str
+    number: str
+    iban: str | None
+    bic: str | None
+    balance: Decimal
+    coming: Decimal | None
+    currency: str
+    type: str
+    usage: str | None
+    last_update: datetime | None
+    disabled: datetime | None = None
+    deleted: datetime | None = None
+    error: str | None = None
+
+    def wire(self, state: str | None) -> dict[str, Any]:
+        symbol, precision = CURRENCIES.get(self.currency, (self.currency, 2))
+        return {
+            "id": self.id,
+            "id_connection": self.id_connection,
+            "id_user": self.id_user,
+            "id_source": self.id,
+            "id_parent": None,
+            "number": self.number,
+            "original_name": self.name.upper(),
+            "name": self.name,
+            "iban": self.iban,
+            "bic": self.bic,
+            "balance": self.balance,
+            "coming": self.coming,
+            "currency": {"id": self.currency, "symbol": symbol, "precision": precision},
+            "type": self.type,
+            "usage": self.usage,
+            "display": True,
+            "last_update": powens_time(self.last_update) if self.last_update else None,
+            "disabled": powens_time(self.disabled) if self.disabled else None,
+            "deleted": powens_time(self.deleted) if self.deleted else None,
+            "error": state,
+            "coming_balance": None,
+        }
+
+
+@dataclass
+class SUser:
+    id: int
+    token: str
+    connections: dict[int, SConnection] = field(default_factory=dict)
+    accounts: dict[int, SAccount] = field(default_factory=dict)
+
+
+@dataclass
+class Knobs:
+    latency_ms: float = 0.0
+    fault_rate: float = 0.0  # probability of a 5xx on any data call
+    rate_limit_rate: float = 0.0  # probability of a 429 on any data call
+    retry_after: float = 1.0
+    accounts_per_connection: int = 2
+    connections_per_user: int = 1
+
+
+class SandboxState:
+    """All data and counters, guarded by one lock (the server is threaded)."""
+
+    def __init__(self, seed: int = 42, knobs: Knobs | None = None) -> None:
+        self.seed = seed
+        self.knobs = knobs or Knobs()
+        self.lock = threading.RLock()
+        self.users: dict[int, SUser] = {}
+        self.by_token: dict[str, SUser] = {}
+        self.rng = random.Random(seed)
+        self._next_user = 1
+        self._next_connection = 100
+        self._next_account = 1000
+        self.calls: Counter[str] = Counter()
+        self.calls_by_user: Counter[int] = Counter()
+        self.call_times: deque[float] = deque(maxlen=200_000)
+        self.scripted: dict[int, deque[tuple[int, float | None]]] = {}
+        self.malformed: set[int] = set()
+        self.request_seq = 0
+        self.client_id = "sandbox-client"
+        self.client_secret = "sandbox-secret"  # noqa: S105 - the sandbox's own fake credential
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def token_for(self, user_id: int) -> str:
+        mac = hmac.new(str(self.seed).encode(), f"user:{user_id}".encode(), hashlib.sha256).hexdigest()
+        return f"sbx_{mac[:40]}"
+
+    def create_user(
+        self, *, connections: int | None = None, accounts_per_connection: int | None = None
+    ) -> SUser:
+        with self.lock:
+            uid = self._next_user
+            self._next_user += 1
+            rng = random.Random(f"{self.seed}:{uid}")
+            user = SUser(uid, self.token_for(uid))
+            now = datetime.now(UTC).replace(microsecond=0)
+            n_conn = connections if connections is not None else self.knobs.connections_per_user
+            n_acc = (
+                accounts_per_connection
+                if accounts_per_connection is not None
+                else self.knobs.accounts_per_connection
+            )
+            for _ in range(n_conn):
+                cid = self._next_connection
+                self._next_connection += 1
+                updated = now - timedelta(minutes=rng.randint(5, 600))
+                user.connections[cid] = SConnection(
+                    id=cid, id_user=uid, id_connector=rng.choice((40, 59, 338, 1204)), last_update=updated
+                )
+                for k in range(n_acc):
+                    aid = self._next_account
+                    self._next_account += 1
+                    currency = "EUR" if rng.random() < 0.8 else rng.choice(("USD", "GBP", "CHF"))
+                    cents = rng.randint(-50_000, 5_000_000)
+                    coming = None if rng.random() < 0.3 else Decimal(-rng.randint(0, 300_000)) / 100
+                    acc_type = ACCOUNT_TYPES[k % 3]
+                    user.accounts[aid] = SAccount(
+                        id=aid,
+                        id_connection=cid,
+                        id_user=uid,
+                        name=f"{acc_type.title()} account {aid}",
+                        number=f"{rng.randint(10**10, 10**11 - 1)}",
+                        iban=f"FR76{rng.randint(10**22, 10**23 - 1)}",
+                        bic="SBXFRPPXXX",
+                        balance=Decimal(cents) / 100,
+                        coming=coming,
+                        currency=currency,
+                        type=acc_type,
+                        usage="PRIV" if rng.random() < 0.7 else "ORGA",
+                        last_update=updated,
+                    )
+            self.users[uid] = user
+            self.by_token[user.token] = user
+            return user
+
+    def find_account(self, account_id: int) -> tuple[SUser, SAccount] | None:
+        with self.lock:
+            for user in self.users.values():
+                if account_id in user.accounts:
+                    return user, user.accounts[account_id]
+        return None
+
+    def find_connection(self, connection_id: int) -> tuple[SUser, SConnection] | None:
+        with self.lock:
+            for user in self.users.values():
+                if connection_id in user.connections:
+                    return user, user.connections[connection_id]
+        return None
+
+    def sync_connection(self, user: SUser, conn: SConnection) -> None:
+        """What a bank sync does here: new balances (a deterministic drift) and a fresh last_update."""
+        now = datetime.now(UTC).replace(microsecond=0)
+        conn.last_update = now
+        for acc in user.accounts.values():
+            if acc.id_connection == conn.id and acc.disabled is None and acc.deleted is None:
+                rng = random.Random(f"{self.seed}:{acc.id}:{int(now.timestamp())}")
+                acc.balance += Decimal(rng.randint(-20_000, 20_000)) / 100
+                acc.last_update = now
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    def count(self, key: str, user_id: int | None) -> None:
+        with self.lock:
+            self.calls[key] += 1
+            if user_id is not None:
+                self.calls_by_user[user_id] += 1
+            self.call_times.append(time.time())
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "total": sum(self.calls.values()),
+                "calls": dict(self.calls),
+                "by_user": {str(k): v for k, v in self.calls_by_user.items()},
+                "times": list(self.call_times),
+            }
+
+    def reset_stats(self) -> None:
+        with self.lock:
+            self.calls.clear()
+            self.calls_by_user.clear()
+            self.call_times.clear()
+
+
+ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+    ("POST", re.compile(r"^/2\.0/auth/init$"), "auth_init"),
+    ("POST", re.compile(r"^/2\.0/auth/renew$"), "auth_renew"),
+    ("GET", re.compile(r"^/2\.0/users/(?P<user>me|\d+)/accounts$"), "accounts"),
+    ("GET", re.compile(r"^/2\.0/users/(?P<user>me|\d+)/accounts/(?P<account>\d+)$"), "account"),
+    ("GET", re.compile(r"^/2\.0/users/(?P<user>me|\d+)/connections$"), "connections"),
+    ("GET", re.compile(r"^/2\.0/users/(?P<user>me|\d+)/connections/(?P<conn>\d+)$"), "connection"),
+    ("PUT", re.compile(r"^/2\.0/users/(?P<user>me|\d+)/connections/(?P<conn>\d+)$"), "sync"),
+    (
+        "GET",
+        re.compile(r"^/2\.0/users/(?P<user>me|\d+)/connections/(?P<conn>\d+)/accounts$"),
+        "conn_accounts",
+    ),
+    ("GET", re.compile(r"^/_sandbox/stats$"), "admin_stats"),
+    ("POST", re.compile(r"^/_sandbox/stats/reset$"), "admin_reset"),
+    ("POST", re.compile(r"^/_sandbox/users$"), "admin_user"),
+    ("POST", re.compile(r"^/_sandbox/config$"), "admin_config"),
+    ("POST", re.compile(r"^/_sandbox/connections/(?P<conn>\d+)$"), "admin_connection"),
+    ("POST", re.compile(r"^/_sandbox/accounts/(?P<account>\d+)$"), "admin_account"),
+]
+
+
+class PowensError(Exception):
+    def __init__(self, status: int, code: str, description: str, retry_after: float | None = None) -> None:
+        super().__init__(description)
+        self.status, self.code, self.description, self.retry_after = status, code, description, retry_after
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: SandboxHTTPServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("sandbox: " + format, *args)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    @staticmethod
+    def _route(method: str, path: str) -> tuple[str | None, re.Match[str] | None]:
+        for m, pattern, name in ROUTES:
+            match = pattern.match(path)
+            if match and m == method:
+                return name, match
+        return None, None
+
+    def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        raw = dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def _dispatch(self, method: str) -> None:
+        state = self.server.state
+        parts = urlsplit(self.path)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        length = int(self.headers.get("Content-Length") or 0)
+        raw_body = self.rfile.read(length) if length else b""
+        with state.lock:
+            state.request_seq += 1
+            request_id = f"sbx-{state.request_seq}"
+        name, match = self._route(method, parts.path)
+        if name is None or match is None:
+            self._send(404, {"code": "notFound", "description": "no such route", "request_id": request_id})
+            return
+        try:
+            if name.startswith("admin_"):
+                body = loads(raw_body) if raw_body else {}
+                result = getattr(self, name)(match.groupdict(), body)
+                self._send(200, result)
+                return
+            if state.knobs.latency_ms:
+                time.sleep(state.knobs.latency_ms / 1000)
+            result = getattr(self, "powens_" + name)(match.groupdict(), query, raw_body, request_id)
+            self._send(200, result, {"X-Request-Id": request_id})
+        except PowensError as err:
+            headers = {"X-Request-Id": request_id}
+            if err.retry_after is not None:
+                headers["Retry-After"] = str(int(err.retry_after)) if err.retry_after >= 1 else "0"
+            self._send(
+                err.status,
+                {
+                    "code": err.code,
+                    "description": err.description,
+                    "message": err.description,
+                    "request_id": request_id,
+                },
+                headers,
+            )
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _auth(self, user_ref: str) -> SUser:
+        state = self.server.state
+        header = self.headers.get("Authorization") or ""
+        token = header[7:] if header.startswith("Bearer ") else ""
+        user = state.by_token.get(token)
+        if user is None:
+            raise PowensError(401, "invalidAccessToken", "The access token is invalid or revoked")
+        if user_ref != "me" and int(user_ref) != user.id:
+            raise PowensError(403, "forbidden", "This token cannot access that user")
+        return user
+
+    def _faults(self, key: str, user: SUser, account_id: int | None = None) -> None:
+        state = self.server.state
+        state.count(key, user.id)
+        if account_id is not None:
+            with state.lock:
+                script = state.scripted.get(account_id)
+                step = script.popleft() if script else None
+            if step is not None:
+                status, retry_after = step
+                if status == 429:
+                    raise PowensError(429, "tooManyRequests", "Rate limit reached", retry_after or 1)
+                raise PowensError(
+                    status, "internalError" if status < 503 else "serviceUnavailable", "Scripted failure"
+                )
+        with state.lock:
+            r = state.rng.random()
+        if r < state.knobs.rate_limit_rate:
+            raise PowensError(429, "tooManyRequests", "Rate limit reached", state.knobs.retry_after)
+        if r < state.knobs.rate_limit_rate + state.knobs.fault_rate:
+            raise PowensError(503, "serviceUnavailable", "Powens is temporarily unavailable")
+
+    def _account_wire(self, user: SUser, acc: SAccount) -> dict[str, Any]:
+        conn = user.connections.get(acc.id_connection)
+        wire = acc.wire(conn.state if conn else None)
+        if acc.id in self.server.state.malformed:
+            wire["balance"] = "not-a-number"
+            wire["currency"] = {"id": "XXQ"}
+        return wire
+
+    def _page(self, items: list[Any], query: dict[str, list[str]]) -> tuple[list[Any], dict[str, Any]]:
+        try:
+            limit = min(int(query.get("limit", ["1000"])[0]), 1000)
+            offset = int(query.get("offset", ["0"])[0])
+        except ValueError:
+            raise PowensError(400, "invalidValue", "limit and offset must be integers") from None
+        page = items[offset : offset + limit]
+        links: dict[str, Any] = {}
+        if offset + limit < len(items):
+            links["next"] = {"href": f"{self.path.split('?')[0]}?limit={limit}&offset={offset + limit}"}
+        return page, links
+
+    # -- Powens routes ---------------------------------------------------------------------------
+
+    def powens_auth_init(self, p: dict[str, str], q: Any, body: bytes, rid: str) -> Any:
+        user = self.server.state.create_user()
+        self.server.state.count("POST /auth/init", None)
+        return {"auth_token": user.token, "type": "permanent", "id_user": user.id}
+
+    def powens_auth_renew(self, p: dict[str, str], q: Any, body: bytes, rid: str) -> Any:
+        form = parse_qs(body.decode())
+        state = self.server.state
+        state.count("POST /auth/renew", None)
+        if form.get("client_secret", [""])[0] != state.client_secret:
+            raise PowensError(401, "invalidClient", "Invalid client credentials")
+        uid = int(form.get("id_user", ["0"])[0])
+        user = state.users.get(uid)
+        if user is None:
+            raise PowensError(404, "userNotFound", "No such user")
+        return {"access_token": user.token, "token_type": "Bearer"}
+
+    def powens_accounts(self, p: dict[str, str], q: dict[str, list[str]], body: bytes, rid: str) -> Any:
+        user = self._auth(p["user"])
+        self._faults("GET /users/{id_user}/accounts", user)
+        with self.server.state.lock:
+            accounts = [
+                a for a in user.accounts.values() if a.deleted is None and ("all" in q or a.disabled is None)
+            ]
+            wires = [self._account_wire(user, a) for a in accounts]
+        page, links = self._page(wires, q)
+        totals: dict[str, Decimal] = {}
+        for a in accounts:
+            totals[a.currency] = totals.get(a.currency, Decimal(0)) + a.balance
+        return {
+            "accounts": page,
+            "balances": totals,
+            "coming_balances": {},
+            "total": len(wires),
+            "_links": links,
+        }
+
+    def powens_account(self, p: dict[str, str], q: Any, body: bytes, rid: str) -> Any:
+        user = self._auth(p["user"])
+        aid = int(p["account"])
+        self._faults("GET /users/{id_user}/accounts/{id_account}", user, aid)
+        with self.server.state.lock:
+            acc = user.accounts.get(aid)
+            if acc is None:
+                raise PowensError(404, "accountNotFound", f"Account {aid} not found")
+            return self._account_wire(user, acc)
+
+    def powens_connections(self, p: dict[str, str], q: dict[str, list[str]], body: bytes, rid: str) -> Any:
+        user = self._auth(p["user"])
+        self._faults("GET /users/{id_user}/connections", user)
+        with self.server.state.lock:
+            wires = [c.wire() for c in user.connections.values()]
+        page, links = self._page(wires, q)
+        return {"connections": page, "total": len(wires), "_links": links}
+
+    def powens_connection(self, p: dict[str, str], q: Any, body: bytes, rid: str) -> Any:
+        user = self._auth(p["user"])
+        self._faults("GET /users/{id_user}/connections/{id_connection}", user)
+        conn = user.connections.get(int(p["conn"]))
+        if conn is None:
+            raise PowensError(404, "connectionNotFound", "Connection not found")
+        return conn.wire()
+
+    def powens_sync(self, p: dict[str, str], q: dict[str, list[str]], body: bytes, rid: str) -> Any:
+        user = self._auth(p["user"])
+        self._faults("PUT /users/{id_user}/connections/{id_connection}", user)
+        if q.get("psu_requested", [""])[0] != "false":
+            raise PowensError(400, "missingParameter", "psu_requested=false is required without the user")
+        state = self.server.state
+        with state.lock:
+            conn = user.connections.get(int(p["conn"]))
+            if conn is None:
+                raise PowensError(404, "connectionNotFound", "Connection not found")
+            if conn.state is None or conn.state.lower() in (
+                "validating",
+                "ratelimiting",
+                "websiteunavailable",
+            ):
+                state.sync_connection(user, conn)
+            return conn.wire()
+
+    def powens_conn_accounts(self, p: dict[str, str], q: dict[str, list[str]], body: bytes, rid: str) -> Any:
+        user = self._auth(p["user"])
+        self._faults("GET /users/{id_user}/connections/{id_connection}/accounts", user)
+        cid = int(p["conn"])
+        with self.server.state.lock:
+            wires = [self._account_wire(user, a) for a in user.accounts.values() if a.id_connection == cid]
+        page, links = self._page(wires, q)
+        return {"accounts": page, "_links": links}
+
+    # -- admin routes (not Powens) ---------------------------------------------------------------
+
+    def admin_stats(self, p: dict[str, str], body: Any) -> Any:
+        return self.server.state.stats()
+
+    def admin_reset(self, p: dict[str, str], body: Any) -> Any:
+        self.server.state.reset_stats()
+        return {"ok": True}
+
+    def admin_user(self, p: dict[str, str], body: Any) -> Any:
+        user = self.server.state.create_user(
+            connections=body.get("connections"), accounts_per_connection=body.get("accounts_per_connection")
+        )
+        return {
+            "id_user": user.id,
+            "auth_token": user.token,
+            "connections": sorted(user.connections),
+            "accounts": sorted(user.accounts),
+        }
+
+    def admin_config(self, p: dict[str, str], body: Any) -> Any:
+        knobs = self.server.state.knobs
+        for key, value in body.items():
+            if not hasattr(knobs, key):
+                raise PowensError(400, "invalidValue", f"unknown knob {key}")
+            setattr(knobs, key, type(getattr(knobs, key))(value))
+        return vars(knobs)
+
+    def admin_connection(self, p: dict[str, str], body: Any) -> Any:
+        found = self.server.state.find_connection(int(p["conn"]))
+        if found is None:
+            raise PowensError(404, "connectionNotFound", "Connection not found")
+        _, conn = found
+        with self.server.state.lock:
+            if "state" in body:
+                conn.state = body["state"] or None
+                conn.error_message = body.get("error_message")
+        return conn.wire()
+
+    def admin_account(self, p: dict[str, str], body: Any) -> Any:
+        state = self.server.state
+        aid = int(p["account"])
+        found = state.find_account(aid)
+        if found is None:
+            raise PowensError(404, "accountNotFound", "Account not found")
+        user, acc = found
+        with state.lock:
+            if "fail" in body:  # e.g. {"fail": [503, 503]} or [[429, 2]]
+                steps: deque[tuple[int, float | None]] = deque()
+                for item in body["fail"]:
+                    if isinstance(item, list):
+                        steps.append((int(item[0]), float(item[1])))
+                    else:
+                        steps.append((int(item), None))
+                state.scripted[aid] = steps
+            if "balance" in body:
+                acc.balance = Decimal(str(body["balance"]))
+            if "coming" in body:
+                acc.coming = None if body["coming"] is None else Decimal(str(body["coming"]))
+            if "last_update" in body:
+                acc.last_update = datetime.fromisoformat(body["last_update"])
+            if body.get("disabled"):
+                acc.disabled = datetime.now(UTC)
+            if body.get("deleted"):
+                acc.deleted = datetime.now(UTC)
+            if "malformed" in body:
+                (state.malformed.add if body["malformed"] else state.malformed.discard)(aid)
+            return self._account_wire(user, acc)
+
+
+class SandboxHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], state: SandboxState) -> None:
+        super().__init__(address, Handler)
+        self.state = state
+
+
+class Sandbox:
+    """A sandbox server on a background thread (tests, demo, benchmark)."""
+
+    def __init__(self, state: SandboxState | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.state = state or SandboxState()
+        self.server = SandboxHTTPServer((host, port), self.state)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="powens-sandbox", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self._hostport}/2.0/"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self._hostport}/_sandbox/"
+
+    @property
+    def _hostport(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"{host!s}:{port}" if isinstance(host, str) else f"{host.decode()}:{port}"
+
+    def __enter__(self) -> Sandbox:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def admin_call(admin_url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """Drive a running sandbox's admin routes (from the CLI, tests, the benchmark)."""
+    import requests
+
+    url = admin_url.rstrip("/") + "/" + path.lstrip("/")
+    resp = (
+        requests.post(url, data=json.dumps(body or {}), timeout=10)
+        if body is not None
+        else requests.get(url, timeout=10)
+    )
+    resp.raise_for_status()
+    return loads(resp.content)

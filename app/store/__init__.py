@@ -1,0 +1,1 @@
+"""Persistence: engine per process, tables, migrations, queries. Knows nothing of HTTP."""

@@ -1,0 +1,80 @@
+"""Engine and sessions, one engine per process (a pooled connection must never cross fork)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+
+_lock = threading.Lock()
+_engines: dict[tuple[int, str], Engine] = {}
+_factories: dict[tuple[int, str], sessionmaker[Session]] = {}
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_size", 5)
+    kwargs.setdefault("max_overflow", 5)
+    return create_engine(url, **kwargs)
+
+
+def get_engine(settings: Settings) -> Engine:
+    key = (os.getpid(), settings.database_url)
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = make_engine(settings.database_url)
+            _engines[key] = engine
+        return engine
+
+
+def session_factory(settings: Settings) -> sessionmaker[Session]:
+    key = (os.getpid(), settings.database_url)
+    engine = get_engine(settings)
+    with _lock:
+        factory = _factories.get(key)
+        if factory is None:
+            factory = sessionmaker(engine, expire_on_commit=False)
+            _factories[key] = factory
+        return factory
+
+
+@contextmanager
+def session_scope(settings: Settings) -> Iterator[Session]:
+    """One transaction: commit on success, roll back on any exception."""
+    session = session_factory(settings)()
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()
+
+
+def dispose_after_fork() -> None:
+    """Forget engines inherited from the parent without closing the parent's sockets."""
+    with _lock:
+        pid = os.getpid()
+        for key, engine in list(_engines.items()):
+            if key[0] != pid:
+                engine.dispose(close=False)
+                del _engines[key]
+                _factories.pop(key, None)

@@ -1,0 +1,244 @@
+"""Tables (SQLAlchemy 2 typed ORM). Works on PostgreSQL (production, tests) and SQLite (embedded).
+
+Money is NUMERIC on PostgreSQL. SQLite has no decimal type (it would store REAL and add binary
+noise), so there the ``Money`` type keeps the exact decimal text.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Money(TypeDecorator[Decimal]):
+    impl = Numeric(28, 8)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(64))
+        return dialect.type_descriptor(Numeric(28, 8, asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, Decimal):
+            raise TypeError(f"money must be Decimal, got {type(value).__name__}")
+        return format(value, "f") if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        return _normalize(Decimal(value) if not isinstance(value, Decimal) else value)
+
+
+def _normalize(d: Decimal) -> Decimal:
+    """NUMERIC(28,8) pads to 8 places; give back the amount with its significant places only."""
+    if d == d.to_integral_value():
+        return d.quantize(Decimal(1))
+    return d.normalize()
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Always timezone-aware UTC in Python; SQLite forgets the zone, so it is restored on read."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Actor(Base):
+    __tablename__ = "actors"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class PowensUser(Base):
+    __tablename__ = "powens_users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    powens_user_id: Mapped[int] = mapped_column(BigInteger, unique=True)
+    token_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class BankConnection(Base):
+    __tablename__ = "bank_connections"
+    __table_args__ = (UniqueConstraint("powens_user_pk", "external_id"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    powens_user_pk: Mapped[int] = mapped_column(ForeignKey("powens_users.id", ondelete="CASCADE"))
+    external_id: Mapped[int] = mapped_column(BigInteger)
+    id_connector: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    state: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_update: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    next_try: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ForcedSync(Base):
+    """One forced background sync of a connection (PSD2: at most 4 per 24 h without the user)."""
+
+    __tablename__ = "forced_syncs"
+    __table_args__ = (Index("ix_forced_syncs_connection_at", "connection_id", "at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    connection_id: Mapped[str] = mapped_column(ForeignKey("bank_connections.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(128))
+
+
+class BankAccount(Base):
+    __tablename__ = "bank_accounts"
+    __table_args__ = (
+        UniqueConstraint("powens_user_pk", "external_id"),
+        Index("ix_bank_accounts_tenant_status", "tenant_id", "status"),
+    )
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    powens_user_pk: Mapped[int] = mapped_column(ForeignKey("powens_users.id", ondelete="CASCADE"))
+    connection_id: Mapped[str] = mapped_column(ForeignKey("bank_connections.id", ondelete="CASCADE"))
+    external_id: Mapped[int] = mapped_column(BigInteger)
+    name: Mapped[str] = mapped_column(String(300))
+    original_name: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    account_type: Mapped[str] = mapped_column(String(64))
+    usage: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    iban: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    bic: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    number: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # active | disabled | deleted
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    balance: Mapped[Decimal | None] = mapped_column(Money(), nullable=True)
+    coming: Mapped[Decimal | None] = mapped_column(Money(), nullable=True)
+    powens_last_update: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_refreshed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_synced_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AccountBalance(Base):
+    """The latest canonical record per (account, balance type)."""
+
+    __tablename__ = "account_balances"
+    __table_args__ = (UniqueConstraint("account_id", "balance_type"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("bank_accounts.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(String(128), index=True)
+    connection_id: Mapped[str] = mapped_column(String(64))
+    balance_type: Mapped[str] = mapped_column(String(64))
+    current_balance: Mapped[Decimal] = mapped_column(Money())
+    available_balance: Mapped[Decimal | None] = mapped_column(Money(), nullable=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    last_updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    refreshed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+
+
+class BalanceSnapshot(Base):
+    """Daily history: one row per (account, balance type, business day)."""
+
+    __tablename__ = "balance_snapshots"
+    __table_args__ = (
+        UniqueConstraint("account_id", "balance_type", "day"),
+        Index("ix_balance_snapshots_tenant_day", "tenant_id", "day"),
+    )
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("bank_accounts.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    balance_type: Mapped[str] = mapped_column(String(64))
+    day: Mapped[date] = mapped_column(Date)
+    current_balance: Mapped[Decimal] = mapped_column(Money())
+    available_balance: Mapped[Decimal | None] = mapped_column(Money(), nullable=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    last_updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    refreshed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class RefreshAttempt(Base):
+    """Audit: one row per terminal outcome of a refresh (success, failure, denial)."""
+
+    __tablename__ = "refresh_attempts"
+    __table_args__ = (
+        Index("ix_refresh_attempts_tenant_account", "tenant_id", "account_id"),
+        Index("ix_refresh_attempts_run", "run_id"),
+    )
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    task_id: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    operation: Mapped[str] = mapped_column(String(128))
+    tenant_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    account_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    trigger: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(String(16))  # succeeded | failed
+    reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    balance_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    force_refresh: Mapped[bool] = mapped_column(Boolean, default=False)
+    powens_request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    errors: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -1,0 +1,388 @@
+"""Queries and writes. Plain functions over a Session; the caller owns the transaction."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from app.store.models import (
+    AccountBalance,
+    Actor,
+    BalanceSnapshot,
+    BankAccount,
+    BankConnection,
+    ForcedSync,
+    PowensUser,
+    RefreshAttempt,
+    Tenant,
+)
+
+RECORD_NAMESPACE = uuid.UUID("6f1c1a52-94f3-4c44-9d4e-0b1d2c1f7a10")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def record_id(account_id: str, balance_type: str) -> str:
+    """The latest record of (account, type) keeps one id across refreshes."""
+    return f"bal_{uuid.uuid5(RECORD_NAMESPACE, f'{account_id}/{balance_type}').hex}"
+
+
+def _insert(session: Session) -> Any:
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert
+    if name == "sqlite":
+        return sqlite.insert
+    raise RuntimeError(f"unsupported database dialect {name}")
+
+
+# -- tenants and actors ---------------------------------------------------------------------------
+
+
+def get_tenant(session: Session, tenant_id: str) -> Tenant | None:
+    return session.get(Tenant, tenant_id)
+
+
+def add_tenant(session: Session, tenant_id: str, name: str, now: datetime) -> tuple[Tenant, bool]:
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is not None:
+        return tenant, False
+    tenant = Tenant(id=tenant_id, name=name, active=True, created_at=now)
+    session.add(tenant)
+    session.flush()
+    return tenant, True
+
+
+def list_tenants(session: Session, *, active_only: bool = True) -> Sequence[Tenant]:
+    stmt = select(Tenant).order_by(Tenant.id)
+    if active_only:
+        stmt = stmt.where(Tenant.active.is_(True))
+    return session.scalars(stmt).all()
+
+
+def actor_roles(session: Session, name: str) -> frozenset[str]:
+    row = session.get(Actor, name)
+    return frozenset(row.roles) if row else frozenset()
+
+
+def grant_role(session: Session, name: str, role: str, now: datetime) -> bool:
+    row = session.get(Actor, name, with_for_update=True)
+    if row is None:
+        session.add(Actor(name=name, roles=[role], created_at=now, updated_at=now))
+        return True
+    if role in row.roles:
+        return False
+    row.roles = sorted({*row.roles, role})
+    row.updated_at = now
+    return True
+
+
+def revoke_role(session: Session, name: str, role: str, now: datetime) -> bool:
+    row = session.get(Actor, name, with_for_update=True)
+    if row is None or role not in row.roles:
+        return False
+    row.roles = sorted(set(row.roles) - {role})
+    row.updated_at = now
+    return True
+
+
+def list_actors(session: Session) -> Sequence[Actor]:
+    return session.scalars(select(Actor).order_by(Actor.name)).all()
+
+
+# -- Powens users, connections, accounts ----------------------------------------------------------
+
+
+def link_powens_user(
+    session: Session, tenant_id: str, powens_user_id: int, token_encrypted: bytes, now: datetime
+) -> tuple[PowensUser, bool]:
+    row = session.scalar(select(PowensUser).where(PowensUser.powens_user_id == powens_user_id))
+    if row is not None:
+        if row.tenant_id != tenant_id:
+            raise ValueError(f"Powens user {powens_user_id} is already linked to another tenant")
+        row.token_encrypted = token_encrypted
+        row.updated_at = now
+        return row, False
+    row = PowensUser(
+        tenant_id=tenant_id,
+        powens_user_id=powens_user_id,
+        token_encrypted=token_encrypted,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(row)
+    session.flush()
+    return row, True
+
+
+def powens_users(session: Session, tenant_id: str) -> Sequence[PowensUser]:
+    return session.scalars(
+        select(PowensUser).where(PowensUser.tenant_id == tenant_id).order_by(PowensUser.powens_user_id)
+    ).all()
+
+
+def upsert_connection(
+    session: Session,
+    user: PowensUser,
+    external_id: int,
+    now: datetime,
+    **fields: Any,
+) -> BankConnection:
+    row = session.scalar(
+        select(BankConnection).where(
+            BankConnection.powens_user_pk == user.id, BankConnection.external_id == external_id
+        )
+    )
+    if row is None:
+        row = BankConnection(
+            id=new_id("con"),
+            tenant_id=user.tenant_id,
+            powens_user_pk=user.id,
+            external_id=external_id,
+            created_at=now,
+            updated_at=now,
+            active=True,
+        )
+        session.add(row)
+    for key, value in fields.items():
+        setattr(row, key, value)
+    row.updated_at = now
+    session.flush()
+    return row
+
+
+def upsert_account(
+    session: Session,
+    user: PowensUser,
+    connection: BankConnection,
+    external_id: int,
+    now: datetime,
+    **fields: Any,
+) -> tuple[BankAccount, bool]:
+    row = session.scalar(
+        select(BankAccount).where(
+            BankAccount.powens_user_pk == user.id, BankAccount.external_id == external_id
+        )
+    )
+    created = row is None
+    if row is None:
+        row = BankAccount(
+            id=new_id("acc"),
+            tenant_id=user.tenant_id,
+            powens_user_pk=user.id,
+            connection_id=connection.id,
+            external_id=external_id,
+            created_at=now,
+        )
+        session.add(row)
+    row.connection_id = connection.id
+    for key, value in fields.items():
+        setattr(row, key, value)
+    row.last_synced_at = now
+    row.updated_at = now
+    session.flush()
+    return row, created
+
+
+@dataclass(frozen=True)
+class AccountContext:
+    account: BankAccount
+    connection: BankConnection
+    user: PowensUser
+
+
+def find_account(session: Session, tenant_id: str, account_id: str) -> AccountContext | None:
+    """The account *within the tenant*; another tenant's account is simply not found."""
+    row = session.execute(
+        select(BankAccount, BankConnection, PowensUser)
+        .join(BankConnection, BankConnection.id == BankAccount.connection_id)
+        .join(PowensUser, PowensUser.id == BankAccount.powens_user_pk)
+        .where(BankAccount.id == account_id, BankAccount.tenant_id == tenant_id)
+    ).first()
+    if row is None:
+        return None
+    return AccountContext(row[0], row[1], row[2])
+
+
+def list_accounts(
+    session: Session, tenant_id: str
+) -> Sequence[tuple[BankAccount, BankConnection, PowensUser]]:
+    rows = session.execute(
+        select(BankAccount, BankConnection, PowensUser)
+        .join(BankConnection, BankConnection.id == BankAccount.connection_id)
+        .join(PowensUser, PowensUser.id == BankAccount.powens_user_pk)
+        .where(BankAccount.tenant_id == tenant_id)
+        .order_by(BankAccount.name, BankAccount.id)
+    ).all()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+# -- forced syncs (PSD2 quota) --------------------------------------------------------------------
+
+
+def lock_connection(session: Session, connection_id: str) -> BankConnection | None:
+    return session.get(BankConnection, connection_id, with_for_update=True, populate_existing=True)
+
+
+def forced_syncs_since(session: Session, connection_id: str, since: datetime) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(ForcedSync)
+            .where(ForcedSync.connection_id == connection_id, ForcedSync.at > since)
+        )
+        or 0
+    )
+
+
+def record_forced_sync(session: Session, connection_id: str, at: datetime, actor: str) -> None:
+    session.add(ForcedSync(connection_id=connection_id, at=at, actor=actor))
+    # Rows older than the window are no longer needed for the quota.
+    session.execute(
+        delete(ForcedSync).where(
+            ForcedSync.connection_id == connection_id, ForcedSync.at < at - timedelta(days=2)
+        )
+    )
+
+
+# -- balances --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BalanceDraft:
+    balance_type: str
+    current_balance: Decimal
+    available_balance: Decimal | None
+    currency: str
+    last_updated_at: datetime
+    metadata: dict[str, Any]
+
+
+def upsert_balances(
+    session: Session,
+    account: BankAccount,
+    drafts: Iterable[BalanceDraft],
+    *,
+    refreshed_at: datetime,
+    day: date,
+) -> None:
+    """Latest record per (account, type) and today's snapshot, never replacing newer data by older.
+
+    A redelivered or late task may carry a Powens ``last_update`` older than what is stored: the
+    conditional upsert keeps the stored row then.
+    """
+    insert = _insert(session)
+    for d in drafts:
+        latest = insert(AccountBalance).values(
+            id=record_id(account.id, d.balance_type),
+            account_id=account.id,
+            tenant_id=account.tenant_id,
+            connection_id=account.connection_id,
+            balance_type=d.balance_type,
+            current_balance=d.current_balance,
+            available_balance=d.available_balance,
+            currency=d.currency,
+            last_updated_at=d.last_updated_at,
+            refreshed_at=refreshed_at,
+            created_at=refreshed_at,
+            metadata_=d.metadata,
+        )
+        ex = latest.excluded
+        latest = latest.on_conflict_do_update(
+            index_elements=[AccountBalance.account_id, AccountBalance.balance_type],
+            set_={
+                "connection_id": ex.connection_id,
+                "current_balance": ex.current_balance,
+                "available_balance": ex.available_balance,
+                "currency": ex.currency,
+                "last_updated_at": ex.last_updated_at,
+                "refreshed_at": ex.refreshed_at,
+                "metadata": ex.metadata,
+            },
+            where=AccountBalance.last_updated_at <= ex.last_updated_at,
+        )
+        session.execute(latest)
+
+        snap = insert(BalanceSnapshot).values(
+            account_id=account.id,
+            tenant_id=account.tenant_id,
+            balance_type=d.balance_type,
+            day=day,
+            current_balance=d.current_balance,
+            available_balance=d.available_balance,
+            currency=d.currency,
+            last_updated_at=d.last_updated_at,
+            refreshed_at=refreshed_at,
+        )
+        sx = snap.excluded
+        snap = snap.on_conflict_do_update(
+            index_elements=[BalanceSnapshot.account_id, BalanceSnapshot.balance_type, BalanceSnapshot.day],
+            set_={
+                "current_balance": sx.current_balance,
+                "available_balance": sx.available_balance,
+                "currency": sx.currency,
+                "last_updated_at": sx.last_updated_at,
+                "refreshed_at": sx.refreshed_at,
+            },
+            where=BalanceSnapshot.last_updated_at <= sx.last_updated_at,
+        )
+        session.execute(snap)
+
+
+def latest_balances(
+    session: Session,
+    tenant_id: str,
+    account_id: str | None = None,
+    balance_types: Sequence[str] | None = None,
+) -> Sequence[AccountBalance]:
+    stmt = select(AccountBalance).where(AccountBalance.tenant_id == tenant_id)
+    if account_id is not None:
+        stmt = stmt.where(AccountBalance.account_id == account_id)
+    if balance_types:
+        stmt = stmt.where(AccountBalance.balance_type.in_(list(balance_types)))
+    stmt = stmt.order_by(AccountBalance.account_id, AccountBalance.balance_type)
+    # populate_existing: a row loaded earlier in this session was just changed by a Core upsert.
+    return session.scalars(stmt.execution_options(populate_existing=True)).all()
+
+
+def snapshots(session: Session, account_id: str) -> Sequence[BalanceSnapshot]:
+    return session.scalars(
+        select(BalanceSnapshot)
+        .where(BalanceSnapshot.account_id == account_id)
+        .order_by(BalanceSnapshot.day, BalanceSnapshot.balance_type)
+    ).all()
+
+
+# -- audit ------------------------------------------------------------------------------------------
+
+
+def attempt_for_task(session: Session, task_id: str) -> RefreshAttempt | None:
+    return session.scalar(select(RefreshAttempt).where(RefreshAttempt.task_id == task_id))
+
+
+def add_attempt(session: Session, **fields: Any) -> RefreshAttempt:
+    row = RefreshAttempt(**fields)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def attempts(
+    session: Session, tenant_id: str | None = None, account_id: str | None = None
+) -> Sequence[RefreshAttempt]:
+    stmt = select(RefreshAttempt).order_by(RefreshAttempt.id)
+    if tenant_id is not None:
+        stmt = stmt.where(RefreshAttempt.tenant_id == tenant_id)
+    if account_id is not None:
+        stmt = stmt.where(RefreshAttempt.account_id == account_id)
+    return session.scalars(stmt).all()

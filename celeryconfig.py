@@ -1,0 +1,64 @@
+"""Celery configuration (fixed file). Values come from app.config.Settings, never from os.environ here.
+
+Why each setting (DESIGN.md "Celery"):
+- acks_late + reject_on_worker_lost: a task whose worker dies is redelivered, not lost; the refresh is
+  idempotent (one audit row per task id, conditional upserts), so redelivery writes nothing twice.
+- prefetch 1: a worker holds at most one unstarted message per process, so nothing waits behind a
+  slow refresh and a killed worker strands at most one message.
+- visibility_timeout > longest retry countdown + hard time limit: Redis must not redeliver a task
+  that is merely waiting for its countdown (validated in Settings).
+- queue_order_strategy=priority with `interactive` listed first: on-demand work is taken before the
+  nightly flood by every worker that consumes both.
+"""
+
+from kombu import Queue
+
+from app.config import get_settings
+
+_s = get_settings()
+
+broker_url = _s.celery_broker_url
+result_backend = _s.celery_result_backend
+result_expires = 3600
+task_ignore_result = _s.celery_result_backend is None
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+timezone = _s.timezone
+enable_utc = True
+
+task_acks_late = True
+task_reject_on_worker_lost = True
+task_acks_on_failure_or_timeout = True
+worker_prefetch_multiplier = 1
+task_soft_time_limit = _s.task_soft_time_limit
+task_time_limit = _s.task_time_limit
+worker_max_tasks_per_child = 1000
+worker_hijack_root_logger = False
+worker_send_task_events = False
+broker_connection_retry_on_startup = True
+broker_transport_options = {
+    "visibility_timeout": _s.visibility_timeout,
+    "queue_order_strategy": "priority",
+}
+result_backend_transport_options = {"visibility_timeout": _s.visibility_timeout}
+
+task_queues = (
+    Queue("interactive", routing_key="interactive"),
+    Queue("refresh", routing_key="refresh"),
+    Queue("reports", routing_key="reports"),
+)
+task_default_queue = "interactive"
+task_default_routing_key = "interactive"
+task_create_missing_queues = False
+
+imports = ("app.tasks",)
+
+# Beat: RedBeat keeps the schedule and a lock in Redis, so a second beat is a hot standby.
+beat_scheduler = "redbeat.RedBeatScheduler"
+redbeat_redis_url = _s.celery_broker_url
+redbeat_key_prefix = "balances:redbeat"
+redbeat_lock_timeout = 30
+beat_max_loop_interval = 5
