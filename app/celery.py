@@ -28,8 +28,10 @@ def _setup_logging(**_: Any) -> None:
     logs.configure(s.log_level, s.log_format)
 
 
-@signals.celeryd_init.connect
-def _worker_main_process_init(**_: Any) -> None:
+@signals.import_modules.connect
+def _before_task_modules(**_: Any) -> None:
+    # Sent by the loader of a worker or beat just before it imports the task modules (which import
+    # prometheus_client): the last moment to choose the multiprocess directory.
     from app import exporter
 
     exporter.prepare_multiprocess(get_settings())
@@ -63,4 +65,4 @@ def _child_shutdown(pid: int | None = None, **_: Any) -> None:
 def _beat_init(**_: Any) -> None:
     from app import exporter
 
-    exporter.serve_single_process_metrics(get_settings())
+    exporter.serve_worker_metrics(get_settings())

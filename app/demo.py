@@ -64,6 +64,8 @@ def _demo_settings(sandbox: Sandbox) -> Settings:
 
 def run_demo(tenants: int = 3, console: Console | None = None) -> int:
     console = console or Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # a log or a pipe: do not wrap rows at 80 columns
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     logging.getLogger("openbanking.telemetry").setLevel(logging.WARNING)
     started = time.perf_counter()

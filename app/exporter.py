@@ -18,11 +18,14 @@ from app.config import Settings
 log = logging.getLogger(__name__)
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
+_directory: Path | None = None
+
 
 def prepare_multiprocess(settings: Settings) -> Path | None:
     """Wipe and select the directory. Must run before prometheus_client is first imported."""
-    if settings.metrics_port == 0:
-        return None
+    global _directory
+    if _directory is not None or settings.metrics_port == 0:
+        return _directory
     if "prometheus_client" in sys.modules:
         log.warning("prometheus_client imported before the worker chose its directory; not multiprocess")
         return None
@@ -30,12 +33,15 @@ def prepare_multiprocess(settings: Settings) -> Path | None:
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    # prometheus_client reads this itself when its value classes are chosen (at import).
+    # prometheus_client reads this itself when it chooses its value class (at import); children
+    # forked later inherit it.
     os.environ[ENV] = str(directory)
+    _directory = directory
     return directory
 
 
 def serve_worker_metrics(settings: Settings) -> None:
+    """Start the one /metrics server of this worker or beat (in the parent, before any fork)."""
     if settings.metrics_port == 0:
         return
     from prometheus_client import CollectorRegistry, start_http_server
@@ -43,29 +49,18 @@ def serve_worker_metrics(settings: Settings) -> None:
 
     import app.metrics  # noqa: F401 - registers and pre-initialises the label sets
 
-    if os.environ.get(ENV):
+    if _directory is not None:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry, path=str(_directory))
         start_http_server(settings.metrics_port, registry=registry)
     else:
         start_http_server(settings.metrics_port)
     log.info("metrics on :%d/metrics", settings.metrics_port)
 
 
-def serve_single_process_metrics(settings: Settings) -> None:
-    if settings.metrics_port == 0:
-        return
-    from prometheus_client import start_http_server
-
-    import app.metrics  # noqa: F401
-
-    start_http_server(settings.metrics_port)
-    log.info("metrics on :%d/metrics", settings.metrics_port)
-
-
 def child_exited(pid: int) -> None:
-    if not os.environ.get(ENV):
+    if _directory is None:
         return
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid)
+    multiprocess.mark_process_dead(pid, path=str(_directory))

@@ -1,0 +1,80 @@
+"""Arrange helpers: real rows through the public functions, real sandbox users."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from prometheus_client import REGISTRY
+
+from app.accounts import link_powens_user, sync_accounts
+from app.config import Settings
+from app.policy import ADMIN, Actor
+from app.powens.sandbox import Sandbox, SUser
+from app.refresh import Deps
+from app.store import repo
+from app.store.db import session_scope
+
+ADMIN_ACTOR = Actor("alice", frozenset({ADMIN}))
+
+
+@dataclass
+class Seeded:
+    tenant_id: str
+    user: SUser
+    account_ids: list[str]  # canonical ids, in Powens id order
+    external: dict[str, int]  # canonical id -> Powens id
+
+
+def seed_tenant(
+    settings: Settings, sandbox: Sandbox, tenant_id: str, *, connections: int = 1, accounts: int = 2
+) -> Seeded:
+    now = datetime.now(UTC)
+    with session_scope(settings) as session:
+        repo.add_tenant(session, tenant_id, tenant_id, now)
+        repo.grant_role(session, "alice", ADMIN, now)
+    user = sandbox.state.create_user(connections=connections, accounts_per_connection=accounts)
+    link_powens_user(settings, tenant_id, user.id, user.token, now)
+    sync_accounts(tenant_id, ADMIN_ACTOR, Deps.default(settings))
+    with session_scope(settings) as session:
+        rows = [a for a, _c, u in repo.list_accounts(session, tenant_id) if u.powens_user_id == user.id]
+    rows.sort(key=lambda a: a.external_id)
+    return Seeded(tenant_id, user, [a.id for a in rows], {a.id: a.external_id for a in rows})
+
+
+def metric(name: str, **labels: str) -> float:
+    value = REGISTRY.get_sample_value(name, labels)
+    return value or 0.0
+
+
+def failed_total(reason: str, trigger: str = "on_demand") -> float:
+    return metric(
+        "openbanking_balances_refresh_failed_total", provider="powens", trigger=trigger, reason=reason
+    )
+
+
+def refreshed_total(trigger: str = "on_demand") -> float:
+    return metric("openbanking_balances_refreshed_total", provider="powens", trigger=trigger)
+
+
+def telemetry_events(caplog_records: Iterable[Any]) -> list[dict[str, Any]]:
+    from app.jsonio import loads
+
+    return [loads(r.getMessage()) for r in caplog_records if r.name == "openbanking.telemetry"]
+
+
+def money(text: str) -> Decimal:
+    return Decimal(text)
+
+
+def sum_scrape(body: str, name: str) -> float:
+    """Sum every sample of a counter family in a /metrics text body."""
+    total = 0.0
+    for line in body.splitlines():
+        if re.match(rf"^{re.escape(name)}(\{{|\s)", line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -1,0 +1,61 @@
+"""``balances demo`` on a machine with no services: a fresh directory, no DATABASE_URL/broker."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.e2e import ROOT
+
+
+def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BALANCES_", "POWENS_", "CELERY_"))}
+    env.pop("DATABASE_URL", None)
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert "tasks run in-process" in out
+    m = re.search(r"(\d+) of (\d+) accounts refreshed, (\d+) failed", out)
+    assert m, out
+    refreshed, total, failed = map(int, m.groups())
+    assert total == 6 and refreshed == 4 and failed == 2  # 3 tenants x 2 accounts; one SCA connection
+    assert "needs_user_action" in out or "needs_use" in out
+    # The embedded default database is a file in the working directory, holding what was printed.
+    db = tmp_path / "balances.db"
+    assert db.exists()
+    with sqlite3.connect(db) as conn:
+        outcomes = dict(
+            conn.execute("SELECT outcome, count(*) FROM refresh_attempts GROUP BY outcome").fetchall()
+        )
+        assert outcomes == {"succeeded": 4, "failed": 2}
+        retried = conn.execute("SELECT attempts FROM refresh_attempts WHERE attempts > 1").fetchall()
+        assert retried == [(2,)]  # the account with one scripted 503
+        amounts = [r[0] for r in conn.execute("SELECT current_balance FROM account_balances")]
+        assert all(re.fullmatch(r"-?\d+(\.\d+)?", a) for a in amounts)  # exact decimal text, no float
+
+    # Running it again in the same directory is idempotent: same tenants, same accounts.
+    again = subprocess.run(
+        [sys.executable, "-m", "app.cli", "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM bank_accounts").fetchone() == (6,)
