@@ -11,6 +11,9 @@ Why each setting (DESIGN.md "Celery"):
   nightly flood by every worker that consumes both.
 """
 
+from datetime import timedelta
+
+from celery.schedules import crontab, schedule
 from kombu import Queue
 
 from app.config import get_settings
@@ -60,5 +63,25 @@ imports = ("app.tasks",)
 beat_scheduler = "redbeat.RedBeatScheduler"
 redbeat_redis_url = _s.celery_broker_url
 redbeat_key_prefix = "balances:redbeat"
-redbeat_lock_timeout = 30
-beat_max_loop_interval = 5
+redbeat_lock_timeout = _s.redbeat_lock_timeout
+beat_max_loop_interval = min(5, max(1, _s.redbeat_lock_timeout // 3))
+
+if _s.nightly_interval_seconds:
+    _nightly: schedule = schedule(timedelta(seconds=_s.nightly_interval_seconds))
+else:
+    _minute, _hour, _dom, _month, _dow = _s.nightly_cron.split()
+    _nightly = crontab(minute=_minute, hour=_hour, day_of_month=_dom, month_of_year=_month, day_of_week=_dow)
+
+# Evaluated in `timezone` (BALANCES_TIMEZONE): 02:00 Europe/Paris by default.
+beat_schedule = {
+    "nightly-balances-refresh": {
+        "task": "balances.start_nightly_run",
+        "schedule": _nightly,
+        "options": {"queue": "reports"},
+    },
+    "sweep-nightly-runs": {
+        "task": "balances.sweep_runs",
+        "schedule": _s.sweep_interval_seconds,
+        "options": {"queue": "reports", "expires": _s.sweep_interval_seconds},
+    },
+}

@@ -47,11 +47,13 @@ def _worker_init(**_: Any) -> None:
 @signals.worker_process_init.connect
 def _child_init(**_: Any) -> None:
     # Sockets inherited from the parent (DB pool, HTTP pool) must not be used by two processes.
+    from app.coordination import reset_coordinators
     from app.powens.client import reset_client
     from app.store.db import dispose_after_fork
 
     dispose_after_fork()
     reset_client()
+    reset_coordinators()
 
 
 @signals.worker_process_shutdown.connect

@@ -28,12 +28,14 @@ powens_cli = typer.Typer(no_args_is_help=True, help="Powens users.")
 accounts_cli = typer.Typer(no_args_is_help=True, help="Bank accounts (openbanking.accounts.sync).")
 admin_cli = typer.Typer(no_args_is_help=True, help="Roles of actors (bootstrap: whoever reaches the DB).")
 sandbox_cli = typer.Typer(no_args_is_help=True, help="The local Powens-compatible sandbox server.")
+run_cli = typer.Typer(no_args_is_help=True, help="Nightly runs (the pipeline beat starts).")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(tenant_cli, name="tenant")
 cli.add_typer(powens_cli, name="powens")
 cli.add_typer(accounts_cli, name="accounts")
 cli.add_typer(admin_cli, name="admin")
 cli.add_typer(sandbox_cli, name="sandbox")
+cli.add_typer(run_cli, name="run")
 
 out = Console()
 err = Console(stderr=True)
@@ -382,6 +384,224 @@ def show(
         _print(result)
         return
     _balances_table(records, title=f"Balances of {tenant}")
+
+
+# -- nightly runs -----------------------------------------------------------------------------------------
+
+
+@run_cli.command("nightly")
+def run_nightly(
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the run id and return.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the run to finish.")] = 6 * 3600,
+    json_: JsonOpt = False,
+) -> None:
+    """Start the nightly pipeline now (refresh every active account, then summaries and forecasts)."""
+    from app import pipeline
+    from app.tasks import enqueue_plan
+
+    settings = _settings()
+    actor = _require(settings, admin=True, as_json=json_, what="run nightly")
+    run_id, _ = pipeline.start_run(settings, trigger="manual", actor=actor.name)
+    try:
+        enqueue_plan(run_id)
+    except Exception as exc:
+        _fail(
+            Reason.INTERNAL,
+            f"could not publish to the broker ({type(exc).__name__})",
+            EXIT_FAILED,
+            as_json=json_,
+        )
+    if no_wait:
+        _print({"runId": run_id}) if json_ else print(run_id)
+        return
+    status = watch_run(settings, run_id, timeout=timeout, console=err)
+    if json_:
+        _print(status)
+    else:
+        _print_status(status)
+    if status is None or status["status"] != "completed":
+        raise typer.Exit(
+            EXIT_TIMEOUT if status and status["status"] in ("planning", "running") else EXIT_FAILED
+        )
+
+
+def watch_run(settings: Settings, run_id: str, *, timeout: float, console: Console) -> dict[str, Any] | None:
+    """A progress bar (accounts done / failed / remaining) until the run leaves planning/running."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from app import pipeline
+
+    deadline = time.monotonic() + timeout
+    status = pipeline.run_status(settings, run_id)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    ) as progress:
+        bar = progress.add_task(run_id, total=None, detail="planning")
+        while status is not None:
+            acc = status["accounts"]
+            done = acc["succeeded"] + acc["failed"] + acc["stale"]
+            progress.update(
+                bar,
+                total=acc["total"] or None,
+                completed=done,
+                detail=f"ok {acc['succeeded']}  failed {acc['failed']}  stale {acc['stale']}  "
+                f"remaining {acc['pending']}  [{status['status']}]",
+            )
+            if status["status"] not in ("pending", "planning", "running") or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+            status = pipeline.run_status(settings, run_id)
+    return status
+
+
+def _print_status(status: dict[str, Any] | None) -> None:
+    if status is None:
+        err.print("no such run")
+        return
+    acc = status["accounts"]
+    table = Table(
+        "run", "status", "accounts", "ok", "failed", "stale", "pending", "duration", "failures by reason"
+    )
+    table.add_row(
+        status["runId"],
+        status["status"],
+        str(acc["total"]),
+        str(acc["succeeded"]),
+        str(acc["failed"]),
+        str(acc["stale"]),
+        str(acc["pending"]),
+        f"{status['durationSeconds']:.1f}s",
+        ", ".join(f"{k} {v}" for k, v in status["failuresByReason"].items()) or "-",
+    )
+    out.print(table)
+    for s in status["staleAccounts"][:20]:
+        out.print(f"  stale: {s['tenantId']} {s['accountId']}", highlight=False)
+
+
+@run_cli.command("status")
+def run_status_cmd(
+    run_id: Annotated[str | None, typer.Argument(help="Run id (default: the latest).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Per-run counts, duration, failures by reason, stale accounts."""
+    from app import pipeline
+
+    settings = _settings()
+    _require(settings, admin=False, as_json=json_, what="run status")
+    status = pipeline.run_status(settings, run_id)
+    if status is None:
+        _fail(Reason.NOT_FOUND, f"no run {run_id or ''}".strip(), EXIT_FAILED, as_json=json_)
+    _print(status) if json_ else _print_status(status)
+
+
+@run_cli.command("sweep")
+def run_sweep(json_: JsonOpt = False) -> None:
+    """Run the sweeper once now (beat runs it every BALANCES_SWEEP_INTERVAL_SECONDS)."""
+    from app.tasks import sweep_runs
+
+    settings = _settings()
+    _require(settings, admin=True, as_json=json_, what="run sweep")
+    report = sweep_runs.run()
+    _print(report) if json_ else err.print(report)
+
+
+# -- reports --------------------------------------------------------------------------------------------
+
+
+@cli.command("summary")
+def summary_cmd(
+    tenant: TenantOpt, run: Annotated[str | None, typer.Option("--run")] = None, json_: JsonOpt = False
+) -> None:
+    """The tenant's stored summary of a run (default: its latest)."""
+    from app.reports.summary import latest_summary
+    from app.store.db import session_scope
+
+    settings = _settings()
+    _require(settings, admin=False, as_json=json_, what="summary")
+    with session_scope(settings) as session:
+        summary = latest_summary(session, tenant, run)
+    if summary is None:
+        _fail(Reason.NOT_FOUND, f"no summary for tenant {tenant!r}", EXIT_FAILED, as_json=json_)
+    if json_:
+        _print(summary)
+        return
+    print_summary(out, summary)
+
+
+def print_summary(console: Console, summary: dict[str, Any]) -> None:
+    acc = summary["accounts"]
+    console.print(
+        f"[bold]{summary['tenantId']}[/] — run {summary['runId']}, business day {summary['businessDay']}: "
+        f"{acc['refreshed']} refreshed, {acc['failed']} failed, {acc['stale']} stale",
+        highlight=False,
+    )
+    table = Table("currency", "accounts", "current", "available", "coming", "day over day")
+    for t in summary["totals"]:
+        dod = t.get("dayOverDay")
+        table.add_row(
+            t["currency"],
+            str(t["accounts"]),
+            f"{t['current']:,.2f}",
+            f"{t['available']:,.2f}",
+            f"{t['coming']:,.2f}",
+            "n/a (no snapshot yesterday)" if not dod else f"{dod['change']:+,.2f}",
+        )
+    console.print(table)
+    for f in summary["failedAccounts"]:
+        console.print(f"  failed: {f['name']} ({f['accountId']}): {f['reason']}", highlight=False)
+    for c in summary["connectionsNeedingUser"]:
+        console.print(
+            f"  needs the user: connection {c['powensConnectionId']} ({c['state']}): {c['reconnectUrl']}",
+            highlight=False,
+        )
+
+
+@cli.command("forecast")
+def forecast_cmd(
+    tenant: TenantOpt, run: Annotated[str | None, typer.Option("--run")] = None, json_: JsonOpt = False
+) -> None:
+    """The tenant's stored cashflow forecast per currency (default: the latest run's)."""
+    from app.reports.jobs import latest_forecasts
+
+    settings = _settings()
+    _require(settings, admin=False, as_json=json_, what="forecast")
+    forecasts = latest_forecasts(settings, tenant, run)
+    if not forecasts:
+        _fail(Reason.NOT_FOUND, f"no forecast for tenant {tenant!r}", EXIT_FAILED, as_json=json_)
+    if json_:
+        _print(forecasts)
+        return
+    for fc in forecasts:
+        print_forecast(out, fc)
+
+
+def print_forecast(console: Console, fc: dict[str, Any], every: int = 5) -> None:
+    console.print(
+        f"[bold]{fc['tenantId']}[/] {fc['currency']}: {fc['method']} over {fc['historyDays']} days, "
+        f"drift {fc['driftPerDay']:+,.2f}/day, coming {fc['coming']:,.2f}"
+        + (f" — {fc['note']}" if fc.get("note") else ""),
+        highlight=False,
+    )
+    points = fc["points"]
+    table = Table("day", "projected", "lower", "upper", "")
+    lo = min(p["lower"] for p in points)
+    hi = max(p["upper"] for p in points)
+    span = (hi - lo) or 1
+    for i, p in enumerate(points):
+        if i % every and i != len(points) - 1:
+            continue
+        width = int(30 * (p["value"] - lo) / span)
+        table.add_row(
+            p["day"], f"{p['value']:,.2f}", f"{p['lower']:,.2f}", f"{p['upper']:,.2f}", "▇" * max(width, 1)
+        )
+    console.print(table)
 
 
 # -- admin ----------------------------------------------------------------------------------------------

@@ -62,6 +62,35 @@ class Settings(BaseSettings):
     timezone: str = Field("Europe/Paris", validation_alias=_env("BALANCES_TIMEZONE"))
     nightly_cron: str = Field("0 2 * * *", validation_alias=_env("BALANCES_NIGHTLY_CRON"))
 
+    # Nightly pipeline (issue: beat fan-out -> refresh -> summary -> forecast).
+    nightly_interval_seconds: int | None = Field(
+        None, ge=1, validation_alias=_env("BALANCES_NIGHTLY_INTERVAL_SECONDS")
+    )  # replaces the crontab when set (development, tests)
+    sweep_interval_seconds: float = Field(
+        60.0, gt=0, validation_alias=_env("BALANCES_SWEEP_INTERVAL_SECONDS")
+    )
+    run_deadline_seconds: float = Field(7200.0, gt=0, validation_alias=_env("BALANCES_RUN_DEADLINE_SECONDS"))
+    run_grace_seconds: float = Field(900.0, gt=0, validation_alias=_env("BALANCES_RUN_GRACE_SECONDS"))
+    plan_batch_size: int = Field(1000, ge=1, le=10000, validation_alias=_env("BALANCES_PLAN_BATCH_SIZE"))
+    redbeat_lock_timeout: int = Field(30, ge=2, validation_alias=_env("BALANCES_REDBEAT_LOCK_TIMEOUT"))
+
+    # Coordination between workers: Redis (production), or in-process (the demo without services).
+    redis_url_override: str | None = Field(None, validation_alias=_env("BALANCES_REDIS_URL"))
+    coordination: str = Field(
+        "redis", pattern="^(redis|local)$", validation_alias=_env("BALANCES_COORDINATION")
+    )
+    powens_rate_limit: float = Field(10.0, ge=0, validation_alias=_env("BALANCES_POWENS_RATE_LIMIT"))
+    rate_limit_max_wait: float = Field(2.0, ge=0, validation_alias=_env("BALANCES_RATE_LIMIT_MAX_WAIT"))
+    shared_read_ttl: int = Field(600, ge=1, validation_alias=_env("BALANCES_SHARED_READ_TTL"))
+
+    forecast_horizon_days: int = Field(
+        30, ge=1, le=366, validation_alias=_env("BALANCES_FORECAST_HORIZON_DAYS")
+    )
+    forecast_history_days: int = Field(
+        90, ge=2, le=3660, validation_alias=_env("BALANCES_FORECAST_HISTORY_DAYS")
+    )
+    forecast_min_points: int = Field(7, ge=2, validation_alias=_env("BALANCES_FORECAST_MIN_POINTS"))
+
     log_format: str = Field("json", pattern="^(json|text)$", validation_alias=_env("BALANCES_LOG_FORMAT"))
     log_level: str = Field("INFO", validation_alias=_env("BALANCES_LOG_LEVEL"))
 
@@ -116,6 +145,10 @@ class Settings(BaseSettings):
         if self.powens_domain:
             return f"https://{self.powens_domain}.biapi.pro/2.0/"
         raise ConfigError("POWENS_DOMAIN or POWENS_BASE_URL must be set to reach Powens")
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis_url_override or self.celery_broker_url
 
     @property
     def powens_zone(self) -> ZoneInfo:

@@ -52,6 +52,10 @@ def _demo_settings(sandbox: Sandbox) -> Settings:
         "retry_cap_seconds": 2.0,
         "metrics_port": 0,
     }
+    if "celery_broker_url" not in base.model_fields_set:
+        # No services: coordination (locks, shared reads, rate limit) stays inside this process.
+        overrides["coordination"] = "local"
+        overrides["powens_rate_limit"] = 0
     if base.encryption_key is None:
         from pydantic import SecretStr
 
@@ -166,21 +170,22 @@ def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console,
                     rows.append(Row(tenant_id, account_id, name, "no outcome (is the worker up?)"))
                     break
                 time.sleep(0.1)
+
+        _print(console, rows, faults)
+        stats = sandbox.state.stats()
+        ok = sum(r.outcome == "refreshed" for r in rows)
+        console.print(
+            f"{ok} of {len(rows)} accounts refreshed, {len(rows) - ok} failed; "
+            f"{stats['total']} Powens calls; {time.perf_counter() - started:.2f}s "
+            f"({'celery worker via broker' if broker_mode else 'tasks run in-process'})"
+        )
+        nightly_ok = _nightly(settings, sandbox, console, [t for t in TENANTS[:n_tenants]], broker_mode)
     finally:
         if worker is not None:
             worker.terminate()
             worker.wait(timeout=30)
-
-    _print(console, rows, faults)
-    stats = sandbox.state.stats()
-    ok = sum(r.outcome == "refreshed" for r in rows)
-    console.print(
-        f"{ok} of {len(rows)} accounts refreshed, {len(rows) - ok} failed; "
-        f"{stats['total']} Powens calls; {time.perf_counter() - started:.2f}s "
-        f"({'celery worker via broker' if broker_mode else 'tasks run in-process'})"
-    )
     console.print("Canonical records: [bold]balances show --tenant demo-acme[/] (same database).")
-    return 0 if ok > 0 else 1
+    return 0 if ok > 0 and nightly_ok else 1
 
 
 def _refresh_all(accounts: list[tuple[str, str, str]], broker_mode: bool) -> list[str]:
@@ -222,7 +227,7 @@ def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
             "app",
             "worker",
             "-Q",
-            "interactive",
+            "interactive,refresh,reports",
             "-c",
             "2",
             "--without-gossip",
@@ -254,3 +259,97 @@ def _print(console: Console, rows: list[Row], faults: dict[str, str]) -> None:
             note[:90],
         )
     console.print(table)
+
+
+def _nightly(
+    settings: Settings, sandbox: Sandbox, console: Console, tenants: list[str], broker_mode: bool
+) -> bool:
+    """The nightly pipeline over the demo tenants: progress, then each tenant's summary and forecast."""
+    import threading
+
+    from app import pipeline
+    from app.celery import app
+    from app.cli import print_forecast, print_summary, watch_run
+    from app.policy import SCHEDULER
+    from app.reports.jobs import latest_forecasts
+    from app.reports.summary import latest_summary
+    from app.store.db import session_scope
+    from app.tasks import enqueue_plan, plan_nightly_run
+
+    days = _backfill_history(settings)
+    if days:
+        console.print(
+            f"(demo) {days} days of synthetic balance history backfilled, so forecasts have a trend"
+        )
+    console.print("[bold]nightly run[/]: every active account, then one summary and one forecast per tenant")
+    sandbox.state.reset_stats()
+    t0 = time.perf_counter()
+    run_id, _ = pipeline.start_run(settings, trigger="manual", actor=SCHEDULER.name)
+    worker_thread = None
+    if broker_mode:
+        enqueue_plan(run_id)
+    else:
+        app.conf.task_always_eager = True
+        worker_thread = threading.Thread(target=lambda: plan_nightly_run.apply(args=(run_id,)), daemon=True)
+        worker_thread.start()
+    status = watch_run(settings, run_id, timeout=300, console=console)
+    if worker_thread is not None:
+        worker_thread.join(timeout=60)
+        app.conf.task_always_eager = False
+    if status is None:
+        return False
+    acc = status["accounts"]
+    console.print(
+        f"run {run_id} {status['status']}: {acc['succeeded']} ok, {acc['failed']} failed, "
+        f"{acc['stale']} stale of {acc['total']} accounts; {sandbox.state.stats()['total']} Powens calls "
+        f"for {len(tenants)} Powens users; {time.perf_counter() - t0:.2f}s"
+    )
+    for tenant_id in tenants:
+        with session_scope(settings) as session:
+            summary = latest_summary(session, tenant_id, run_id)
+        if summary:
+            print_summary(console, summary)
+        for fc in latest_forecasts(settings, tenant_id, run_id):
+            print_forecast(console, fc, every=7)
+    return status["status"] == "completed"
+
+
+def _backfill_history(settings: Settings, days: int = 45) -> int:
+    """Demo only: a deterministic random walk of past daily snapshots ending at today's balance."""
+    import random
+    from datetime import timedelta
+
+    from sqlalchemy import func, select
+
+    from app.reports.summary import business_day
+    from app.store.db import session_scope
+    from app.store.models import AccountBalance, BalanceSnapshot
+
+    today = business_day(settings)
+    with session_scope(settings) as session:
+        if session.scalar(
+            select(func.count()).select_from(BalanceSnapshot).where(BalanceSnapshot.day < today)
+        ):
+            return 0
+        latest = session.scalars(select(AccountBalance).where(AccountBalance.balance_type == "current")).all()
+        for rec in latest:
+            rng = random.Random(rec.account_id)
+            drift = Decimal(rng.randint(-3000, 6000)) / 100
+            value = rec.current_balance
+            for back in range(1, days + 1):
+                value = value - drift - Decimal(rng.randint(-20000, 20000)) / 100
+                at = rec.refreshed_at - timedelta(days=back)
+                session.add(
+                    BalanceSnapshot(
+                        account_id=rec.account_id,
+                        tenant_id=rec.tenant_id,
+                        balance_type="current",
+                        day=today - timedelta(days=back),
+                        current_balance=value,
+                        available_balance=None,
+                        currency=rec.currency,
+                        last_updated_at=at,
+                        refreshed_at=at,
+                    )
+                )
+    return days

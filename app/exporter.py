@@ -47,8 +47,9 @@ def serve_worker_metrics(settings: Settings) -> None:
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    import app.metrics  # noqa: F401 - registers and pre-initialises the label sets
+    from app import metrics
 
+    _restore_nightly_gauge(settings, metrics)
     if _directory is not None:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(_directory))
@@ -64,3 +65,16 @@ def child_exited(pid: int) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid, path=str(_directory))
+
+
+def _restore_nightly_gauge(settings: Settings, metrics: object) -> None:
+    """A restarted worker would export no nightly-success time and page someone: read it back."""
+    try:
+        from app.pipeline import last_success
+
+        when = last_success(settings)
+    except Exception:  # the schema may not exist yet (before `balances db upgrade`)
+        log.warning("could not read the last nightly success from the database", exc_info=True)
+        return
+    if when is not None:
+        metrics.NIGHTLY_LAST_SUCCESS.set(when.timestamp())  # type: ignore[attr-defined]

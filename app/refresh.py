@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 from sqlalchemy.exc import IntegrityError
 
-from app import metrics, telemetry
+from app import metrics, pipeline, telemetry
 from app.config import Settings, get_settings
 from app.contract import (
     REFRESH_OPERATION,
@@ -28,14 +28,16 @@ from app.contract import (
     TelemetryEvents,
     parse_input,
 )
+from app.coordination import Coordinator, Throttled, get_coordinator, throttle
 from app.errors import NotFound, Reason, RefreshError
 from app.policy import BUILTIN_ACTORS, Actor, authorize
-from app.powens.client import PowensClient, get_client
+from app.powens.client import EP_ACCOUNTS, PowensClient, get_client
 from app.powens.errors import PowensError, classify_state, is_transient_state
 from app.powens.models import PowensAccount
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BankAccount, BankConnection
+from app.store.registry import register_new_accounts
 from app.store.secrets import TokenCipher
 
 log = logging.getLogger(__name__)
@@ -79,11 +81,19 @@ class Deps:
     settings: Settings
     client: PowensClient
     clock: Callable[[], datetime]
+    coord: Coordinator
 
     @classmethod
     def default(cls, settings: Settings | None = None, client: PowensClient | None = None) -> Deps:
         s = settings or get_settings()
-        return cls(s, client or get_client(s), lambda: datetime.now(UTC))
+        coord = get_coordinator(s)
+        client = client or get_client(s)
+        if s.powens_rate_limit > 0:
+            # Every Powens call of this process passes the cluster-wide limiter first.
+            client.before_request = lambda _endpoint: throttle(coord, s.rate_limit_max_wait)
+        else:
+            client.before_request = None
+        return cls(s, client, lambda: datetime.now(UTC), coord)
 
 
 def resolve_actor(actor: Actor | str, settings: Settings) -> Actor:
@@ -144,7 +154,7 @@ def refresh_balances(
             who = resolve_actor(actor, deps.settings)
             authorize(REFRESH_OPERATION, who)
             output, request_id = _refresh(inp, who, trigger, attempt, deps)
-        except (RefreshError, _Duplicate):
+        except (RefreshError, _Duplicate, Throttled):
             raise
         except Exception as exc:  # a bug: classified once, here
             log.exception("refresh failed with an unexpected error")
@@ -201,6 +211,7 @@ def _refresh(
 ) -> tuple[OpenBankingRefreshBalancesOutput, str | None]:
     settings = deps.settings
     errors: list[str] = []
+    started = deps.clock()
     with session_scope(settings) as session:
         ctx = repo.find_account(session, inp.tenantId, inp.accountId)
         if ctx is None:
@@ -211,56 +222,92 @@ def _refresh(
             raise NotFound(f"account {inp.accountId!r} was deleted at Powens")
         token = TokenCipher.from_settings(settings).decrypt(ctx.user.token_encrypted)
         powens_user_id = ctx.user.powens_user_id
+        user_pk = ctx.user.id
         account_external_id = ctx.account.external_id
         connection_id = ctx.connection.id
         connection_external_id = ctx.connection.external_id
 
-    if inp.forceRefresh:
-        errors.extend(_force_sync(deps, actor, token, powens_user_id, connection_id, connection_external_id))
+    # Single flight per account: a concurrent refresh of the same account (on-demand and scheduled at
+    # once) waits here, then takes the fresh result instead of reading Powens again.
+    with deps.coord.account_lock(inp.accountId, timeout=float(settings.task_soft_time_limit)):
+        with session_scope(settings) as session:
+            acc = session.get(BankAccount, inp.accountId)
+            fresh = acc is not None and acc.last_refreshed_at is not None and acc.last_refreshed_at >= started
+        if fresh:
+            errors.append("coalesced with a concurrent refresh of this account; its result is returned")
+            return _store(deps, inp, actor, trigger, attempt, None, [], errors, None, started)
 
-    answer = deps.client.get_account(token, powens_user_id, account_external_id)
-    pacc = answer.value
-    if pacc.deleted is not None:
-        raise NotFound(f"account {inp.accountId!r} was deleted at Powens")
-    if pacc.disabled is not None:
-        raise NotFound(f"account {inp.accountId!r} is disabled at Powens (not synced)")
-    if classify_state(pacc.error) is Reason.NEEDS_USER_ACTION:
-        _record_connection_state(settings, connection_id, pacc.error, deps.clock())
-        raise PowensError(
-            Reason.NEEDS_USER_ACTION,
-            f"connection {connection_external_id} needs the user (state {pacc.error}); "
-            f"reconnect at {reconnect_url(settings, connection_external_id)}",
-            request_id=answer.request_id,
-        )
-    if is_transient_state(pacc.error):
-        errors.append(
-            f"connection state {pacc.error}: Powens will retry; balances are from its last successful sync"
-        )
+        if inp.forceRefresh:
+            errors.extend(
+                _force_sync(deps, actor, token, powens_user_id, connection_id, connection_external_id)
+            )
+        if attempt.run_id is not None and not inp.forceRefresh:
+            pacc, request_id = _shared_read(
+                deps, attempt.run_id, user_pk, powens_user_id, token, account_external_id
+            )
+        else:
+            answer = deps.client.get_account(token, powens_user_id, account_external_id)
+            pacc, request_id = answer.value, answer.request_id
+        if pacc is None or pacc.deleted is not None:
+            raise NotFound(f"account {inp.accountId!r} was deleted at Powens")
+        if pacc.disabled is not None:
+            raise NotFound(f"account {inp.accountId!r} is disabled at Powens (not synced)")
+        if classify_state(pacc.error) is Reason.NEEDS_USER_ACTION:
+            _record_connection_state(settings, connection_id, pacc.error, deps.clock())
+            raise PowensError(
+                Reason.NEEDS_USER_ACTION,
+                f"connection {connection_external_id} needs the user (state {pacc.error}); "
+                f"reconnect at {reconnect_url(settings, connection_external_id)}",
+                request_id=request_id,
+            )
+        if is_transient_state(pacc.error):
+            errors.append(
+                f"connection state {pacc.error}: Powens will retry; "
+                "balances are from its last successful sync"
+            )
 
-    refreshed_at = deps.clock()
-    drafts = map_balances(pacc, refreshed_at)
-    wanted = inp.balanceTypes
-    if wanted:
-        for missing in [t for t in wanted if t not in {d.balance_type for d in drafts}]:
-            errors.append(f"balance type {missing!r} is not provided by Powens for this account")
-        drafts = [d for d in drafts if d.balance_type in wanted]
-    if pacc.last_update is None:
-        errors.append("Powens reports no successful bank sync yet; lastUpdatedAt is the refresh time")
+        refreshed_at = deps.clock()
+        drafts = map_balances(pacc, refreshed_at)
+        wanted = inp.balanceTypes
+        if wanted:
+            for missing in [t for t in wanted if t not in {d.balance_type for d in drafts}]:
+                errors.append(f"balance type {missing!r} is not provided by Powens for this account")
+            drafts = [d for d in drafts if d.balance_type in wanted]
+        if pacc.last_update is None:
+            errors.append("Powens reports no successful bank sync yet; lastUpdatedAt is the refresh time")
+        return _store(deps, inp, actor, trigger, attempt, pacc, drafts, errors, request_id, refreshed_at)
 
+
+def _store(
+    deps: Deps,
+    inp: OpenBankingRefreshBalancesInput,
+    actor: Actor,
+    trigger: Trigger,
+    attempt: Attempt,
+    pacc: PowensAccount | None,
+    drafts: list[repo.BalanceDraft],
+    errors: list[str],
+    request_id: str | None,
+    refreshed_at: datetime,
+) -> tuple[OpenBankingRefreshBalancesOutput, str | None]:
+    """The one success transaction: records, snapshot, account and connection state, audit, run item."""
+    settings = deps.settings
     day = refreshed_at.astimezone(settings.business_zone).date()
     try:
         with session_scope(settings) as session:
             account = session.get(BankAccount, inp.accountId, with_for_update=True)
             assert account is not None
-            repo.upsert_balances(session, account, drafts, refreshed_at=refreshed_at, day=day)
-            _update_account(account, pacc, refreshed_at)
-            conn = session.get(BankConnection, connection_id)
-            if conn is not None:
-                conn.state = pacc.error or None
-                conn.updated_at = refreshed_at
-            stored = repo.latest_balances(
-                session, inp.tenantId, inp.accountId, [d.balance_type for d in drafts]
-            )
+            if pacc is not None:
+                repo.upsert_balances(session, account, drafts, refreshed_at=refreshed_at, day=day)
+                _update_account(account, pacc, refreshed_at)
+                conn = session.get(BankConnection, account.connection_id)
+                if conn is not None and conn.state != (pacc.error or None):
+                    conn.state = pacc.error or None
+                    conn.updated_at = refreshed_at
+                types = [d.balance_type for d in drafts]
+            else:
+                types = list(inp.balanceTypes or [])
+            stored = repo.latest_balances(session, inp.tenantId, inp.accountId, types or None)
             for row, draft in ((r, d) for r in stored for d in drafts if d.balance_type == r.balance_type):
                 if row.last_updated_at > draft.last_updated_at:
                     errors.append(
@@ -283,16 +330,43 @@ def _refresh(
                 attempts=attempt.number,
                 balance_count=len(records),
                 force_refresh=bool(inp.forceRefresh),
-                powens_request_id=answer.request_id,
+                powens_request_id=request_id,
                 errors=errors or None,
                 started_at=refreshed_at,
                 finished_at=deps.clock(),
             )
+            if attempt.run_id is not None:
+                pipeline.record_item(session, attempt.run_id, inp.accountId, "succeeded", None)
     except IntegrityError:
         if attempt.task_id is not None:
             raise _Duplicate() from None
         raise
-    return output, answer.request_id
+    return output, request_id
+
+
+def _shared_read(
+    deps: Deps, run_id: str, user_pk: int, powens_user_id: int, token: str, account_external_id: int
+) -> tuple[PowensAccount | None, str | None]:
+    """All accounts of one Powens user, read once per run and shared by its accounts' tasks."""
+    settings = deps.settings
+
+    def fetch() -> dict[str, Any]:
+        raw, rid = deps.client.list_accounts_raw(token, powens_user_id)
+        parsed = [PowensAccount.parse(item, settings.powens_zone, EP_ACCOUNTS) for item in raw]
+        # New accounts found at Powens during the run are registered (refreshed from the next run).
+        register_new_accounts(settings, user_pk, parsed, deps.clock())
+        return {"accounts": raw, "request_id": rid}
+
+    shared = deps.coord.shared(
+        f"accounts:{run_id}:{powens_user_id}",
+        fetch,
+        ttl=settings.shared_read_ttl,
+        wait=settings.powens_read_timeout * 2 + settings.rate_limit_max_wait + 5,
+    )
+    for item in shared["accounts"]:
+        if isinstance(item, dict) and str(item.get("id")) == str(account_external_id):
+            return PowensAccount.parse(item, settings.powens_zone, EP_ACCOUNTS), shared.get("request_id")
+    return None, shared.get("request_id")
 
 
 def map_balances(pacc: PowensAccount, refreshed_at: datetime) -> list[repo.BalanceDraft]:
@@ -467,6 +541,8 @@ def _record_failure(
                 started_at=started,
                 finished_at=deps.clock(),
             )
+            if attempt.run_id is not None and account_id is not None:
+                pipeline.record_item(session, attempt.run_id, account_id, "failed", err.reason.value)
     except IntegrityError:
         # Another delivery of this task already recorded its terminal outcome.
         log.info("terminal outcome already recorded for task %s", attempt.task_id)

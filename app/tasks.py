@@ -5,15 +5,21 @@ from __future__ import annotations
 import logging
 import random
 import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task
 
+from app import metrics, pipeline
 from app.celery import app
 from app.config import Settings, get_settings
+from app.coordination import Throttled
 from app.errors import RefreshError
 from app.jsonio import to_plain
+from app.policy import SCHEDULER
 from app.refresh import Attempt, RetryLater, Trigger, refresh_balances
+from app.reports import jobs
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +50,17 @@ _rng = random.SystemRandom()
     ignore_result=False,
 )
 def refresh_account(
-    self: Task, input: dict[str, Any], actor: str, trigger: str, run_id: str | None = None
+    self: Task,
+    input: dict[str, Any],
+    actor: str,
+    trigger: str,
+    run_id: str | None = None,
+    throttled: int = 0,
 ) -> dict[str, Any]:
     settings = get_settings()
     attempt = Attempt(
-        number=self.request.retries + 1,
+        # Re-queues for the cluster-wide rate limit are not failed attempts.
+        number=self.request.retries - throttled + 1,
         max_attempts=settings.max_attempts,
         task_id=self.request.id,
         run_id=run_id,
@@ -56,6 +68,12 @@ def refresh_account(
     extra = {"tenant_id": input.get("tenantId"), "account_id": input.get("accountId"), "run_id": run_id}
     try:
         output = refresh_balances(input, actor, trigger, attempt=attempt)
+    except Throttled as th:
+        # Give the worker slot back and come back when the limiter has room.
+        raise self.retry(
+            countdown=th.wait + _rng.uniform(0, 0.5),
+            kwargs={"run_id": run_id, "throttled": throttled + 1},
+        ) from None
     except RetryLater as later:
         countdown = backoff_seconds(attempt.number, settings, later.error.retry_after, _rng)
         log.info(
@@ -73,10 +91,18 @@ def refresh_account(
             err.message,
             extra={**extra, "reason": err.reason.value, "attempt": attempt.number},
         )
+        _after_run_item(settings, run_id, input)
         return {"ok": False, **err.as_json()}
     log.info("refresh succeeded (%d balances)", len(output.balances), extra=extra)
+    _after_run_item(settings, run_id, input)
     # Decimals as strings here: a result backend is JSON and must not round money through float.
     return {"ok": True, "output": _stringify(to_plain(output))}
+
+
+def _after_run_item(settings: Settings, run_id: str | None, input: dict[str, Any]) -> None:
+    """The last account of a tenant to finish moves it on to its summary (one winner, in the DB)."""
+    if run_id is not None and isinstance(input.get("tenantId"), str):
+        pipeline.claim_summary_and_enqueue(settings, run_id, input["tenantId"], enqueue_summary)
 
 
 def _stringify(obj: Any) -> Any:
@@ -108,3 +134,114 @@ def dispatch_refresh(
         queue=QUEUE_FOR_TRIGGER[trigger],
     )
     return task_id
+
+
+# -- the nightly pipeline ----------------------------------------------------------------------------
+
+
+def publish_refreshes(run_id: str, items: Sequence[tuple[str, str, str]]) -> None:
+    """A batch of scheduled refreshes over one broker connection."""
+    if app.conf.task_always_eager:  # the demo without a broker: run them here
+        for task_id, tenant_id, account_id in items:
+            refresh_account.apply(
+                args=(
+                    {"tenantId": tenant_id, "accountId": account_id},
+                    SCHEDULER.name,
+                    Trigger.SCHEDULED.value,
+                ),
+                kwargs={"run_id": run_id},
+                task_id=task_id,
+            )
+        return
+    with app.producer_or_acquire() as producer:
+        for task_id, tenant_id, account_id in items:
+            refresh_account.apply_async(
+                args=(
+                    {"tenantId": tenant_id, "accountId": account_id},
+                    SCHEDULER.name,
+                    Trigger.SCHEDULED.value,
+                ),
+                kwargs={"run_id": run_id},
+                task_id=task_id,
+                queue="refresh",
+                producer=producer,
+            )
+
+
+def enqueue_summary(run_id: str, tenant_id: str) -> None:
+    summarize_tenant.apply_async(args=(run_id, tenant_id), queue="reports")
+
+
+def enqueue_forecast(run_id: str, tenant_id: str) -> None:
+    forecast_tenant.apply_async(args=(run_id, tenant_id), queue="reports")
+
+
+def enqueue_plan(run_id: str) -> None:
+    plan_nightly_run.apply_async(args=(run_id,), queue="reports")
+
+
+@app.task(name="balances.start_nightly_run", acks_late=True, reject_on_worker_lost=True)
+def start_nightly_run(tick: str | None = None) -> str:
+    """Beat's entry point. The tick (minute or interval slot) makes a re-sent tick the same run."""
+    settings = get_settings()
+    tick = tick or current_tick(settings)
+    run_id, created = pipeline.start_run(settings, trigger="scheduled", actor=SCHEDULER.name, tick=tick)
+    if created:
+        enqueue_plan(run_id)
+    else:
+        log.warning(
+            "nightly tick %s already started run %s (duplicate tick ignored)",
+            tick,
+            run_id,
+            extra={"run_id": run_id},
+        )
+    return run_id
+
+
+def current_tick(settings: Settings, now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    if settings.nightly_interval_seconds:
+        slot = int(now.timestamp()) // settings.nightly_interval_seconds
+        return f"every{settings.nightly_interval_seconds}s:{slot}"
+    return "cron:" + now.strftime("%Y-%m-%dT%H:%M")
+
+
+@app.task(name="balances.plan_nightly_run", acks_late=True, reject_on_worker_lost=True)
+def plan_nightly_run(run_id: str) -> int:
+    settings = get_settings()
+    return pipeline.plan_run(settings, run_id, publish_refreshes, enqueue_summary)
+
+
+@app.task(name="balances.summarize_tenant", acks_late=True, reject_on_worker_lost=True)
+def summarize_tenant(run_id: str, tenant_id: str) -> bool:
+    settings = get_settings()
+    done = jobs.summarize_tenant(settings, run_id, tenant_id)
+    if done:
+        enqueue_forecast(run_id, tenant_id)
+    return done
+
+
+@app.task(name="balances.forecast_tenant", acks_late=True, reject_on_worker_lost=True)
+def forecast_tenant(run_id: str, tenant_id: str) -> bool:
+    settings = get_settings()
+    done = jobs.forecast_tenant(settings, run_id, tenant_id)
+    finished = pipeline.finish_run_if_complete(settings, run_id)
+    if finished is not None:
+        metrics.NIGHTLY_LAST_SUCCESS.set(finished.timestamp())
+        log.info("nightly run %s completed", run_id, extra={"run_id": run_id})
+    return done
+
+
+@app.task(name="balances.sweep_runs", acks_late=True, reject_on_worker_lost=True)
+def sweep_runs() -> dict[str, Any]:
+    settings = get_settings()
+    report = pipeline.sweep(
+        settings,
+        publish=publish_refreshes,
+        enqueue_summary=enqueue_summary,
+        enqueue_plan=enqueue_plan,
+        enqueue_forecast=enqueue_forecast,
+    )
+    for finished in report.finished_at:
+        metrics.NIGHTLY_LAST_SUCCESS.set(finished.timestamp())
+    return {k: v for k, v in vars(report).items() if k != "finished_at"}

@@ -65,6 +65,8 @@ def sandbox() -> Iterator[Sandbox]:
 
 
 def make_settings(database_url: str, sandbox: Sandbox, **extra: object) -> Settings:
+    extra.setdefault("celery_broker_url", REDIS_URL)
+    extra.setdefault("powens_rate_limit", 0)
     return load_settings(
         database_url=database_url,
         powens_base_url_override=sandbox.base_url,
@@ -84,7 +86,7 @@ def pg_migrated(pg_url: str, sandbox: Sandbox) -> str:
 
 
 @pytest.fixture
-def settings(pg_migrated: str, sandbox: Sandbox) -> Iterator[Settings]:
+def settings(pg_migrated: str, redis_url: str, sandbox: Sandbox) -> Iterator[Settings]:
     """Settings on the session's PostgreSQL database, emptied before each test."""
     s = make_settings(pg_migrated, sandbox)
     engine = get_engine(s)

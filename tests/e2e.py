@@ -42,6 +42,7 @@ def service_env(pg_url: str, redis_url: str, sandbox: Sandbox, **extra: str) -> 
             "BALANCES_RETRY_BASE_SECONDS": "0.05",
             "BALANCES_RETRY_CAP_SECONDS": "0.5",
             "BALANCES_MAX_ATTEMPTS": "3",
+            "BALANCES_POWENS_RATE_LIMIT": "0",
             "PYTHONUNBUFFERED": "1",
             **extra,
         }

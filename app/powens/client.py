@@ -154,10 +154,11 @@ class PowensClient:
 
     # -- Powens operations -------------------------------------------------------------------------
 
-    def list_accounts(
+    def list_accounts_raw(
         self, token: str, user: int | str = "me", *, include_disabled: bool = True
-    ) -> Answer[list[PowensAccount]]:
-        accounts: list[PowensAccount] = []
+    ) -> tuple[list[Any], str | None]:
+        """Every account of the user as Powens sent it (exact decimals), across pages."""
+        raw: list[Any] = []
         rid = None
         for items, page_rid in self._pages(
             EP_ACCOUNTS,
@@ -167,8 +168,14 @@ class PowensClient:
             flags=("all",) if include_disabled else (),
         ):
             rid = rid or page_rid
-            accounts.extend(PowensAccount.parse(item, self.zone, EP_ACCOUNTS) for item in items)
-        return Answer(accounts, rid)
+            raw.extend(items)
+        return raw, rid
+
+    def list_accounts(
+        self, token: str, user: int | str = "me", *, include_disabled: bool = True
+    ) -> Answer[list[PowensAccount]]:
+        raw, rid = self.list_accounts_raw(token, user, include_disabled=include_disabled)
+        return Answer([PowensAccount.parse(item, self.zone, EP_ACCOUNTS) for item in raw], rid)
 
     def get_account(self, token: str, user: int | str, account_id: int) -> Answer[PowensAccount]:
         body, rid = self.request(

@@ -19,6 +19,11 @@ _factories: dict[tuple[int, str], sessionmaker[Session]] = {}
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
+    # JSON columns keep money exact: Decimal in, Decimal out (no float on the way).
+    from app.jsonio import dumps, loads
+
+    kwargs.setdefault("json_serializer", dumps)
+    kwargs.setdefault("json_deserializer", loads)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
 
@@ -78,3 +83,8 @@ def dispose_after_fork() -> None:
                 engine.dispose(close=False)
                 del _engines[key]
                 _factories.pop(key, None)
+
+
+def rowcount(result: Any) -> int:
+    """Rows matched by an UPDATE/DELETE (typed: Session.execute returns the base Result type)."""
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -242,3 +242,76 @@ class RefreshAttempt(Base):
     errors: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class RefreshRun(Base):
+    """A nightly run: a small state machine (pending → planning → running → completed | stale)."""
+
+    __tablename__ = "refresh_runs"
+    __table_args__ = (UniqueConstraint("tick"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="nightly")
+    trigger: Mapped[str] = mapped_column(String(16))  # scheduled | manual
+    # Scheduled runs carry their beat tick, so two beats (or a re-sent tick) make one run.
+    tick: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    actor: Mapped[str] = mapped_column(String(128))
+    total_tenants: Mapped[int] = mapped_column(Integer, default=0)
+    total_accounts: Mapped[int] = mapped_column(Integer, default=0)
+    powens_calls: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    planned_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    redispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class RunTenant(Base):
+    """Per tenant of a run: refreshing → summarising → forecasting → done. ``remaining`` counts the
+    accounts without a terminal outcome; the transition out of refreshing is claimed by one UPDATE."""
+
+    __tablename__ = "run_tenants"
+    run_id: Mapped[str] = mapped_column(ForeignKey("refresh_runs.id", ondelete="CASCADE"), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="refreshing")
+    expected: Mapped[int] = mapped_column(Integer, default=0)
+    remaining: Mapped[int] = mapped_column(Integer, default=0)
+    stale: Mapped[int] = mapped_column(Integer, default=0)
+    summary_enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class RunItem(Base):
+    """One account of a run and its terminal outcome (pending | succeeded | failed | stale)."""
+
+    __tablename__ = "run_items"
+    __table_args__ = (Index("ix_run_items_run_status", "run_id", "status"),)
+    run_id: Mapped[str] = mapped_column(ForeignKey("refresh_runs.id", ondelete="CASCADE"), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    task_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class TenantSummary(Base):
+    __tablename__ = "tenant_summaries"
+    __table_args__ = (UniqueConstraint("run_id", "tenant_id"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[str] = mapped_column(String(128), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class CashflowForecast(Base):
+    __tablename__ = "cashflow_forecasts"
+    __table_args__ = (UniqueConstraint("run_id", "tenant_id", "currency"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[str] = mapped_column(String(128), index=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    method: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)

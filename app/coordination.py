@@ -1,0 +1,229 @@
+"""What workers agree on through Redis: single flight, shared reads, the cluster-wide Powens rate limit.
+
+Celery's own ``rate_limit`` is per worker (celery#5732); here the limit is one Redis key for the whole
+cluster. ``LocalCoordinator`` gives the same behaviour inside one process (the demo, no Redis).
+
+The rate limit is a *sliding-window log*, not a token bucket: a bucket of capacity R refilled at R/s
+lets 2R calls through in some one-second windows (a full bucket spent at the end of one second, the
+refill at the start of the next). The window log admits a call only when fewer than R were admitted
+in the preceding window, so no one-second window ever holds more than R. A small guard is added to
+the window because the clock is Redis' while Powens sees arrival times a few milliseconds later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import redis
+
+from app.config import Settings
+from app.errors import Reason, RefreshError
+from app.jsonio import dumps, loads
+
+WINDOW_MS = 1000
+GUARD_MS = 50
+
+
+class Throttled(Exception):
+    """The cluster-wide limit is reached for longer than a worker should wait: re-queue instead."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(f"Powens rate limit reached; retry in {wait:.2f}s")
+        self.wait = wait
+
+
+class Coordinator(Protocol):
+    def account_lock(self, account_id: str, timeout: float) -> contextlib.AbstractContextManager[None]: ...
+
+    def shared(self, key: str, fetch: Callable[[], Any], ttl: int, wait: float) -> Any: ...
+
+    def acquire_call(self) -> float: ...
+
+
+def throttle(coord: Coordinator, max_wait: float, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Block until the limiter admits a call; past ``max_wait`` raise Throttled (re-queue the task)."""
+    waited = 0.0
+    while True:
+        wait = coord.acquire_call()
+        if wait <= 0:
+            return
+        if waited + wait > max_wait:
+            raise Throttled(wait)
+        sleep(wait)
+        waited += wait
+
+
+# Sliding-window log. KEYS[1] = zset; ARGV = limit, window_ms, member. Returns 0 (admitted) or the
+# milliseconds until the oldest admitted call leaves the window.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local n = redis.call('ZCARD', KEYS[1])
+if n < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window * 2)
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(1, tonumber(oldest[2]) + window - now)
+"""
+
+_ERROR_MARK = "__error__"
+
+
+class RedisCoordinator:
+    def __init__(self, client: redis.Redis, *, rate_limit: float, prefix: str = "balances") -> None:
+        self.r = client
+        self.rate_limit = rate_limit
+        self.prefix = prefix
+        self._acquire = self.r.register_script(_ACQUIRE)
+
+    @contextlib.contextmanager
+    def account_lock(self, account_id: str, timeout: float) -> Iterator[None]:
+        lock = self.r.lock(
+            f"{self.prefix}:lock:account:{account_id}", timeout=timeout, blocking_timeout=timeout
+        )
+        if not lock.acquire():
+            raise RefreshError(
+                Reason.PROVIDER_UNAVAILABLE, "another refresh of this account is still running"
+            )
+        try:
+            yield
+        finally:
+            with contextlib.suppress(redis.exceptions.LockError):
+                lock.release()
+
+    def shared(self, key: str, fetch: Callable[[], Any], ttl: int, wait: float) -> Any:
+        """Single-flight read: one caller fetches, the others wait for and reuse its answer."""
+        data_key = f"{self.prefix}:shared:{key}"
+        lock_key = data_key + ":lock"
+        deadline = time.monotonic() + wait
+        while True:
+            raw = self.r.get(data_key)
+            if raw is not None:
+                return _unpack(raw)
+            me = uuid.uuid4().hex
+            if self.r.set(lock_key, me, nx=True, px=int(wait * 1000)):
+                try:
+                    value = fetch()
+                except RefreshError as err:
+                    # Waiters fail the same way instead of stampeding a failing Powens; short-lived.
+                    self.r.set(data_key, _pack_error(err), px=1000)
+                    raise
+                finally:
+                    if self.r.get(lock_key) == me.encode():
+                        self.r.delete(lock_key)
+                self.r.set(data_key, dumps(value), ex=ttl)
+                return value
+            if time.monotonic() > deadline:
+                raise RefreshError(Reason.PROVIDER_UNAVAILABLE, "timed out waiting for a shared Powens read")
+            time.sleep(0.02)
+
+    def acquire_call(self) -> float:
+        if self.rate_limit <= 0:
+            return 0.0
+        # The limit is per second; fractional limits widen the window instead.
+        limit = max(1, int(self.rate_limit))
+        window = int(WINDOW_MS * limit / self.rate_limit) + GUARD_MS
+        ms = int(
+            self._acquire(keys=[f"{self.prefix}:ratelimit:powens"], args=[limit, window, uuid.uuid4().hex])
+        )
+        return ms / 1000.0
+
+
+def _pack_error(err: RefreshError) -> str:
+    return dumps(
+        {_ERROR_MARK: {"reason": err.reason.value, "message": err.message, "retry_after": err.retry_after}}
+    )
+
+
+def _unpack(raw: bytes | str) -> Any:
+    value = loads(raw)
+    if isinstance(value, dict) and _ERROR_MARK in value:
+        e = value[_ERROR_MARK]
+        ra = e.get("retry_after")
+        raise RefreshError(
+            Reason(e["reason"]), e["message"], retry_after=float(ra) if ra is not None else None
+        )
+    return value
+
+
+class LocalCoordinator:
+    """The same contract inside one process (threads), for the demo and embedded use."""
+
+    def __init__(self, *, rate_limit: float) -> None:
+        self.rate_limit = rate_limit
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._calls: deque[float] = deque()
+
+    @contextlib.contextmanager
+    def account_lock(self, account_id: str, timeout: float) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.setdefault(account_id, threading.Lock())
+        if not lock.acquire(timeout=timeout):
+            raise RefreshError(
+                Reason.PROVIDER_UNAVAILABLE, "another refresh of this account is still running"
+            )
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def shared(self, key: str, fetch: Callable[[], Any], ttl: int, wait: float) -> Any:
+        with self._guard:
+            lock = self._locks.setdefault("shared:" + key, threading.Lock())
+        with lock:
+            hit = self._cache.get(key)
+            if hit and hit[0] > time.monotonic():
+                return hit[1]
+            value = fetch()
+            self._cache[key] = (time.monotonic() + ttl, value)
+            return value
+
+    def acquire_call(self) -> float:
+        if self.rate_limit <= 0:
+            return 0.0
+        limit = max(1, int(self.rate_limit))
+        window = (WINDOW_MS * limit / self.rate_limit + GUARD_MS) / 1000
+        with self._guard:
+            now = time.monotonic()
+            while self._calls and self._calls[0] <= now - window:
+                self._calls.popleft()
+            if len(self._calls) < limit:
+                self._calls.append(now)
+                return 0.0
+            return self._calls[0] + window - now
+
+
+_lock = threading.Lock()
+_coordinators: dict[tuple[str, str, float], Coordinator] = {}
+
+
+def get_coordinator(settings: Settings) -> Coordinator:
+    key = (settings.coordination, settings.redis_url, settings.powens_rate_limit)
+    with _lock:
+        coord = _coordinators.get(key)
+        if coord is None:
+            if settings.coordination == "local":
+                coord = LocalCoordinator(rate_limit=settings.powens_rate_limit)
+            else:
+                client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+                coord = RedisCoordinator(client, rate_limit=settings.powens_rate_limit)
+            _coordinators[key] = coord
+        return coord
+
+
+def reset_coordinators() -> None:
+    """After fork: a Redis connection pool must not be shared by two processes."""
+    with _lock:
+        _coordinators.clear()

@@ -1,0 +1,1 @@
+"""Per-tenant reports computed after a nightly run: summary and cashflow forecast."""

@@ -1,0 +1,156 @@
+"""Per-tenant summary of a run: totals per currency, day-over-day change, outcomes, connections to fix."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.errors import Reason
+from app.powens.errors import classify_state
+from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, BankConnection, RunItem
+
+
+def business_day(settings: Settings, at: datetime | None = None) -> date:
+    return (at or datetime.now(UTC)).astimezone(settings.business_zone).date()
+
+
+def build_summary(
+    session: Session, settings: Settings, run_id: str, tenant_id: str, day: date
+) -> dict[str, Any]:
+    from app.refresh import reconnect_url
+
+    active = select(BankAccount.id).where(BankAccount.tenant_id == tenant_id, BankAccount.status == "active")
+    latest = session.execute(
+        select(
+            AccountBalance.account_id,
+            AccountBalance.balance_type,
+            AccountBalance.currency,
+            AccountBalance.current_balance,
+            AccountBalance.available_balance,
+        ).where(AccountBalance.tenant_id == tenant_id, AccountBalance.account_id.in_(active))
+    ).all()
+    totals: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"current": Decimal(0), "available": Decimal(0), "coming": Decimal(0), "accounts": 0}
+    )
+    for _acc, btype, ccy, cur, avail in latest:
+        t = totals[ccy]
+        if btype == "current":
+            t["current"] += cur
+            t["available"] += avail if avail is not None else cur
+            t["accounts"] += 1
+        elif btype == "uncleared":
+            t["coming"] += cur
+
+    # Day-over-day: accounts with a current snapshot on both days, so new or lost accounts do not
+    # show as money moving.
+    snaps = session.execute(
+        select(
+            BalanceSnapshot.account_id,
+            BalanceSnapshot.day,
+            BalanceSnapshot.currency,
+            BalanceSnapshot.current_balance,
+        ).where(
+            BalanceSnapshot.tenant_id == tenant_id,
+            BalanceSnapshot.balance_type == "current",
+            BalanceSnapshot.day.in_((day, day - timedelta(days=1))),
+        )
+    ).all()
+    by_acc: dict[str, dict[date, tuple[str, Decimal]]] = defaultdict(dict)
+    for acc, d, ccy, cur in snaps:
+        by_acc[acc][d] = (ccy, cur)
+    change: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"today": Decimal(0), "yesterday": Decimal(0), "accounts": 0}
+    )
+    for days in by_acc.values():
+        if day in days and day - timedelta(days=1) in days:
+            ccy = days[day][0]
+            change[ccy]["today"] += days[day][1]
+            change[ccy]["yesterday"] += days[day - timedelta(days=1)][1]
+            change[ccy]["accounts"] += 1
+
+    items = session.execute(
+        select(RunItem.account_id, RunItem.status, RunItem.reason, BankAccount.name)
+        .join(BankAccount, BankAccount.id == RunItem.account_id)
+        .where(RunItem.run_id == run_id, RunItem.tenant_id == tenant_id)
+        .order_by(RunItem.account_id)
+    ).all()
+    counts = {"refreshed": 0, "failed": 0, "stale": 0}
+    by_reason: dict[str, int] = defaultdict(int)
+    failed, stale = [], []
+    for acc, status, reason, name in items:
+        if status == "succeeded":
+            counts["refreshed"] += 1
+        elif status == "failed":
+            counts["failed"] += 1
+            by_reason[reason or "internal"] += 1
+            failed.append({"accountId": acc, "name": name, "reason": reason})
+        elif status == "stale":
+            counts["stale"] += 1
+            stale.append({"accountId": acc, "name": name})
+
+    conns = session.execute(
+        select(BankConnection.id, BankConnection.external_id, BankConnection.state)
+        .where(BankConnection.tenant_id == tenant_id, BankConnection.state.is_not(None))
+        .order_by(BankConnection.id)
+    ).all()
+    needing = [
+        {
+            "connectionId": cid,
+            "powensConnectionId": ext,
+            "state": state,
+            "reconnectUrl": reconnect_url(settings, ext),
+        }
+        for cid, ext, state in conns
+        if classify_state(state) is Reason.NEEDS_USER_ACTION
+    ]
+    return {
+        "runId": run_id,
+        "tenantId": tenant_id,
+        "businessDay": day.isoformat(),
+        "generatedAt": datetime.now(UTC).isoformat(),
+        "totals": [
+            {
+                "currency": ccy,
+                **t,
+                "dayOverDay": (
+                    {
+                        "change": change[ccy]["today"] - change[ccy]["yesterday"],
+                        "yesterday": change[ccy]["yesterday"],
+                        "comparableAccounts": change[ccy]["accounts"],
+                    }
+                    if change.get(ccy, {}).get("accounts")
+                    else None
+                ),
+            }
+            for ccy, t in sorted(totals.items())
+        ],
+        "accounts": {**counts, "failuresByReason": dict(sorted(by_reason.items()))},
+        "failedAccounts": failed,
+        "staleAccounts": stale,
+        "connectionsNeedingUser": needing,
+    }
+
+
+def latest_summary(session: Session, tenant_id: str, run_id: str | None = None) -> dict[str, Any] | None:
+    from app.store.models import TenantSummary
+
+    stmt = select(TenantSummary.payload).where(TenantSummary.tenant_id == tenant_id)
+    if run_id is not None:
+        stmt = stmt.where(TenantSummary.run_id == run_id)
+    payload = session.scalar(stmt.order_by(TenantSummary.created_at.desc(), TenantSummary.id.desc()).limit(1))
+    return dict(payload) if payload is not None else None
+
+
+def count_summaries(session: Session, run_id: str) -> int:
+    from app.store.models import TenantSummary
+
+    return int(
+        session.scalar(select(func.count()).select_from(TenantSummary).where(TenantSummary.run_id == run_id))
+        or 0
+    )
