@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     )
     powens_rate_limit: float = Field(10.0, ge=0, validation_alias=_env("BALANCES_POWENS_RATE_LIMIT"))
     rate_limit_max_wait: float = Field(2.0, ge=0, validation_alias=_env("BALANCES_RATE_LIMIT_MAX_WAIT"))
+    lock_wait_seconds: float = Field(10.0, gt=0, validation_alias=_env("BALANCES_LOCK_WAIT_SECONDS"))
     shared_read_ttl: int = Field(600, ge=1, validation_alias=_env("BALANCES_SHARED_READ_TTL"))
 
     forecast_horizon_days: int = Field(
@@ -145,6 +146,12 @@ class Settings(BaseSettings):
         if self.powens_domain:
             return f"https://{self.powens_domain}.biapi.pro/2.0/"
         raise ConfigError("POWENS_DOMAIN or POWENS_BASE_URL must be set to reach Powens")
+
+    @property
+    def powens_call_budget(self) -> float:
+        """How long one guarded Powens read may take: the TTL of the locks that guard it, so a killed
+        holder blocks others for this long at most."""
+        return self.powens_connect_timeout + self.powens_read_timeout + self.rate_limit_max_wait + 5
 
     @property
     def redis_url(self) -> str:

@@ -31,15 +31,19 @@ GUARD_MS = 50
 
 
 class Throttled(Exception):
-    """The cluster-wide limit is reached for longer than a worker should wait: re-queue instead."""
+    """Waiting longer would hold a worker slot (rate limit reached, account busy): re-queue instead.
 
-    def __init__(self, wait: float) -> None:
-        super().__init__(f"Powens rate limit reached; retry in {wait:.2f}s")
+    Not a failure: it consumes no attempt."""
+
+    def __init__(self, wait: float, why: str = "Powens rate limit reached") -> None:
+        super().__init__(f"{why}; retry in {wait:.2f}s")
         self.wait = wait
 
 
 class Coordinator(Protocol):
-    def account_lock(self, account_id: str, timeout: float) -> contextlib.AbstractContextManager[None]: ...
+    def account_lock(
+        self, account_id: str, ttl: float, wait: float
+    ) -> contextlib.AbstractContextManager[None]: ...
 
     def shared(self, key: str, fetch: Callable[[], Any], ttl: int, wait: float) -> Any: ...
 
@@ -87,14 +91,11 @@ class RedisCoordinator:
         self._acquire = self.r.register_script(_ACQUIRE)
 
     @contextlib.contextmanager
-    def account_lock(self, account_id: str, timeout: float) -> Iterator[None]:
-        lock = self.r.lock(
-            f"{self.prefix}:lock:account:{account_id}", timeout=timeout, blocking_timeout=timeout
-        )
+    def account_lock(self, account_id: str, ttl: float, wait: float) -> Iterator[None]:
+        """``ttl`` bounds how long a dead holder (a killed worker) blocks the account."""
+        lock = self.r.lock(f"{self.prefix}:lock:account:{account_id}", timeout=ttl, blocking_timeout=wait)
         if not lock.acquire():
-            raise RefreshError(
-                Reason.PROVIDER_UNAVAILABLE, "another refresh of this account is still running"
-            )
+            raise Throttled(1.0 + wait / 2, "another refresh of this account is running")
         try:
             yield
         finally:
@@ -167,13 +168,11 @@ class LocalCoordinator:
         self._calls: deque[float] = deque()
 
     @contextlib.contextmanager
-    def account_lock(self, account_id: str, timeout: float) -> Iterator[None]:
+    def account_lock(self, account_id: str, ttl: float, wait: float) -> Iterator[None]:
         with self._guard:
             lock = self._locks.setdefault(account_id, threading.Lock())
-        if not lock.acquire(timeout=timeout):
-            raise RefreshError(
-                Reason.PROVIDER_UNAVAILABLE, "another refresh of this account is still running"
-            )
+        if not lock.acquire(timeout=wait):
+            raise Throttled(1.0 + wait / 2, "another refresh of this account is running")
         try:
             yield
         finally:

@@ -322,31 +322,35 @@ def sweep(
             enqueue_plan(run_id)
             report.plans_reenqueued += 1
             continue
+        if status == "running" and age > deadline:
+            if redispatched_at is None:
+                report.redispatched += _redispatch(settings, run_id, publish, now)
+            elif now - redispatched_at > grace:
+                report.stale += _mark_stale(settings, run_id, now)
+            # Tenants whose counter reached zero but whose claim or summary/forecast task was lost.
+            report.summaries_reenqueued += _resume_reports(
+                settings, run_id, now - grace, enqueue_summary, enqueue_forecast
+            )
+            finished = finish_run_if_complete(settings, run_id)
+            if finished is not None:
+                report.finished_at.append(finished)
+                continue
         if age > deadline + 3 * grace:
+            # Even the reports could not finish (no reports worker?): say so, where operators look.
             with session_scope(settings) as session:
-                session.execute(
-                    update(RefreshRun)
-                    .where(RefreshRun.id == run_id, RefreshRun.status == status)
-                    .values(
-                        status="stale", finished_at=now, error="incomplete after the sweeper's last deadline"
+                rowcount(
+                    session.execute(
+                        update(RefreshRun)
+                        .where(RefreshRun.id == run_id, RefreshRun.status == status)
+                        .values(
+                            status="stale",
+                            finished_at=now,
+                            error="incomplete after the sweeper's last deadline",
+                        )
                     )
                 )
             report.runs_marked_stale.append(run_id)
             log.error("run %s marked stale", run_id, extra={"run_id": run_id})
-            continue
-        if status != "running" or age <= deadline:
-            continue
-        if redispatched_at is None:
-            report.redispatched += _redispatch(settings, run_id, publish, now)
-        elif now - redispatched_at > grace:
-            report.stale += _mark_stale(settings, run_id, now)
-        # Tenants whose counter reached zero but whose claim or summary/forecast task was lost.
-        report.summaries_reenqueued += _resume_reports(
-            settings, run_id, now - grace, enqueue_summary, enqueue_forecast
-        )
-        finished = finish_run_if_complete(settings, run_id)
-        if finished is not None:
-            report.finished_at.append(finished)
     return report
 
 

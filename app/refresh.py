@@ -229,7 +229,9 @@ def _refresh(
 
     # Single flight per account: a concurrent refresh of the same account (on-demand and scheduled at
     # once) waits here, then takes the fresh result instead of reading Powens again.
-    with deps.coord.account_lock(inp.accountId, timeout=float(settings.task_soft_time_limit)):
+    with deps.coord.account_lock(
+        inp.accountId, ttl=settings.powens_call_budget, wait=settings.lock_wait_seconds
+    ):
         with session_scope(settings) as session:
             acc = session.get(BankAccount, inp.accountId)
             fresh = acc is not None and acc.last_refreshed_at is not None and acc.last_refreshed_at >= started
@@ -361,7 +363,7 @@ def _shared_read(
         f"accounts:{run_id}:{powens_user_id}",
         fetch,
         ttl=settings.shared_read_ttl,
-        wait=settings.powens_read_timeout * 2 + settings.rate_limit_max_wait + 5,
+        wait=settings.powens_call_budget,
     )
     for item in shared["accounts"]:
         if isinstance(item, dict) and str(item.get("id")) == str(account_external_id):

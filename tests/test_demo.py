@@ -16,6 +16,8 @@ def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BALANCES_", "POWENS_", "CELERY_"))}
     env.pop("DATABASE_URL", None)
     env["PYTHONPATH"] = str(ROOT)
+    # Nothing may need Redis: point coordination at a closed port to prove it is never dialled.
+    env["BALANCES_REDIS_URL"] = "redis://127.0.0.1:9/0"
     proc = subprocess.run(
         [sys.executable, "-m", "app.cli", "demo"],
         cwd=tmp_path,
@@ -32,17 +34,31 @@ def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path
     assert m, out
     refreshed, total, failed = map(int, m.groups())
     assert total == 6 and refreshed == 4 and failed == 2  # 3 tenants x 2 accounts; one SCA connection
-    assert "needs_user_action" in out or "needs_use" in out
+    assert "needs_user_action" in out
+    assert re.search(r"run run_\S+ completed: 4 ok, 2 failed, 0 stale of 6 accounts; 3 Powens calls", out), (
+        out
+    )
+    assert "needs the user: connection" in out and "trend over" in out
     # The embedded default database is a file in the working directory, holding what was printed.
     db = tmp_path / "balances.db"
     assert db.exists()
     with sqlite3.connect(db) as conn:
         outcomes = dict(
-            conn.execute("SELECT outcome, count(*) FROM refresh_attempts GROUP BY outcome").fetchall()
+            conn.execute(
+                "SELECT trigger || ':' || outcome, count(*) FROM refresh_attempts GROUP BY 1"
+            ).fetchall()
         )
-        assert outcomes == {"succeeded": 4, "failed": 2}
+        assert outcomes == {
+            "on_demand:succeeded": 4,
+            "on_demand:failed": 2,
+            "scheduled:succeeded": 4,
+            "scheduled:failed": 2,
+        }
         retried = conn.execute("SELECT attempts FROM refresh_attempts WHERE attempts > 1").fetchall()
         assert retried == [(2,)]  # the account with one scripted 503
+        assert conn.execute("SELECT status FROM refresh_runs").fetchall() == [("completed",)]
+        assert conn.execute("SELECT count(*) FROM tenant_summaries").fetchone() == (3,)
+        assert conn.execute("SELECT count(DISTINCT tenant_id) FROM cashflow_forecasts").fetchone() == (2,)
         amounts = [r[0] for r in conn.execute("SELECT current_balance FROM account_balances")]
         assert all(re.fullmatch(r"-?\d+(\.\d+)?", a) for a in amounts)  # exact decimal text, no float
 
@@ -59,3 +75,5 @@ def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path
     assert again.returncode == 0, again.stdout + again.stderr
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM bank_accounts").fetchone() == (6,)
+        assert conn.execute("SELECT count(*) FROM refresh_runs WHERE status = 'completed'").fetchone() == (2,)
+        assert conn.execute("SELECT count(*) FROM refresh_runs WHERE status = 'completed'").fetchone() == (2,)

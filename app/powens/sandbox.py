@@ -149,6 +149,7 @@ class SandboxState:
         self.call_times: deque[float] = deque(maxlen=200_000)
         self.scripted: dict[int, deque[tuple[int, float | None]]] = {}
         self.malformed: set[int] = set()
+        self.scripted_users: dict[int, deque[tuple[int, float | None]]] = {}
         self.request_seq = 0
         self.client_id = "sandbox-client"
         self.client_secret = "sandbox-secret"  # noqa: S105 - the sandbox's own fake credential
@@ -273,6 +274,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(r"^/_sandbox/stats/reset$"), "admin_reset"),
     ("POST", re.compile(r"^/_sandbox/users$"), "admin_user"),
     ("POST", re.compile(r"^/_sandbox/config$"), "admin_config"),
+    ("POST", re.compile(r"^/_sandbox/users/(?P<user>\d+)/faults$"), "admin_user_faults"),
     ("POST", re.compile(r"^/_sandbox/connections/(?P<conn>\d+)$"), "admin_connection"),
     ("POST", re.compile(r"^/_sandbox/accounts/(?P<account>\d+)$"), "admin_account"),
 ]
@@ -372,17 +374,19 @@ class Handler(BaseHTTPRequestHandler):
     def _faults(self, key: str, user: SUser, account_id: int | None = None) -> None:
         state = self.server.state
         state.count(key, user.id)
-        if account_id is not None:
-            with state.lock:
+        with state.lock:
+            if account_id is not None:
                 script = state.scripted.get(account_id)
-                step = script.popleft() if script else None
-            if step is not None:
-                status, retry_after = step
-                if status == 429:
-                    raise PowensError(429, "tooManyRequests", "Rate limit reached", retry_after or 1)
-                raise PowensError(
-                    status, "internalError" if status < 503 else "serviceUnavailable", "Scripted failure"
-                )
+            else:
+                script = state.scripted_users.get(user.id) if key.endswith("/accounts") else None
+            step = script.popleft() if script else None
+        if step is not None:
+            status, retry_after = step
+            if status == 429:
+                raise PowensError(429, "tooManyRequests", "Rate limit reached", retry_after or 1)
+            raise PowensError(
+                status, "internalError" if status < 503 else "serviceUnavailable", "Scripted failure"
+            )
         with state.lock:
             r = state.rng.random()
         if r < state.knobs.rate_limit_rate:
@@ -530,6 +534,12 @@ class Handler(BaseHTTPRequestHandler):
             setattr(knobs, key, type(getattr(knobs, key))(value))
         return vars(knobs)
 
+    def admin_user_faults(self, p: dict[str, str], body: Any) -> Any:
+        steps: deque[tuple[int, float | None]] = deque((int(x), None) for x in body.get("fail", []))
+        with self.server.state.lock:
+            self.server.state.scripted_users[int(p["user"])] = steps
+        return {"scripted": len(steps)}
+
     def admin_connection(self, p: dict[str, str], body: Any) -> Any:
         found = self.server.state.find_connection(int(p["conn"]))
         if found is None:
@@ -575,6 +585,14 @@ class Handler(BaseHTTPRequestHandler):
 class SandboxHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away (a killed worker, a timeout) is not the sandbox's error.
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
     def __init__(self, address: tuple[str, int], state: SandboxState) -> None:
         super().__init__(address, Handler)
