@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, literal, select, tuple_, update
+from sqlalchemy import String, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -28,17 +28,10 @@ from app.store.models import BankAccount, RefreshRun, RunItem, RunTenant, Tenant
 
 log = logging.getLogger(__name__)
 
-RUN_NAMESPACE = uuid.UUID("0b9a3c55-2f43-4e53-8f57-5b7b1f3e9d21")
-
 # publish(run_id, items) sends refresh tasks for [(task_id, tenant_id, account_id)] in one connection.
 Publish = Callable[[str, Sequence[tuple[str, str, str]]], None]
 # enqueue(run_id, tenant_id) sends the tenant's summary task.
 EnqueueSummary = Callable[[str, str], None]
-
-
-def task_id_for(run_id: str, account_id: str) -> str:
-    """Deterministic: a re-dispatch of the same item is the same task (its audit row dedupes it)."""
-    return str(uuid.uuid5(RUN_NAMESPACE, f"{run_id}/{account_id}"))
 
 
 def _now() -> datetime:
@@ -73,9 +66,11 @@ def start_run(settings: Settings, *, trigger: str, actor: str, tick: str | None 
 def plan_run(settings: Settings, run_id: str, publish: Publish, enqueue_summary: EnqueueSummary) -> int:
     """Enumerate active accounts per active tenant and fan out one refresh per account.
 
-    Three passes in batches of ``plan_batch_size`` (never every account in memory): insert the run
-    items, derive per-tenant counts from them, then publish. Publishing comes last, so an early
-    finisher always finds its tenant's counter. Returns the number of accounts planned.
+    Three passes, none holding every account in memory: the database writes the run items
+    (INSERT ... SELECT), per-tenant counters are derived from them, then the items are published in
+    batches of ``plan_batch_size`` (one fan-out message per batch; workers publish its refreshes).
+    Publishing comes last, so an early finisher always finds its tenant's counter. Returns the number
+    of accounts planned.
     """
     batch = settings.plan_batch_size
     with session_scope(settings) as session:
@@ -90,38 +85,24 @@ def plan_run(settings: Settings, run_id: str, publish: Publish, enqueue_summary:
         log.info("run %s is not pending; planning skipped", run_id, extra={"run_id": run_id})
         return 0
 
-    # Pass 1: run items, keyset-paginated over (tenant_id, id).
-    last: tuple[str, str] = ("", "")
-    while True:
-        with session_scope(settings) as session:
-            rows = session.execute(
-                select(BankAccount.tenant_id, BankAccount.id)
-                .join(Tenant, Tenant.id == BankAccount.tenant_id)
-                .where(
-                    Tenant.active.is_(True),
-                    BankAccount.status == "active",
-                    tuple_(BankAccount.tenant_id, BankAccount.id)
-                    > tuple_(literal(last[0]), literal(last[1])),
+    # Pass 1: the run items, computed and written by the database in one statement (no account
+    # passes through this process).
+    with session_scope(settings) as session:
+        run_lit = literal(run_id, String)
+        session.execute(
+            insert(RunItem).from_select(
+                ["run_id", "tenant_id", "account_id", "task_id", "status"],
+                select(
+                    run_lit,
+                    BankAccount.tenant_id,
+                    BankAccount.id,
+                    (run_lit + literal(":", String) + BankAccount.id),
+                    literal("pending", String),
                 )
-                .order_by(BankAccount.tenant_id, BankAccount.id)
-                .limit(batch)
-            ).all()
-            if not rows:
-                break
-            session.execute(
-                insert(RunItem),
-                [
-                    {
-                        "run_id": run_id,
-                        "tenant_id": t,
-                        "account_id": a,
-                        "task_id": task_id_for(run_id, a),
-                        "status": "pending",
-                    }
-                    for t, a in rows
-                ],
+                .join(Tenant, Tenant.id == BankAccount.tenant_id)
+                .where(Tenant.active.is_(True), BankAccount.status == "active"),
             )
-            last = (rows[-1][0], rows[-1][1])
+        )
 
     # Pass 2: tenants and their counters (tenants without accounts still get a summary).
     with session_scope(settings) as session:

@@ -168,6 +168,18 @@ def publish_refreshes(run_id: str, items: Sequence[tuple[str, str, str]]) -> Non
             )
 
 
+def publish_fanout(run_id: str, items: Sequence[tuple[str, str, str]]) -> None:
+    """One message per batch: a worker turns it into the batch's refresh tasks, so planning 100,000
+    accounts costs the planner 100 publishes and the per-task publishing runs on the workers."""
+    fanout_batch.apply_async(args=(run_id, [list(i) for i in items]), queue="refresh")
+
+
+@app.task(name="balances.fanout_batch", acks_late=True, reject_on_worker_lost=True)
+def fanout_batch(run_id: str, items: list[list[str]]) -> int:
+    publish_refreshes(run_id, [(i[0], i[1], i[2]) for i in items])
+    return len(items)
+
+
 def enqueue_summary(run_id: str, tenant_id: str) -> None:
     summarize_tenant.apply_async(args=(run_id, tenant_id), queue="reports")
 
@@ -209,7 +221,7 @@ def current_tick(settings: Settings, now: datetime | None = None) -> str:
 @app.task(name="balances.plan_nightly_run", acks_late=True, reject_on_worker_lost=True)
 def plan_nightly_run(run_id: str) -> int:
     settings = get_settings()
-    return pipeline.plan_run(settings, run_id, publish_refreshes, enqueue_summary)
+    return pipeline.plan_run(settings, run_id, publish_fanout, enqueue_summary)
 
 
 @app.task(name="balances.summarize_tenant", acks_late=True, reject_on_worker_lost=True)
@@ -237,7 +249,7 @@ def sweep_runs() -> dict[str, Any]:
     settings = get_settings()
     report = pipeline.sweep(
         settings,
-        publish=publish_refreshes,
+        publish=publish_fanout,
         enqueue_summary=enqueue_summary,
         enqueue_plan=enqueue_plan,
         enqueue_forecast=enqueue_forecast,

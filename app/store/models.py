@@ -225,7 +225,7 @@ class RefreshAttempt(Base):
         Index("ix_refresh_attempts_run", "run_id"),
     )
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    task_id: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    task_id: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
     run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     operation: Mapped[str] = mapped_column(String(128))
     tenant_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
@@ -289,7 +289,7 @@ class RunItem(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("refresh_runs.id", ondelete="CASCADE"), primary_key=True)
     account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(128))
-    task_id: Mapped[str] = mapped_column(String(64))
+    task_id: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), default="pending")
     reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

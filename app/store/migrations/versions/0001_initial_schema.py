@@ -33,7 +33,7 @@ def upgrade() -> None:
     op.create_table(
         "refresh_attempts",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
-        sa.Column("task_id", sa.String(length=64), nullable=True),
+        sa.Column("task_id", sa.String(length=200), nullable=True),
         sa.Column("run_id", sa.String(length=64), nullable=True),
         sa.Column("operation", sa.String(length=128), nullable=False),
         sa.Column("tenant_id", sa.String(length=128), nullable=True),

@@ -72,7 +72,7 @@ def upgrade() -> None:
         sa.Column("run_id", sa.String(length=64), nullable=False),
         sa.Column("account_id", sa.String(length=64), nullable=False),
         sa.Column("tenant_id", sa.String(length=128), nullable=False),
-        sa.Column("task_id", sa.String(length=64), nullable=False),
+        sa.Column("task_id", sa.String(length=200), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("reason", sa.String(length=32), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
