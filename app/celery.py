@@ -67,4 +67,4 @@ def _child_shutdown(pid: int | None = None, **_: Any) -> None:
 def _beat_init(**_: Any) -> None:
     from app import exporter
 
-    exporter.serve_worker_metrics(get_settings())
+    exporter.serve_beat_metrics(get_settings())

@@ -7,10 +7,14 @@ with its own numbers only).
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 import shutil
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from app.config import Settings
@@ -40,23 +44,156 @@ def prepare_multiprocess(settings: Settings) -> Path | None:
     return directory
 
 
-def serve_worker_metrics(settings: Settings) -> None:
+def serve_beat_metrics(settings: Settings) -> None:
+    """Beat (one leader at a time) also exports what no worker sees: queue depth, connections that
+    need their user. Read at scrape time, so the numbers are never stale."""
+    serve_worker_metrics(settings, extra=(ServiceCollector(settings),))
+
+
+class ServiceCollector:
+    QUEUES = ("interactive", "refresh", "reports")
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from prometheus_client.core import GaugeMetricFamily
+
+        depth = GaugeMetricFamily(
+            "balances_celery_queue_length",
+            "Messages waiting in each Celery queue (Redis LLEN).",
+            labels=["queue"],
+        )
+        try:
+            import redis
+
+            r = redis.Redis.from_url(
+                self.settings.celery_broker_url, socket_timeout=2, socket_connect_timeout=2
+            )
+            for q in self.QUEUES:
+                # kombu's Redis transport keeps priority sub-queues as "<queue>\x06\x16<n>".
+                total = r.llen(q) + sum(r.llen(f"{q}\x06\x16{p}") for p in (3, 6, 9))
+                depth.add_metric([q], float(total))
+        except Exception:  # scrape must not fail because Redis is down; `up` stays 1, depth absent
+            log.warning("queue depth unavailable", exc_info=True)
+        yield depth
+
+        needing = GaugeMetricFamily(
+            "openbanking_connections_needing_user",
+            "Bank connections whose Powens state needs the end user (SCA, wrong password, ...).",
+        )
+        try:
+            from sqlalchemy import select
+
+            from app.errors import Reason
+            from app.powens.errors import classify_state
+            from app.store.db import session_scope
+            from app.store.models import BankConnection
+
+            with session_scope(self.settings) as session:
+                states = session.scalars(
+                    select(BankConnection.state).where(BankConnection.state.is_not(None))
+                ).all()
+            needing.add_metric([], float(sum(classify_state(s) is Reason.NEEDS_USER_ACTION for s in states)))
+            yield needing
+        except Exception:
+            log.warning("connection states unavailable", exc_info=True)
+
+
+def serve_worker_metrics(settings: Settings, extra: tuple[object, ...] = ()) -> None:
     """Start the one /metrics server of this worker or beat (in the parent, before any fork)."""
     if settings.metrics_port == 0:
         return
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
+    from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
     from app import metrics
 
     _restore_nightly_gauge(settings, metrics)
+    registry = REGISTRY
     if _directory is not None:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(_directory))
-        start_http_server(settings.metrics_port, registry=registry)
-    else:
-        start_http_server(settings.metrics_port)
+        CompactingCollector(registry, path=str(_directory))
+    for collector in extra:
+        registry.register(collector)  # type: ignore[arg-type]
+    start_http_server(settings.metrics_port, registry=registry)
     log.info("metrics on :%d/metrics", settings.metrics_port)
+
+
+class _Compacting:
+    """Folds the files of dead children into archive files before each scrape.
+
+    Every prefork child writes ``counter_<pid>.db`` etc.; with ``max_tasks_per_child`` children come
+    and go all night, and the directory (and the time a scrape takes) would grow without bound. A
+    dead child's counters and histograms are added into ``*_archive.db`` and its files removed, so
+    the totals hold and the directory keeps one set of files per live process plus the archive.
+    Runs in the scraping thread of the parent, under a lock, so no scrape sees a value twice.
+    """
+
+    _lock = threading.Lock()
+
+    @classmethod
+    def compact(cls, path: str) -> int:
+        from prometheus_client.mmap_dict import MmapedDict
+
+        folded = 0
+        with cls._lock:
+            for f in sorted(glob.glob(os.path.join(path, "*.db"))):
+                m = _FILE_RE.match(os.path.basename(f))
+                if m is None or _alive(int(m.group("pid"))):
+                    continue
+                kind = m.group("kind")
+                if kind.startswith("gauge_live"):
+                    os.unlink(f)  # a dead process's live gauge is gone by definition
+                    continue
+                if kind not in _MERGE:
+                    continue
+                merge = _MERGE[kind]
+                archive = MmapedDict(os.path.join(path, f"{kind}_archive.db"))
+                try:
+                    for key, value, timestamp, _pos in MmapedDict.read_all_values_from_file(f):
+                        old, _ts = archive.read_value(key)
+                        archive.write_value(key, merge(old, value), timestamp)
+                finally:
+                    archive.close()
+                os.unlink(f)
+                folded += 1
+        return folded
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_FILE_RE = re.compile(r"^(?P<kind>counter|histogram|gauge_[a-z]+)_(?P<pid>\d+)\.db$")
+_MERGE: dict[str, Callable[[float, float], float]] = {
+    "counter": lambda a, b: a + b,
+    "histogram": lambda a, b: a + b,
+    "gauge_max": max,
+    "gauge_min": min,
+    "gauge_sum": lambda a, b: a + b,
+}
+
+
+def _compacting_collector_class() -> type:
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    class CompactingCollectorImpl(MultiProcessCollector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            _Compacting.compact(self._path)
+            return super().collect()
+
+    return CompactingCollectorImpl
+
+
+def CompactingCollector(registry: object, path: str) -> object:
+    """MultiProcessCollector that first folds dead children's files (prometheus_client imported late)."""
+    return _compacting_collector_class()(registry, path=path)
 
 
 def child_exited(pid: int) -> None:

@@ -207,3 +207,25 @@ def test_powens_link_reads_the_token_from_stdin_only(
     assert {a["externalId"] for a in listed} >= {str(i) for i in user.accounts}
     assert all(a["tenantId"] == "e2e-link" and a["userId"] for a in listed)
     assert user.token not in worker.log.read_text()
+
+
+def test_worker_logs_are_json_with_context_and_never_carry_a_secret(
+    worker: Worker, settings: Settings, sandbox: Sandbox
+) -> None:
+    t = seed_tenant(settings, sandbox, "e2e-logs")
+    acc = t.account_ids[0]
+    code, _doc = refresh(worker, "e2e-logs", acc)
+    assert code == 0
+    lines = worker.log_lines()
+    ready = next(i for i, line in enumerate(lines) if "ready." in line)
+    docs = []
+    for line in lines[ready:]:
+        if not line.strip() or line.startswith("worker: Warm shutdown"):
+            continue
+        docs.append(json.loads(line))  # every line after the banner is one JSON document
+    mine = [d for d in docs if d.get("account_id") == acc and d.get("logger") == "app.tasks"]
+    assert mine and all(d["tenant_id"] == "e2e-logs" and d["task_id"] for d in mine)
+    text = "\n".join(lines)
+    secrets = [t.user.token, ENCRYPTION_KEY] + [a.iban for a in t.user.accounts.values() if a.iban]
+    for secret in secrets:
+        assert secret not in text
