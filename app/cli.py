@@ -6,6 +6,7 @@ bootstrap (whoever reaches the database may run it); every other command checks 
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from datetime import UTC, datetime
@@ -61,6 +62,15 @@ def main_callback(
     as_: Annotated[str | None, typer.Option("--as", help="Act as this actor (default: the OS user).")] = None,
 ) -> None:
     name = as_ or default_actor_name()
+    from app import logs
+
+    settings = _settings()
+    # Structured logs (and telemetry events such as an audited denial) go to stderr; stdout stays
+    # the command's output.
+    logs.configure(
+        "WARNING" if settings.log_level.upper() == "INFO" else settings.log_level, settings.log_format
+    )
+    logging.getLogger("openbanking.telemetry").setLevel(logging.INFO)
     try:
         state.actor_name = validate_actor_name(name)
     except InvalidInput as exc:

@@ -76,24 +76,48 @@ class Replayed(Exception):
     """The task already reached a terminal outcome (redelivery): nothing is written again."""
 
 
-@dataclass
 class Deps:
-    settings: Settings
-    client: PowensClient
-    clock: Callable[[], datetime]
-    coord: Coordinator
+    """What a refresh needs from outside: settings, the Powens client, a clock, the coordinator.
+
+    The client is built on first use, so paths that never call Powens (input and policy checks,
+    replays) work without Powens configuration.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: PowensClient | None = None,
+        clock: Callable[[], datetime] | None = None,
+        coord: Coordinator | None = None,
+    ) -> None:
+        self.settings = settings
+        self._client = client
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self._coord = coord
 
     @classmethod
     def default(cls, settings: Settings | None = None, client: PowensClient | None = None) -> Deps:
-        s = settings or get_settings()
-        coord = get_coordinator(s)
-        client = client or get_client(s)
-        if s.powens_rate_limit > 0:
-            # Every Powens call of this process passes the cluster-wide limiter first.
-            client.before_request = lambda _endpoint: throttle(coord, s.rate_limit_max_wait)
-        else:
-            client.before_request = None
-        return cls(s, client, lambda: datetime.now(UTC), coord)
+        return cls(settings or get_settings(), client)
+
+    @property
+    def coord(self) -> Coordinator:
+        if self._coord is None:
+            self._coord = get_coordinator(self.settings)
+        return self._coord
+
+    @property
+    def client(self) -> PowensClient:
+        if self._client is None:
+            s = self.settings
+            client = get_client(s)
+            if s.powens_rate_limit > 0:
+                coord = self.coord
+                # Every Powens call of this process passes the cluster-wide limiter first.
+                client.before_request = lambda _endpoint: throttle(coord, s.rate_limit_max_wait)
+            else:
+                client.before_request = None
+            self._client = client
+        return self._client
 
 
 def resolve_actor(actor: Actor | str, settings: Settings) -> Actor:

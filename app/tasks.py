@@ -141,31 +141,18 @@ def dispatch_refresh(
 
 def publish_refreshes(run_id: str, items: Sequence[tuple[str, str, str]]) -> None:
     """A batch of scheduled refreshes over one broker connection."""
+
+    def call(task_id: str, tenant_id: str, account_id: str) -> dict[str, Any]:
+        args = ({"tenantId": tenant_id, "accountId": account_id}, SCHEDULER.name, Trigger.SCHEDULED.value)
+        return {"args": args, "kwargs": {"run_id": run_id}, "task_id": task_id}
+
     if app.conf.task_always_eager:  # the demo without a broker: run them here
-        for task_id, tenant_id, account_id in items:
-            refresh_account.apply(
-                args=(
-                    {"tenantId": tenant_id, "accountId": account_id},
-                    SCHEDULER.name,
-                    Trigger.SCHEDULED.value,
-                ),
-                kwargs={"run_id": run_id},
-                task_id=task_id,
-            )
+        for item in items:
+            refresh_account.apply(**call(*item))
         return
     with app.producer_or_acquire() as producer:
-        for task_id, tenant_id, account_id in items:
-            refresh_account.apply_async(
-                args=(
-                    {"tenantId": tenant_id, "accountId": account_id},
-                    SCHEDULER.name,
-                    Trigger.SCHEDULED.value,
-                ),
-                kwargs={"run_id": run_id},
-                task_id=task_id,
-                queue="refresh",
-                producer=producer,
-            )
+        for item in items:
+            refresh_account.apply_async(**call(*item), queue="refresh", producer=producer)
 
 
 def publish_fanout(run_id: str, items: Sequence[tuple[str, str, str]]) -> None:

@@ -110,6 +110,7 @@ def run_worker(
             env=wenv,
             stdout=fh,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a test may kill the whole worker (parent and pool) with killpg
         )
     worker = Worker(proc, wenv, log, port)
     try:

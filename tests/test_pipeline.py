@@ -170,12 +170,35 @@ def test_fault_free_run_makes_one_powens_call_per_powens_user(
     accounts = 6 + 4 + 4 + 3
     assert t3.user.id != extra.id
 
+    # An account opened at the bank since the last discovery: the run's shared read registers it.
+    from app.powens.sandbox import SAccount
+
+    conn_id = next(iter(extra.connections))
+    sandbox.state.users[extra.id].accounts[99_001] = SAccount(
+        id=99_001,
+        id_connection=conn_id,
+        id_user=extra.id,
+        name="New savings",
+        number="1",
+        iban=None,
+        bic=None,
+        balance=Decimal("12.34"),
+        coming=None,
+        currency="EUR",
+        type="savings",
+        usage="PRIV",
+        last_update=datetime.now(UTC),
+    )
+
     with run_worker(env, tmp_path / "w.log", concurrency=2):
         sandbox.state.reset_stats()
         run_id = start_run(env)
         status = wait_for(lambda: finished(settings, run_id), what="run to finish")
 
     assert status["status"] == "completed" and status["accounts"]["succeeded"] == accounts
+    with session_scope(settings) as s:
+        registered = [a for a, _c, _u in repo.list_accounts(s, "c-3") if a.external_id == 99_001]
+        assert len(registered) == 1 and registered[0].status == "active"
     stats = sandbox.state.stats()
     assert stats["total"] == users  # one accounts read per Powens user, not per account
     assert stats["calls"] == {"GET /users/{id_user}/accounts": users}
@@ -201,34 +224,7 @@ def test_a_worker_killed_mid_run_still_completes_without_duplicate_snapshots(
         BALANCES_LOCK_WAIT_SECONDS="1",
     )
 
-    port = free_port()
-    log = tmp_path / "doomed.log"
-    with log.open("wb") as fh:
-        doomed = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "app",
-                "worker",
-                "-c",
-                "2",
-                "-n",
-                f"doomed-{port}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--loglevel",
-                "INFO",
-            ],
-            cwd=ROOT,
-            env=dict(env, BALANCES_METRICS_PORT=str(port), BALANCES_METRICS_DIR=str(tmp_path / "m")),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_for(lambda: "ready." in log.read_text(errors="replace"), 60, "doomed worker")
+    with run_worker(env, tmp_path / "doomed.log", name="doomed") as doomed:
         run_id = start_run(env)
 
         def some_done() -> bool:
@@ -236,9 +232,8 @@ def test_a_worker_killed_mid_run_still_completes_without_duplicate_snapshots(
             return bool(st and st["accounts"]["succeeded"] >= 2)
 
         wait_for(some_done, 60, "first refreshes")
-    finally:
-        os.killpg(doomed.pid, signal.SIGKILL)  # parent and pool children, no warm shutdown
-        doomed.wait()
+        os.killpg(doomed.proc.pid, signal.SIGKILL)  # parent and pool children, no warm shutdown
+        doomed.proc.wait()
     sandbox.state.knobs.latency_ms = 0
     assert pipeline.run_status(settings, run_id)["status"] == "running"  # type: ignore[index]
 
