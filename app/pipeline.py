@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, func, insert, literal, select, update
+from sqlalchemy import String, delete, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -86,8 +86,10 @@ def plan_run(settings: Settings, run_id: str, publish: Publish, enqueue_summary:
         return 0
 
     # Pass 1: the run items, computed and written by the database in one statement (no account
-    # passes through this process).
+    # passes through this process). A planner that died before pass 2 committed published nothing,
+    # so a re-plan (the sweeper sends one) starts these items over.
     with session_scope(settings) as session:
+        session.execute(delete(RunItem).where(RunItem.run_id == run_id))
         run_lit = literal(run_id, String)
         session.execute(
             insert(RunItem).from_select(
@@ -299,7 +301,15 @@ def sweep(
         ).all()
     for run_id, status, created_at, redispatched_at in runs:
         age = now - created_at
-        if status == "pending" and age > grace:
+        if status in ("pending", "planning") and age > grace:
+            # The plan task was lost, or its planner died before the run was running (planning takes
+            # seconds): plan again.
+            with session_scope(settings) as session:
+                session.execute(
+                    update(RefreshRun)
+                    .where(RefreshRun.id == run_id, RefreshRun.status == status)
+                    .values(status="pending")
+                )
             enqueue_plan(run_id)
             report.plans_reenqueued += 1
             continue

@@ -1,0 +1,121 @@
+"""The sweeper and planning as plain functions on real PostgreSQL (time passed in, outputs recorded)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, select, update
+
+from app import pipeline
+from app.config import Settings
+from app.powens.sandbox import Sandbox
+from app.reports import jobs
+from app.store.db import session_scope
+from app.store.models import RefreshRun, RunItem, RunTenant
+from tests.helpers import seed_tenant
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str, str]] = []
+        self.summaries: list[tuple[str, str]] = []
+        self.plans: list[str] = []
+        self.forecasts: list[tuple[str, str]] = []
+
+    def publish(self, run_id: str, items: object) -> None:
+        self.published.extend(items)  # type: ignore[arg-type]
+
+    def summary(self, run_id: str, tenant_id: str) -> None:
+        self.summaries.append((run_id, tenant_id))
+
+    def sweep(self, settings: Settings, now: datetime) -> pipeline.SweepReport:
+        return pipeline.sweep(
+            settings,
+            self.publish,
+            self.summary,
+            self.plans.append,
+            lambda r, t: self.forecasts.append((r, t)),
+            now=now,
+        )
+
+
+def test_planning_writes_each_item_once_and_tenants_without_accounts_go_straight_to_summary(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    seed_tenant(settings, sandbox, "s-1", accounts=3)
+    seed_tenant(settings, sandbox, "s-2", accounts=2)
+    with session_scope(settings) as s:
+        s.add(
+            __import__("app.store.models", fromlist=["Tenant"]).Tenant(
+                id="s-empty", name="empty", active=True, created_at=datetime.now(UTC)
+            )
+        )
+    rec = Recorder()
+    run_id, created = pipeline.start_run(settings, trigger="manual", actor="alice")
+    assert created
+    assert pipeline.plan_run(settings, run_id, rec.publish, rec.summary) == 5
+    assert len(rec.published) == len({p[0] for p in rec.published}) == 5
+    assert rec.summaries == [(run_id, "s-empty")]
+    # A second delivery of the plan task plans nothing.
+    assert pipeline.plan_run(settings, run_id, rec.publish, rec.summary) == 0
+    with session_scope(settings) as s:
+        assert s.scalar(select(func.count()).select_from(RunItem).where(RunItem.run_id == run_id)) == 5
+        counters = dict(
+            (t, n)
+            for t, n in s.execute(
+                select(RunTenant.tenant_id, RunTenant.remaining).where(RunTenant.run_id == run_id)
+            )
+        )
+        assert counters == {"s-1": 3, "s-2": 2, "s-empty": 0}
+
+
+def test_a_scheduled_tick_seen_twice_is_one_run(settings: Settings) -> None:
+    a, created_a = pipeline.start_run(settings, trigger="scheduled", actor="system:scheduler", tick="cron:x")
+    b, created_b = pipeline.start_run(settings, trigger="scheduled", actor="system:scheduler", tick="cron:x")
+    assert (a, created_a, created_b) == (b, True, False)
+
+
+def test_a_planner_that_died_is_replanned_without_duplicate_items(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    seed_tenant(settings, sandbox, "s-3", accounts=2)
+    rec = Recorder()
+    run_id, _ = pipeline.start_run(settings, trigger="manual", actor="alice")
+    with session_scope(settings) as s:  # the planner claimed the run, then died
+        s.execute(update(RefreshRun).where(RefreshRun.id == run_id).values(status="planning"))
+    now = datetime.now(UTC) + timedelta(seconds=settings.run_grace_seconds + 1)
+    report = rec.sweep(settings, now)
+    assert report.plans_reenqueued == 1 and rec.plans == [run_id]
+    assert pipeline.plan_run(settings, run_id, rec.publish, rec.summary) == 2
+    with session_scope(settings) as s:
+        assert s.scalar(select(func.count()).select_from(RunItem).where(RunItem.run_id == run_id)) == 2
+
+
+def test_lost_refreshes_are_redispatched_once_then_marked_stale_and_the_tenant_finalised(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    seed_tenant(settings, sandbox, "s-4", accounts=2)
+    rec = Recorder()
+    run_id, _ = pipeline.start_run(settings, trigger="manual", actor="alice")
+    pipeline.plan_run(settings, run_id, rec.publish, rec.summary)
+    first = list(rec.published)
+    rec.published.clear()  # ... and every message was lost
+
+    start = datetime.now(UTC)
+    early = rec.sweep(settings, start + timedelta(seconds=1))
+    assert early.redispatched == 0 and rec.published == []
+    after_deadline = start + timedelta(seconds=settings.run_deadline_seconds + 1)
+    assert rec.sweep(settings, after_deadline).redispatched == 2
+    assert rec.published == first  # same task ids: anything that did run is not refreshed twice
+    assert rec.sweep(settings, after_deadline + timedelta(seconds=1)).redispatched == 0  # once only
+
+    report = rec.sweep(settings, after_deadline + timedelta(seconds=settings.run_grace_seconds + 1))
+    assert report.stale == 2
+    assert rec.summaries == [(run_id, "s-4")]
+    assert jobs.summarize_tenant(settings, run_id, "s-4")
+    assert not jobs.summarize_tenant(settings, run_id, "s-4")  # exactly once
+    assert jobs.forecast_tenant(settings, run_id, "s-4")
+    assert pipeline.finish_run_if_complete(settings, run_id) is not None
+    status = pipeline.run_status(settings, run_id)
+    assert status is not None and status["status"] == "completed"
+    assert status["accounts"]["stale"] == 2 and len(status["staleAccounts"]) == 2
