@@ -23,6 +23,7 @@ from app.refresh import Deps
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import BankAccount, BankConnection, PowensUser
+from app.store.registry import account_fields
 from app.store.secrets import TokenCipher
 
 log = logging.getLogger(__name__)
@@ -144,26 +145,7 @@ def register(
         for a in accounts:
             conn = by_ext.get(a.id_connection) or repo.upsert_connection(session, user, a.id_connection, now)
             by_ext[a.id_connection] = conn
-            status = "deleted" if a.deleted else "disabled" if a.disabled else "active"
-            _, created = repo.upsert_account(
-                session,
-                user,
-                conn,
-                a.id,
-                now,
-                name=a.name,
-                original_name=a.original_name,
-                account_type=a.type,
-                usage=a.usage,
-                currency=a.currency,
-                iban=a.iban,
-                bic=a.bic,
-                number=a.number,
-                status=status,
-                balance=a.balance,
-                coming=a.coming,
-                powens_last_update=a.last_update,
-            )
+            _, created = repo.upsert_account(session, user, conn, a.id, now, **account_fields(a))
             created_count += int(created)
             seen.add(a.id)
         if complete:

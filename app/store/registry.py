@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select, update
 
@@ -17,6 +18,24 @@ from app.powens.models import PowensAccount
 from app.store.db import session_scope
 from app.store.models import BankAccount, BankConnection, PowensUser
 from app.store.repo import new_id
+
+
+def account_fields(a: PowensAccount) -> dict[str, Any]:
+    """The columns of ``bank_accounts`` that come from a Powens account payload."""
+    return {
+        "name": a.name,
+        "original_name": a.original_name,
+        "account_type": a.type,
+        "usage": a.usage,
+        "currency": a.currency,
+        "iban": a.iban,
+        "bic": a.bic,
+        "number": a.number,
+        "status": "deleted" if a.deleted else "disabled" if a.disabled else "active",
+        "balance": a.balance,
+        "coming": a.coming,
+        "powens_last_update": a.last_update,
+    }
 
 
 def register_new_accounts(
@@ -69,21 +88,10 @@ def register_new_accounts(
                     powens_user_pk=user_pk,
                     connection_id=conn_id,
                     external_id=a.id,
-                    name=a.name,
-                    original_name=a.original_name,
-                    account_type=a.type,
-                    usage=a.usage,
-                    currency=a.currency,
-                    iban=a.iban,
-                    bic=a.bic,
-                    number=a.number,
-                    status="deleted" if a.deleted else "disabled" if a.disabled else "active",
-                    balance=a.balance,
-                    coming=a.coming,
-                    powens_last_update=a.last_update,
                     last_synced_at=now,
                     created_at=now,
                     updated_at=now,
+                    **account_fields(a),
                 )
             )
             created += 1
