@@ -718,11 +718,21 @@ def demo_cmd(
 
 
 def main() -> None:
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
     try:
         cli()
     except ConfigError as exc:
         err.print(f"[red]configuration error:[/] {exc}")
         sys.exit(EXIT_USAGE)
+    except (OperationalError, ProgrammingError) as exc:
+        # The DB error's text may quote the URL; say what is wrong without echoing it.
+        err.print(
+            "[red]database error:[/] the database at DATABASE_URL is unreachable or its schema is not "
+            f"current ({type(exc.orig).__name__}); run `balances db upgrade`",
+            highlight=False,
+        )
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -77,3 +77,25 @@ def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path
         assert conn.execute("SELECT count(*) FROM bank_accounts").fetchone() == (6,)
         assert conn.execute("SELECT count(*) FROM refresh_runs WHERE status = 'completed'").fetchone() == (2,)
         assert conn.execute("SELECT count(*) FROM refresh_runs WHERE status = 'completed'").fetchone() == (2,)
+
+
+def test_an_unmigrated_or_unreachable_database_is_a_clear_error_without_the_url(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BALANCES_", "POWENS_", "CELERY_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    for url in (None, "postgresql+psycopg://nobody:s3cretpw@127.0.0.1:1/x"):
+        if url:
+            env["DATABASE_URL"] = url
+        else:
+            env.pop("DATABASE_URL", None)
+        proc = subprocess.run(
+            [sys.executable, "-m", "app.cli", "--as", "bob", "show", "--tenant", "t"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 1
+        assert "balances db upgrade" in " ".join(proc.stderr.split())
+        assert "s3cretpw" not in proc.stdout + proc.stderr
