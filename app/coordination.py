@@ -113,8 +113,12 @@ class RedisCoordinator:
                 return _unpack(raw)
             me = uuid.uuid4().hex
             if self.r.set(lock_key, me, nx=True, px=int(wait * 1000)):
+                # The answer is stored before the lock goes, or a waiter could find neither and
+                # read Powens a second time.
                 try:
                     value = fetch()
+                    self.r.set(data_key, dumps(value), ex=ttl)
+                    return value
                 except RefreshError as err:
                     # Waiters fail the same way instead of stampeding a failing Powens; short-lived.
                     self.r.set(data_key, _pack_error(err), px=1000)
@@ -122,8 +126,6 @@ class RedisCoordinator:
                 finally:
                     if self.r.get(lock_key) == me.encode():
                         self.r.delete(lock_key)
-                self.r.set(data_key, dumps(value), ex=ttl)
-                return value
             if time.monotonic() > deadline:
                 raise RefreshError(Reason.PROVIDER_UNAVAILABLE, "timed out waiting for a shared Powens read")
             time.sleep(0.02)

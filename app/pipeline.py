@@ -178,12 +178,14 @@ def record_item(session: Session, run_id: str, account_id: str, status: str, rea
     )
     if not changed:
         return False
-    tenant_id = session.scalar(
-        select(RunItem.tenant_id).where(RunItem.run_id == run_id, RunItem.account_id == account_id)
+    item_tenant = (
+        select(RunItem.tenant_id)
+        .where(RunItem.run_id == run_id, RunItem.account_id == account_id)
+        .scalar_subquery()
     )
     session.execute(
         update(RunTenant)
-        .where(RunTenant.run_id == run_id, RunTenant.tenant_id == tenant_id)
+        .where(RunTenant.run_id == run_id, RunTenant.tenant_id == item_tenant)
         .values(remaining=RunTenant.remaining - 1)
     )
     return True

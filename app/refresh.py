@@ -236,29 +236,27 @@ def _refresh(
     settings = deps.settings
     errors: list[str] = []
     started = deps.clock()
-    with session_scope(settings) as session:
-        ctx = repo.find_account(session, inp.tenantId, inp.accountId)
-        if ctx is None:
-            raise NotFound(f"account {inp.accountId!r} not found for tenant {inp.tenantId!r}")
-        if inp.connectionId is not None and inp.connectionId != ctx.connection.id:
-            raise NotFound(f"account {inp.accountId!r} not found in connection {inp.connectionId!r}")
-        if ctx.account.status == "deleted":
-            raise NotFound(f"account {inp.accountId!r} was deleted at Powens")
-        token = TokenCipher.from_settings(settings).decrypt(ctx.user.token_encrypted)
-        powens_user_id = ctx.user.powens_user_id
-        user_pk = ctx.user.id
-        account_external_id = ctx.account.external_id
-        connection_id = ctx.connection.id
-        connection_external_id = ctx.connection.external_id
-
     # Single flight per account: a concurrent refresh of the same account (on-demand and scheduled at
     # once) waits here, then takes the fresh result instead of reading Powens again.
     with deps.coord.account_lock(
         inp.accountId, ttl=settings.powens_call_budget, wait=settings.lock_wait_seconds
     ):
         with session_scope(settings) as session:
-            acc = session.get(BankAccount, inp.accountId)
-            fresh = acc is not None and acc.last_refreshed_at is not None and acc.last_refreshed_at >= started
+            ctx = repo.find_account(session, inp.tenantId, inp.accountId)
+            if ctx is None:
+                raise NotFound(f"account {inp.accountId!r} not found for tenant {inp.tenantId!r}")
+            if inp.connectionId is not None and inp.connectionId != ctx.connection.id:
+                raise NotFound(f"account {inp.accountId!r} not found in connection {inp.connectionId!r}")
+            if ctx.account.status == "deleted":
+                raise NotFound(f"account {inp.accountId!r} was deleted at Powens")
+            token = TokenCipher.from_settings(settings).decrypt(ctx.user.token_encrypted)
+            powens_user_id = ctx.user.powens_user_id
+            user_pk = ctx.user.id
+            account_external_id = ctx.account.external_id
+            connection_id = ctx.connection.id
+            connection_external_id = ctx.connection.external_id
+            last = ctx.account.last_refreshed_at
+            fresh = last is not None and last >= started
         if fresh:
             errors.append("coalesced with a concurrent refresh of this account; its result is returned")
             return _store(deps, inp, actor, trigger, attempt, None, [], errors, None, started)
