@@ -42,8 +42,6 @@ from app.store.secrets import TokenCipher
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_BALANCE_TYPES = ("current", "uncleared")
-
 
 class Trigger(StrEnum):
     SCHEDULED = "scheduled"

@@ -6,7 +6,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 from prometheus_client import REGISTRY
@@ -65,10 +64,6 @@ def telemetry_events(caplog_records: Iterable[Any]) -> list[dict[str, Any]]:
     from app.jsonio import loads
 
     return [loads(r.getMessage()) for r in caplog_records if r.name == "openbanking.telemetry"]
-
-
-def money(text: str) -> Decimal:
-    return Decimal(text)
 
 
 def sum_scrape(body: str, name: str) -> float:

@@ -12,10 +12,16 @@ from pathlib import Path
 from tests.e2e import ROOT
 
 
-def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path) -> None:
+def no_service_env() -> dict[str, str]:
+    """This environment less every setting of ours: what a new user's shell has."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BALANCES_", "POWENS_", "CELERY_"))}
     env.pop("DATABASE_URL", None)
     env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path) -> None:
+    env = no_service_env()
     # Nothing may need Redis: point coordination at a closed port to prove it is never dialled.
     env["BALANCES_REDIS_URL"] = "redis://127.0.0.1:9/0"
     proc = subprocess.run(
@@ -80,8 +86,7 @@ def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path
 
 
 def test_an_unmigrated_or_unreachable_database_is_a_clear_error_without_the_url(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BALANCES_", "POWENS_", "CELERY_"))}
-    env["PYTHONPATH"] = str(ROOT)
+    env = no_service_env()
     for url in (None, "postgresql+psycopg://nobody:s3cretpw@127.0.0.1:1/x"):
         if url:
             env["DATABASE_URL"] = url

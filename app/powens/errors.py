@@ -26,7 +26,6 @@ USER_ACTION_STATES = frozenset(
     )
 )
 TRANSIENT_STATES = frozenset(s.lower() for s in ("validating", "rateLimiting", "websiteUnavailable", "bug"))
-PERMANENT_STATES = frozenset({"notsupported"})
 
 _CODE_REASONS: dict[str, Reason] = {
     "toomanysync": Reason.RATE_LIMITED,

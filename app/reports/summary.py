@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -145,12 +145,3 @@ def latest_summary(session: Session, tenant_id: str, run_id: str | None = None) 
         stmt = stmt.where(TenantSummary.run_id == run_id)
     payload = session.scalar(stmt.order_by(TenantSummary.created_at.desc(), TenantSummary.id.desc()).limit(1))
     return dict(payload) if payload is not None else None
-
-
-def count_summaries(session: Session, run_id: str) -> int:
-    from app.store.models import TenantSummary
-
-    return int(
-        session.scalar(select(func.count()).select_from(TenantSummary).where(TenantSummary.run_id == run_id))
-        or 0
-    )
