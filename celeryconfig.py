@@ -1,6 +1,6 @@
 """Celery configuration (fixed file). Values come from app.config.Settings, never from os.environ here.
 
-Why each setting (DESIGN.md "Celery"):
+Why each setting (docs/design.md "Celery"):
 - acks_late + reject_on_worker_lost: a task whose worker dies is redelivered, not lost; the refresh is
   idempotent (one audit row per task id, conditional upserts), so redelivery writes nothing twice.
 - prefetch 1: a worker holds at most one unstarted message per process, so nothing waits behind a
@@ -9,6 +9,7 @@ Why each setting (DESIGN.md "Celery"):
   that is merely waiting for its countdown (validated in Settings).
 - queue_order_strategy=priority with `interactive` listed first: on-demand work is taken before the
   nightly flood by every worker that consumes both.
+- task_routes: one router (app.queues) places every task; no call site names a queue.
 """
 
 from datetime import timedelta
@@ -17,6 +18,8 @@ from celery.schedules import crontab, schedule
 from kombu import Queue
 
 from app.config import get_settings
+from app.queues import Queue as Q
+from app.queues import route
 
 _s = get_settings()
 
@@ -47,13 +50,11 @@ broker_transport_options = {
 }
 result_backend_transport_options = {"visibility_timeout": _s.visibility_timeout}
 
-task_queues = (
-    Queue("interactive", routing_key="interactive"),
-    Queue("refresh", routing_key="refresh"),
-    Queue("reports", routing_key="reports"),
-)
-task_default_queue = "interactive"
-task_default_routing_key = "interactive"
+# Listed in priority order: a worker drains `interactive` before `refresh`.
+task_queues = tuple(Queue(q.value, routing_key=q.value) for q in Q)
+task_routes = (route,)
+task_default_queue = Q.INTERACTIVE.value
+task_default_routing_key = Q.INTERACTIVE.value
 task_create_missing_queues = False
 
 imports = ("app.tasks",)
@@ -76,11 +77,10 @@ beat_schedule = {
     "nightly-balances-refresh": {
         "task": "balances.start_nightly_run",
         "schedule": _nightly,
-        "options": {"queue": "reports"},
     },
     "sweep-nightly-runs": {
         "task": "balances.sweep_runs",
         "schedule": _s.sweep_interval_seconds,
-        "options": {"queue": "reports", "expires": _s.sweep_interval_seconds},
+        "options": {"expires": _s.sweep_interval_seconds},
     },
 }

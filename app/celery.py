@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery, signals
 
 from app.config import get_settings
 
-app = Celery("app")
+# Every task's base (metrics, declared retry policy); a string, so it loads with the task modules.
+app = Celery("app", task_cls="app.taskbase:BalancesTask")
 app.config_from_object("celeryconfig")
 
 log = logging.getLogger(__name__)
@@ -68,3 +71,36 @@ def _beat_init(**_: Any) -> None:
     from app import exporter
 
     exporter.serve_beat_metrics(get_settings())
+
+
+def worker_argv(
+    name: str,
+    *,
+    queues: Sequence[str] = (),
+    concurrency: int = 2,
+    loglevel: str = "INFO",
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The ``celery -A app worker`` command line (tests, the benchmark): all queues unless told,
+    no gossip or mingle (they add start-up latency and chatter, and nothing here uses them)."""
+    from app.queues import Queue
+
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "app",
+        "worker",
+        "-Q",
+        ",".join(queues or [q.value for q in Queue]),
+        "-c",
+        str(concurrency),
+        "-n",
+        name,
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        loglevel,
+        *extra,
+    ]

@@ -1,13 +1,14 @@
 """Settings: the one place that reads the environment.
 
-Every other module receives a ``Settings`` (or calls :func:`get_settings`). Names of the variables
-are fixed interfaces (DESIGN.md "Environment"); the ``BALANCES_*`` tuning knobs are ours.
+Every other module receives a ``Settings`` (or calls :func:`get_settings`). The names of the variables
+are fixed interfaces (README "Configuration"); the ``BALANCES_*`` tuning knobs are ours.
 """
 
 from __future__ import annotations
 
 import re
 import tempfile
+from datetime import UTC, date, datetime
 from functools import lru_cache
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -164,6 +165,10 @@ class Settings(BaseSettings):
     @property
     def business_zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    def business_day(self, at: datetime | None = None) -> date:
+        """The business day an instant belongs to (snapshots, summaries): its date in BALANCES_TIMEZONE."""
+        return (at or datetime.now(UTC)).astimezone(self.business_zone).date()
 
     @property
     def is_sqlite(self) -> bool:

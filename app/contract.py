@@ -1,7 +1,9 @@
-"""The ContractSpec mirror of ``openbanking.balances.refresh`` v1.0.0 (../shared/CONTRACT.md).
+"""The ContractSpec mirror of ``openbanking.balances.refresh`` v1.0.0 (docs/contract.md).
 
-Field names are the contract's camelCase names, exactly. Money is ``Decimal``; the JSON writer in
-``app.jsonio`` prints it as a JSON number without binary noise.
+On the wire, field names are the contract's camelCase names, exactly (an alias generator); in Python
+they are snake_case attributes. Input from the wire is validated by alias only (``parse_input``), so
+a snake_case key is an unknown field there. Money is ``Decimal``; the JSON writer in ``app.jsonio``
+prints it as a JSON number without binary noise.
 """
 
 from __future__ import annotations
@@ -13,22 +15,26 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic.alias_generators import to_camel
 
 from app.errors import InvalidInput
 
 
 @dataclass(frozen=True)
 class OperationMeta:
+    """An operation and its policy, in ContractSpec's terms. ``policy_auth`` is an auth level:
+    ``anonymous`` (nobody is checked), ``user`` (any known actor with a role) or a role name."""
+
     key: str
     version: str
     kind: str
     description: str
-    goal: str
-    context: str
-    owners: tuple[str, ...]
-    tags: tuple[str, ...]
-    stability: str
     policy_auth: str
+    goal: str = ""
+    context: str = ""
+    owners: tuple[str, ...] = ("@platform.finance",)
+    tags: tuple[str, ...] = ()
+    stability: str = "experimental"
 
     @property
     def qualified_name(self) -> str:
@@ -48,9 +54,25 @@ REFRESH_OPERATION = OperationMeta(
     policy_auth="admin",
 )
 
-# Siblings used by the admin shell.
-GET_OPERATION_KEY = "openbanking.balances.get"
-ACCOUNTS_SYNC_OPERATION_KEY = "openbanking.accounts.sync"
+# Siblings of the same family, implemented by the admin shell.
+GET_OPERATION = OperationMeta(
+    key="openbanking.balances.get",
+    version="1.0.0",
+    kind="query",
+    description="Read the canonical balance records of a tenant's accounts (no provider call).",
+    policy_auth="user",
+    tags=("open-banking", "powens", "balances"),
+)
+ACCOUNTS_SYNC_OPERATION = OperationMeta(
+    key="openbanking.accounts.sync",
+    version="1.0.0",
+    kind="command",
+    description="Discover and refresh the list of bank accounts of a tenant's Powens users.",
+    goal="Keep the canonical account list aligned with Powens.",
+    context="Run by an operator after linking a Powens user.",
+    policy_auth="admin",
+    tags=("open-banking", "powens", "accounts"),
+)
 
 
 class TelemetryEvents:
@@ -68,22 +90,26 @@ Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_l
 BalanceType = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 Currency = Annotated[str, StringConstraints(pattern=CURRENCY_RE.pattern)]
 
-# Provider-level balance types ContractSpec knows (the field stays an open-ended string).
-KNOWN_BALANCE_TYPES = ("current", "available", "authorised", "uncleared", "credit")
-
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
 
 
 class OpenBankingRefreshBalancesInput(_Model):
-    tenantId: Id
-    accountId: Id
-    connectionId: Id | None = None
-    balanceTypes: list[BalanceType] | None = Field(default=None, max_length=16)
-    forceRefresh: bool | None = None
+    tenant_id: Id
+    account_id: Id
+    connection_id: Id | None = None
+    balance_types: list[BalanceType] | None = Field(default=None, max_length=16)
+    force_refresh: bool | None = None
 
-    @field_validator("balanceTypes")
+    @field_validator("balance_types")
     @classmethod
     def _dedupe(cls, v: list[str] | None) -> list[str] | None:
         if v is None:
@@ -97,61 +123,64 @@ class AccountBalanceRecord(_Model):
     """Canonical balance snapshot computed from Powens balance payloads."""
 
     id: Id
-    accountId: Id
-    tenantId: Id
-    connectionId: Id
-    balanceType: BalanceType
-    currentBalance: Decimal
-    availableBalance: Decimal | None = None
+    account_id: Id
+    tenant_id: Id
+    connection_id: Id
+    balance_type: BalanceType
+    current_balance: Decimal
+    available_balance: Decimal | None = None
     currency: Currency
-    lastUpdatedAt: datetime
-    createdAt: datetime
+    last_updated_at: datetime
+    created_at: datetime
     metadata: dict[str, Any] | None = None
 
 
 class OpenBankingRefreshBalancesOutput(_Model):
     balances: list[AccountBalanceRecord]
-    refreshedAt: datetime
+    refreshed_at: datetime
     errors: list[str] | None = None
 
 
 class OpenBankingGetBalancesOutput(_Model):
     balances: list[AccountBalanceRecord]
-    asOf: datetime | None = None
+    as_of: datetime | None = None
+
+
+NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 
 
 class BankAccountRecord(_Model):
     id: Id
-    tenantId: Id
-    userId: Id
-    connectionId: Id
-    externalId: Annotated[str, StringConstraints(min_length=1)]
-    institutionId: Annotated[str, StringConstraints(min_length=1)]
-    institutionName: Annotated[str, StringConstraints(min_length=1)]
-    accountType: Annotated[str, StringConstraints(min_length=1)]
-    displayName: Annotated[str, StringConstraints(min_length=1)]
+    tenant_id: Id
+    user_id: Id
+    connection_id: Id
+    external_id: NonEmpty
+    institution_id: NonEmpty
+    institution_name: NonEmpty
+    account_type: NonEmpty
+    display_name: NonEmpty
     currency: Currency
-    lastSyncedAt: datetime
-    createdAt: datetime
-    updatedAt: datetime
-    institutionLogoUrl: str | None = None
+    last_synced_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    institution_logo_url: str | None = None
     iban: str | None = None
     bic: str | None = None
-    accountNumberMasked: str | None = None
-    productCode: str | None = None
+    account_number_masked: str | None = None
+    product_code: str | None = None
     balance: Decimal | None = None
-    availableBalance: Decimal | None = None
+    available_balance: Decimal | None = None
     metadata: dict[str, Any] | None = None
 
 
 def parse_input(raw: object) -> OpenBankingRefreshBalancesInput:
-    """Validate contract input; the error names each offending field."""
+    """Validate contract input from the wire (camelCase only); the error names each offending field."""
     if isinstance(raw, OpenBankingRefreshBalancesInput):
         return raw
     from pydantic import ValidationError
 
     try:
-        return OpenBankingRefreshBalancesInput.model_validate(raw)
+        return OpenBankingRefreshBalancesInput.model_validate(raw, by_alias=True, by_name=False)
     except ValidationError as exc:
         parts = []
         for err in exc.errors():

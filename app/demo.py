@@ -1,20 +1,18 @@
 """``balances demo``: the whole refresh path on one machine with no services.
 
 A Powens sandbox runs on loopback; tenants are seeded through the real Powens calls (``/auth/init``,
-connections, accounts); every account is refreshed through the same task and handler code a worker
-runs. With no ``CELERY_BROKER_URL`` in the environment, tasks run in this process (Celery ``apply``);
-with one, a real ``celery -A app worker`` is started and tasks go through the broker. ``DATABASE_URL``
-is used when set, else the embedded SQLite file.
+connections, accounts); every account is refreshed by the same task and handler a worker runs, on a
+Celery worker embedded in this process (a thread). With no ``CELERY_BROKER_URL`` in the environment the
+broker is Celery's in-memory transport and coordination stays in this process; with one, that broker
+is used. ``DATABASE_URL`` is used when set, else the embedded SQLite file.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import time
-import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,12 +21,12 @@ from rich.console import Console
 from rich.table import Table
 
 from app.config import Settings, load_settings, use_settings
-from app.errors import RefreshError
 from app.policy import ADMIN
 from app.powens.sandbox import Sandbox, SandboxState
 
 DEMO_ACTOR = "demo-admin"
 TENANTS = ("demo-acme", "demo-globex", "demo-initech", "demo-umbrella", "demo-hooli")
+IN_MEMORY_BROKER = "memory://localhost/"
 
 
 @dataclass
@@ -51,9 +49,12 @@ def _demo_settings(sandbox: Sandbox) -> Settings:
         "retry_base_seconds": 0.2,
         "retry_cap_seconds": 2.0,
         "metrics_port": 0,
+        "log_level": "WARNING",
     }
     if "celery_broker_url" not in base.model_fields_set:
-        # No services: coordination (locks, shared reads, rate limit) stays inside this process.
+        # No services: an in-memory broker, and coordination (locks, shared reads, rate limit) inside
+        # this process.
+        overrides["celery_broker_url"] = IN_MEMORY_BROKER
         overrides["coordination"] = "local"
         overrides["powens_rate_limit"] = 0
     if base.encryption_key is None:
@@ -82,31 +83,74 @@ def run_demo(tenants: int = 3, console: Console | None = None) -> int:
             use_settings(None)
 
 
+@contextmanager
+def embedded_worker(settings: Settings) -> Iterator[None]:
+    """A Celery worker on a thread of this process, consuming every queue of the service."""
+    import threading
+
+    from celery.contrib.testing.worker import TestWorkController, setup_app_for_worker
+    from celery.worker import state as worker_state
+
+    from app.celery import app
+
+    app.conf.broker_url = settings.celery_broker_url
+    if settings.celery_broker_url == IN_MEMORY_BROKER:
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "polling_interval": 0.02,
+        }
+    # One thread: SQLite takes one writer at a time, and the demo is small.
+    setup_app_for_worker(app, "WARNING", None)
+    worker = TestWorkController(
+        app=app,
+        pool="threads",
+        concurrency=1,
+        loglevel="WARNING",
+        logfile=None,
+        ready_callback=None,
+        without_heartbeat=True,
+        without_mingle=True,
+        without_gossip=True,
+    )
+    thread = threading.Thread(target=worker.start, name="demo-worker", daemon=True)
+    thread.start()
+    worker.ensure_started()
+    # The worker set up logging (JSON on stderr); the demo's telemetry stays quiet.
+    logging.getLogger("openbanking.telemetry").setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        # Warm shutdown at the consumer's next poll (up to two 2-second polls). Every task the demo
+        # waited for has committed; the thread is a daemon, so the demo does not wait for it.
+        worker_state.should_terminate = 0
+        thread.join(0.2)
+
+
 def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console, started: float) -> int:
     from app.accounts import link_powens_user, sync_accounts
+    from app.admin import add_tenant, grant
+    from app.deps import Deps
     from app.policy import Actor
-    from app.powens.client import get_client
+    from app.powens.client import build_client
     from app.powens.sandbox import admin_call
-    from app.refresh import Deps, outcome_for_task
     from app.store import repo
     from app.store.db import session_scope
     from app.store.migrate import upgrade
+    from app.store.states import AccountStatus
 
-    broker_mode = "celery_broker_url" in load_settings().model_fields_set
+    in_memory = settings.celery_broker_url == IN_MEMORY_BROKER
     where = settings.database_url.split("@")[-1] if not settings.is_sqlite else settings.database_url
     console.print(f"[bold]balances demo[/] — Powens sandbox at {sandbox.base_url}, database {where}")
     upgrade(settings)
-    now = datetime.now(UTC)
-    with session_scope(settings) as session:
-        repo.grant_role(session, DEMO_ACTOR, ADMIN, now)
+    grant(settings, DEMO_ACTOR, ADMIN)
     actor = Actor(DEMO_ACTOR, frozenset({ADMIN}))
-    deps = Deps.default(settings)
-    client = get_client(settings)
+    deps = Deps(settings)
+    client = build_client(settings)
+    now = datetime.now(UTC)
 
     accounts: list[tuple[str, str, str]] = []
     for tenant_id in TENANTS[:n_tenants]:
-        with session_scope(settings) as session:
-            repo.add_tenant(session, tenant_id, tenant_id.replace("demo-", "").title(), now)
+        add_tenant(settings, tenant_id, tenant_id.replace("demo-", "").title())
         id_user, token = client.init_user("demo-client", "demo-secret")
         link_powens_user(settings, tenant_id, id_user, token, now)
         result = sync_accounts(tenant_id, actor, deps)
@@ -115,7 +159,7 @@ def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console,
         )
         with session_scope(settings) as session:
             for acc, _conn, user in repo.list_accounts(session, tenant_id):
-                if user.powens_user_id == id_user and acc.status == "active":
+                if user.powens_user_id == id_user and acc.status == AccountStatus.ACTIVE:
                     accounts.append((tenant_id, acc.id, acc.name))
 
     # Faults, so the demo shows what operators will see: one transient 503 (retried, then fine) and one
@@ -136,111 +180,63 @@ def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console,
             )
             faults[last[1]] = "bank asks for SCA"
 
-    worker = _start_worker(settings) if broker_mode else None
-    try:
-        task_ids = _refresh_all(accounts, broker_mode)
-        rows: list[Row] = []
-        deadline = time.monotonic() + 120
-        for (tenant_id, account_id, name), task_id in zip(accounts, task_ids, strict=True):
-            raw = {"tenantId": tenant_id, "accountId": account_id}
-            while True:
-                try:
-                    output = outcome_for_task(settings, task_id, raw)
-                except RefreshError as exc:
-                    rows.append(
-                        Row(tenant_id, account_id, name, f"failed: {exc.reason.value}", note=exc.message)
-                    )
-                    break
-                if output is not None:
-                    cur = next(b for b in output.balances if b.balanceType == "current")
-                    rows.append(
-                        Row(
-                            tenant_id,
-                            account_id,
-                            name,
-                            "refreshed",
-                            cur.currentBalance,
-                            cur.availableBalance,
-                            cur.currency,
-                            "; ".join(output.errors or []),
-                        )
-                    )
-                    break
-                if time.monotonic() > deadline:
-                    rows.append(Row(tenant_id, account_id, name, "no outcome (is the worker up?)"))
-                    break
-                time.sleep(0.1)
-
+    with embedded_worker(settings):
+        rows = _refresh_all(settings, accounts)
         _print(console, rows, faults)
         stats = sandbox.state.stats()
         ok = sum(r.outcome == "refreshed" for r in rows)
+        how = "tasks run in-process" if in_memory else "tasks through the configured broker"
         console.print(
             f"{ok} of {len(rows)} accounts refreshed, {len(rows) - ok} failed; "
             f"{stats['total']} Powens calls; {time.perf_counter() - started:.2f}s "
-            f"({'celery worker via broker' if broker_mode else 'tasks run in-process'})"
+            f"({how}, on an embedded celery worker)"
         )
-        nightly_ok = _nightly(settings, sandbox, console, [t for t in TENANTS[:n_tenants]], broker_mode)
-    finally:
-        if worker is not None:
-            worker.terminate()
-            worker.wait(timeout=30)
+        nightly_ok = _nightly(settings, sandbox, console, list(TENANTS[:n_tenants]))
     console.print("Canonical records: [bold]balances show --tenant demo-acme[/] (same database).")
     return 0 if ok > 0 and nightly_ok else 1
 
 
-def _refresh_all(accounts: list[tuple[str, str, str]], broker_mode: bool) -> list[str]:
-    from app.refresh import Trigger
-    from app.tasks import dispatch_refresh, refresh_account
+def _refresh_all(settings: Settings, accounts: list[tuple[str, str, str]]) -> list[Row]:
+    """Dispatch every refresh as the admin shell does, then wait for each outcome in the audit table."""
+    from app.contract import OpenBankingRefreshBalancesInput
+    from app.outcomes import Failed, wait_for
+    from app.store.states import Trigger
+    from app.tasks import dispatch_refresh
 
-    ids = []
-    for tenant_id, account_id, _ in accounts:
-        raw = {"tenantId": tenant_id, "accountId": account_id}
-        task_id = str(uuid.uuid4())
-        if broker_mode:
-            dispatch_refresh(raw, DEMO_ACTOR, Trigger.ON_DEMAND, task_id=task_id)
+    task_ids = [
+        dispatch_refresh(
+            OpenBankingRefreshBalancesInput(tenant_id=tenant_id, account_id=account_id),
+            DEMO_ACTOR,
+            Trigger.ON_DEMAND,
+        )
+        for tenant_id, account_id, _ in accounts
+    ]
+    rows: list[Row] = []
+    deadline = time.monotonic() + 120
+    for (tenant_id, account_id, name), task_id in zip(accounts, task_ids, strict=True):
+        outcome = wait_for(settings, task_id, None, timeout=max(0.0, deadline - time.monotonic()), poll=0.05)
+        if outcome is None:
+            rows.append(Row(tenant_id, account_id, name, "no outcome (is the worker up?)"))
+        elif isinstance(outcome, Failed):
+            err = outcome.error
+            rows.append(Row(tenant_id, account_id, name, f"failed: {err.reason.value}", note=err.message))
         else:
-            refresh_account.apply(args=(raw, DEMO_ACTOR, Trigger.ON_DEMAND.value), task_id=task_id)
-        ids.append(task_id)
-    return ids
-
-
-def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "DATABASE_URL": settings.database_url,
-            "POWENS_BASE_URL": settings.powens_base_url,
-            "BALANCES_ENCRYPTION_KEY": settings.encryption_key.get_secret_value()
-            if settings.encryption_key
-            else "",
-            "BALANCES_RETRY_BASE_SECONDS": str(settings.retry_base_seconds),
-            "BALANCES_RETRY_CAP_SECONDS": str(settings.retry_cap_seconds),
-            "BALANCES_METRICS_PORT": "0",
-        }
-    )
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "app",
-            "worker",
-            "-Q",
-            "interactive,refresh,reports",
-            "-c",
-            "2",
-            "--without-gossip",
-            "--without-mingle",
-            "-n",
-            f"demo-{uuid.uuid4().hex[:6]}@%h",
-            "--loglevel",
-            "WARNING",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+            out = outcome.output
+            cur = next(b for b in out.balances if b.balance_type == "current")
+            note = "; ".join(out.errors or [])
+            rows.append(
+                Row(
+                    tenant_id,
+                    account_id,
+                    name,
+                    "refreshed",
+                    cur.current_balance,
+                    cur.available_balance,
+                    cur.currency,
+                    note,
+                )
+            )
+    return rows
 
 
 def _print(console: Console, rows: list[Row], faults: dict[str, str]) -> None:
@@ -261,20 +257,16 @@ def _print(console: Console, rows: list[Row], faults: dict[str, str]) -> None:
     console.print(table)
 
 
-def _nightly(
-    settings: Settings, sandbox: Sandbox, console: Console, tenants: list[str], broker_mode: bool
-) -> bool:
+def _nightly(settings: Settings, sandbox: Sandbox, console: Console, tenants: list[str]) -> bool:
     """The nightly pipeline over the demo tenants: progress, then each tenant's summary and forecast."""
-    import threading
-
     from app import pipeline
-    from app.celery import app
-    from app.cli import print_forecast, print_summary, watch_run
     from app.policy import SCHEDULER
+    from app.render import print_forecast, print_summary, watch_run
     from app.reports.jobs import latest_forecasts
     from app.reports.summary import latest_summary
     from app.store.db import session_scope
-    from app.tasks import enqueue_plan, plan_nightly_run
+    from app.store.states import RunStatus, Trigger
+    from app.tasks import enqueue_plan
 
     days = _backfill_history(settings)
     if days:
@@ -284,18 +276,9 @@ def _nightly(
     console.print("[bold]nightly run[/]: every active account, then one summary and one forecast per tenant")
     sandbox.state.reset_stats()
     t0 = time.perf_counter()
-    run_id, _ = pipeline.start_run(settings, trigger="manual", actor=SCHEDULER.name)
-    worker_thread = None
-    if broker_mode:
-        enqueue_plan(run_id)
-    else:
-        app.conf.task_always_eager = True
-        worker_thread = threading.Thread(target=lambda: plan_nightly_run.apply(args=(run_id,)), daemon=True)
-        worker_thread.start()
+    run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor=SCHEDULER.name)
+    enqueue_plan(run_id)
     status = watch_run(settings, run_id, timeout=300, console=console)
-    if worker_thread is not None:
-        worker_thread.join(timeout=60)
-        app.conf.task_always_eager = False
     if status is None:
         return False
     acc = status["accounts"]
@@ -311,7 +294,7 @@ def _nightly(
             print_summary(console, summary)
         for fc in latest_forecasts(settings, tenant_id, run_id):
             print_forecast(console, fc, every=7)
-    return status["status"] == "completed"
+    return status["status"] == RunStatus.COMPLETED
 
 
 def _backfill_history(settings: Settings, days: int = 45) -> int:
@@ -321,11 +304,10 @@ def _backfill_history(settings: Settings, days: int = 45) -> int:
 
     from sqlalchemy import func, select
 
-    from app.reports.summary import business_day
     from app.store.db import session_scope
     from app.store.models import AccountBalance, BalanceSnapshot
 
-    today = business_day(settings)
+    today = settings.business_day()
     with session_scope(settings) as session:
         if session.scalar(
             select(func.count()).select_from(BalanceSnapshot).where(BalanceSnapshot.day < today)

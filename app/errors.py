@@ -1,4 +1,4 @@
-"""The closed failure taxonomy (DESIGN.md, fixed reason labels).
+"""The closed failure taxonomy (fixed reason labels: docs/design.md "Failure reasons").
 
 Errors are mapped to a reason once, at the boundary where they happen (Powens client, policy, input
 validation), and passed on as values; no layer re-interprets them.

@@ -51,8 +51,6 @@ def serve_beat_metrics(settings: Settings) -> None:
 
 
 class ServiceCollector:
-    QUEUES = ("interactive", "refresh", "reports")
-
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
@@ -70,10 +68,12 @@ class ServiceCollector:
             r = redis.Redis.from_url(
                 self.settings.celery_broker_url, socket_timeout=2, socket_connect_timeout=2
             )
-            for q in self.QUEUES:
+            from app.queues import Queue
+
+            for q in Queue:
                 # kombu's Redis transport keeps priority sub-queues as "<queue>\x06\x16<n>".
                 total = r.llen(q) + sum(r.llen(f"{q}\x06\x16{p}") for p in (3, 6, 9))
-                depth.add_metric([q], float(total))
+                depth.add_metric([q.value], float(total))
         except Exception:  # scrape must not fail because Redis is down; `up` stays 1, depth absent
             log.warning("queue depth unavailable", exc_info=True)
         yield depth
@@ -207,7 +207,7 @@ def child_exited(pid: int) -> None:
 def _restore_nightly_gauge(settings: Settings, metrics: object) -> None:
     """A restarted worker would export no nightly-success time and page someone: read it back."""
     try:
-        from app.pipeline import last_success
+        from app.store.runs import last_success
 
         when = last_success(settings)
     except Exception:  # the schema may not exist yet (before `balances db upgrade`)

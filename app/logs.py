@@ -14,7 +14,6 @@ from typing import Any
 
 from app.jsonio import dumps
 
-CONTEXT_FIELDS = ("task_id", "task_name", "run_id", "tenant_id", "account_id", "reason", "trigger", "attempt")
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 # Bearer tokens, Powens sandbox tokens, Fernet tokens, IBANs: never in a log line, whatever the code did.
 _SCRUB = [

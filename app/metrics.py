@@ -1,4 +1,4 @@
-"""Prometheus objects (fixed names, DESIGN.md "Observability") and their export.
+"""Prometheus objects (fixed names: docs/design.md "Observability"). Export: ``app.exporter``.
 
 No tenant or account id ever goes into a label: cardinality stays bounded by the taxonomy.
 Label sets known in advance are created at import with value 0, so ``rate()`` sees the first failure.
@@ -6,12 +6,24 @@ Label sets known in advance are created at import with value 0, so ``rate()`` se
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from enum import StrEnum
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from app.errors import Reason
+from app.store.states import Trigger
 
 PROVIDER = "powens"
-TRIGGERS = ("scheduled", "on_demand")
+
+
+class TaskOutcome(StrEnum):
+    """The ``outcome`` label of ``balances_task_executions_total``."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RETRIED = "retried"
+
 
 REFRESHED = Counter(
     "openbanking_balances_refreshed",
@@ -56,10 +68,28 @@ POWENS_HTTP_DURATION = Histogram(
     ["endpoint"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30),
 )
+TASK_DURATION = Histogram(
+    "balances_task_duration_seconds",
+    "Wall time of one execution of a Celery task, by task name.",
+    ["task"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 150),
+)
+TASK_OUTCOMES = Counter(
+    "balances_task_executions",
+    "Executions of Celery tasks by task name and outcome (succeeded, failed, retried).",
+    ["task", "outcome"],
+)
+
+
+def preinitialise_tasks(names: Iterable[str]) -> None:
+    for name in names:
+        TASK_DURATION.labels(task=name)
+        for outcome in TaskOutcome:
+            TASK_OUTCOMES.labels(task=name, outcome=outcome.value)
 
 
 def _preinitialise() -> None:
-    for trigger in TRIGGERS:
+    for trigger in (t.value for t in Trigger):
         REFRESHED.labels(provider=PROVIDER, trigger=trigger)
         DURATION.labels(provider=PROVIDER, trigger=trigger)
         for reason in Reason:

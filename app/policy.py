@@ -1,16 +1,23 @@
-"""Who may run what: actors, roles, and the contract's ``auth: 'admin'`` policy."""
+"""Who may run what: actors, roles, and ContractSpec's auth levels (``anonymous``, ``user``, a role).
+
+Every operation (the contract's refresh and each admin-shell command) declares its level in its
+``OperationMeta``; ``authorize`` is the one check. See docs/design.md "Authorization".
+"""
 
 from __future__ import annotations
 
 import getpass
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from app.contract import OperationMeta
+from app.contract import ID_MAX_LENGTH, OperationMeta
 from app.errors import InvalidInput, PolicyDenied
 
 ADMIN = "admin"
-ACTOR_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+ANONYMOUS = "anonymous"  # the operation checks nobody (e.g. applying migrations)
+USER = "user"  # any known actor, whatever its role
+ACTOR_NAME_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.@-]{{0,{ID_MAX_LENGTH - 1}}}$")
 SYSTEM_PREFIX = "system:"
 
 
@@ -33,7 +40,8 @@ def validate_actor_name(name: str) -> str:
     """Names a person can use with ``--as`` (``system:*`` is reserved for built-in actors)."""
     if not ACTOR_NAME_RE.match(name):
         raise InvalidInput(
-            f"actor name {name[:40]!r} is invalid: use letters, digits and _ . @ - (at most 128 characters)"
+            f"actor name {name[:40]!r} is invalid: use letters, digits and _ . @ - "
+            f"(at most {ID_MAX_LENGTH} characters)"
         )
     return name
 
@@ -45,10 +53,21 @@ def default_actor_name() -> str:
         return "unknown"
 
 
+def resolve(actor: Actor | str, roles_of: Callable[[str], frozenset[str]]) -> Actor:
+    """The actor with its roles: built-in actors as declared, others as the store says."""
+    if isinstance(actor, Actor):
+        return actor
+    if actor in BUILTIN_ACTORS:
+        return BUILTIN_ACTORS[actor]
+    return Actor(actor, roles_of(actor))
+
+
 def authorize(operation: OperationMeta, actor: Actor) -> None:
-    """Raise PolicyDenied unless the actor holds the operation's role (ContractSpec's wording)."""
-    if operation.policy_auth not in actor.roles:
-        raise PolicyDenied(
-            f'Operation "{operation.qualified_name}" requires "{operation.policy_auth}" auth level '
-            f"(actor {actor.name!r} has {', '.join(sorted(actor.roles)) or 'no role'})"
-        )
+    """Raise PolicyDenied unless the actor meets the operation's auth level (ContractSpec's wording)."""
+    level = operation.policy_auth
+    if level == ANONYMOUS or (level == USER and actor.roles) or level in actor.roles:
+        return
+    raise PolicyDenied(
+        f'Operation "{operation.qualified_name}" requires "{level}" auth level '
+        f"(actor {actor.name!r} has {', '.join(sorted(actor.roles)) or 'no role'})"
+    )

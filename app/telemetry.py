@@ -1,7 +1,8 @@
 """Telemetry events: one JSON line per event on logger ``openbanking.telemetry``, PII masked.
 
-Masking follows ContractSpec (CONTRACT.md): for the PII keys, a value of 4 characters or fewer becomes
-all ``*``, a longer one ``*`` x (len-4) + its last 4 characters, null becomes ''.
+Masking follows ContractSpec (docs/contract.md "Telemetry"): for the PII keys, a value of 4
+characters or fewer becomes all ``*``, a longer one ``*`` x (len-4) + its last 4 characters, null
+becomes ''.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import argparse
 import os
 import signal
 import subprocess
-import sys
 import time
 import tracemalloc
 import uuid
@@ -27,12 +26,15 @@ import redis
 from sqlalchemy import insert
 
 from app import pipeline
+from app.celery import worker_argv
 from app.config import load_settings, use_settings
 from app.powens.sandbox import Sandbox, SandboxState
+from app.store import runs
 from app.store.db import session_scope
 from app.store.migrate import upgrade
 from app.store.models import BankAccount, BankConnection, PowensUser, Tenant
 from app.store.secrets import TokenCipher, generate_key
+from app.store.states import Trigger
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("BALANCES_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -145,7 +147,7 @@ def bench_planning(n_accounts: int) -> None:
         t_seed = time.perf_counter() - t0
         from app.tasks import publish_fanout
 
-        run_id, _ = pipeline.start_run(settings, trigger="manual", actor="bench")
+        run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="bench")
         tracemalloc.start()
         t0 = time.perf_counter()
         planned = pipeline.plan_run(settings, run_id, publish_fanout, lambda *_: None)
@@ -203,20 +205,7 @@ def bench_run(n_accounts: int, workers: int, concurrency: int) -> None:
                 log = open(Path(tmp) / f"w{w}.log", "wb")  # noqa: SIM115 - closed with the process
                 procs.append(
                     subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "celery",
-                            "-A",
-                            "app",
-                            "worker",
-                            "-c",
-                            str(concurrency),
-                            "-n",
-                            f"bench{w}@%h",
-                            "--without-gossip",
-                            "--without-mingle",
-                        ],
+                        worker_argv(f"bench{w}@%h", concurrency=concurrency, loglevel="WARNING"),
                         cwd=ROOT,
                         env=dict(
                             env,
@@ -233,11 +222,11 @@ def bench_run(n_accounts: int, workers: int, concurrency: int) -> None:
             from app.tasks import enqueue_plan
 
             t0 = time.perf_counter()
-            run_id, _ = pipeline.start_run(settings, trigger="manual", actor="bench")
+            run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="bench")
             enqueue_plan(run_id)
             status = None
             while time.perf_counter() - t0 < 1800:
-                status = pipeline.run_status(settings, run_id)
+                status = runs.run_status(settings, run_id)
                 if status and status["status"] not in ("pending", "planning", "running"):
                     break
                 time.sleep(0.5)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import requests
 
+from app.celery import worker_argv
 from app.jsonio import loads
 from app.powens.sandbox import Sandbox
 from tests.conftest import ENCRYPTION_KEY
@@ -87,25 +88,9 @@ def run_worker(
     )
     with log.open("wb") as fh:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "app",
-                "worker",
-                "-Q",
-                queues,
-                "-c",
-                str(concurrency),
-                "-n",
-                f"{name}-{port}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--loglevel",
-                "INFO",
-                *extra_args,
-            ],
+            worker_argv(
+                f"{name}-{port}@%h", queues=queues.split(","), concurrency=concurrency, extra=extra_args
+            ),
             cwd=ROOT,
             env=wenv,
             stdout=fh,

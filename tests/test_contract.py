@@ -41,8 +41,8 @@ def test_valid_input_with_every_field() -> None:
             "forceRefresh": True,
         }
     )
-    assert inp.balanceTypes == ["current", "uncleared"]  # duplicates removed, order kept
-    assert inp.forceRefresh is True
+    assert inp.balance_types == ["current", "uncleared"]  # duplicates removed, order kept
+    assert inp.force_refresh is True
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_arbitrary_input_is_accepted_or_rejected_with_invalid_input(raw: dict[st
     except InvalidInput as exc:
         assert exc.message.startswith("invalid input: ")
     else:
-        assert 1 <= len(inp.tenantId) <= 128 and 1 <= len(inp.accountId) <= 128
+        assert 1 <= len(inp.tenant_id) <= 128 and 1 <= len(inp.account_id) <= 128
 
 
 @pytest.mark.parametrize("currency", ["eur", "EURO", "E1R", ""])

@@ -75,7 +75,7 @@ def exported_metric_names() -> set[str]:
     from prometheus_client import REGISTRY
 
     import app.metrics  # noqa: F401
-    from app.exporter import ServiceCollector
+    from app.queues import Queue  # the queues the beat's ServiceCollector measures
 
     names: set[str] = {"up"}
     for family in REGISTRY.collect():
@@ -88,7 +88,7 @@ def exported_metric_names() -> set[str]:
         else:
             names.add(family.name)
     names |= {"balances_celery_queue_length", "openbanking_connections_needing_user"}
-    assert ServiceCollector.QUEUES == ("interactive", "refresh", "reports")
+    assert tuple(q.value for q in Queue) == ("interactive", "refresh", "reports")
     # Gauges with no value yet (no sample) still exist as families.
     names |= {
         "openbanking_balances_last_success_timestamp_seconds",

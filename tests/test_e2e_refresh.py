@@ -169,10 +169,10 @@ def test_no_wait_prints_the_task_id_and_show_reads_the_store(
     assert len(task_id) == 36
     import time
 
-    from app.refresh import outcome_for_task
+    from app.outcomes import outcome_for_task
 
     deadline = time.monotonic() + 60
-    while (out := outcome_for_task(settings, task_id, {})) is None:
+    while (out := outcome_for_task(settings, task_id)) is None:
         assert time.monotonic() < deadline, "no outcome"
         time.sleep(0.1)
     shown = run_cli(worker.env, "--as", "alice", "show", "--tenant", "e2e-nowait", "--json")

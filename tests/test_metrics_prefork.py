@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
+from app.outcomes import outcome_for_task
 from app.powens.sandbox import Sandbox
-from app.refresh import outcome_for_task
 from tests.e2e import Worker, run_worker, service_env
 from tests.helpers import seed_tenant, sum_scrape
 
@@ -32,7 +32,8 @@ def test_one_scrape_counts_every_refresh_of_every_child_even_after_recycling(
 ) -> None:
     import time
 
-    from app.refresh import Trigger
+    from app.contract import OpenBankingRefreshBalancesInput
+    from app.store.states import Trigger
     from app.tasks import app, dispatch_refresh
 
     app.conf.broker_url = recycling_worker.env["CELERY_BROKER_URL"]
@@ -51,12 +52,15 @@ def test_one_scrape_counts_every_refresh_of_every_child_even_after_recycling(
         acc = t.account_ids[i % 3]
         ids.append(
             dispatch_refresh(
-                {"tenantId": "m-1", "accountId": acc}, "alice", Trigger.ON_DEMAND, task_id=str(uuid.uuid4())
+                OpenBankingRefreshBalancesInput(tenant_id="m-1", account_id=acc),
+                "alice",
+                Trigger.ON_DEMAND,
+                task_id=str(uuid.uuid4()),
             )
         )
     deadline = time.monotonic() + 90
     for task_id in ids:
-        while outcome_for_task(settings, task_id, {}) is None:
+        while outcome_for_task(settings, task_id) is None:
             assert time.monotonic() < deadline
             time.sleep(0.1)
     time.sleep(0.5)  # let the last children finish exiting (their files are folded at scrape time)

@@ -21,11 +21,12 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from app import pipeline
 from app.config import Settings
+from app.deps import Deps
+from app.outcomes import Attempt
 from app.powens.sandbox import Sandbox
-from app.refresh import Attempt, Deps, Trigger, refresh_balances
-from app.store import repo
+from app.refresh import refresh_balances
+from app.store import repo, runs
 from app.store.db import session_scope
 from app.store.models import (
     AccountBalance,
@@ -36,6 +37,7 @@ from app.store.models import (
     RunItem,
     TenantSummary,
 )
+from app.store.states import Trigger
 from tests.e2e import ROOT, free_port, run_cli, run_worker, service_env
 from tests.helpers import seed_tenant
 
@@ -69,7 +71,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 90, what: str = "con
 
 
 def finished(settings: Settings, run_id: str) -> dict[str, Any] | None:
-    status = pipeline.run_status(settings, run_id)
+    status = runs.run_status(settings, run_id)
     return status if status and status["status"] not in ("pending", "planning", "running") else None
 
 
@@ -115,7 +117,7 @@ def test_a_run_with_failures_still_summarises_and_forecasts_every_tenant_exactly
         # The failed accounts kept their previous balances.
         for acc, out in before.items():
             kept = {r.balance_type: r.current_balance for r in repo.latest_balances(s, "p-sca", acc)}
-            assert kept == {b.balanceType: b.currentBalance for b in out.balances}
+            assert kept == {b.balance_type: b.current_balance for b in out.balances}
         sca_summary = s.scalar(
             select(TenantSummary.payload).where(
                 TenantSummary.run_id == run_id, TenantSummary.tenant_id == "p-sca"
@@ -228,14 +230,14 @@ def test_a_worker_killed_mid_run_still_completes_without_duplicate_snapshots(
         run_id = start_run(env)
 
         def some_done() -> bool:
-            st = pipeline.run_status(settings, run_id)
+            st = runs.run_status(settings, run_id)
             return bool(st and st["accounts"]["succeeded"] >= 2)
 
         wait_for(some_done, 60, "first refreshes")
         os.killpg(doomed.proc.pid, signal.SIGKILL)  # parent and pool children, no warm shutdown
         doomed.proc.wait()
     sandbox.state.knobs.latency_ms = 0
-    assert pipeline.run_status(settings, run_id)["status"] == "running"  # type: ignore[index]
+    assert runs.run_status(settings, run_id)["status"] == "running"  # type: ignore[index]
 
     with run_worker(env, tmp_path / "w2.log"):
 

@@ -10,13 +10,16 @@ import pytest
 from sqlalchemy import func, select
 
 from app.config import Settings
+from app.deps import Deps
 from app.errors import Reason, RefreshError
+from app.outcomes import Attempt, RetryLater
 from app.policy import SCHEDULER
 from app.powens.sandbox import Sandbox
-from app.refresh import Attempt, Deps, RetryLater, Trigger, check_policy, refresh_balances
+from app.refresh import check_policy, refresh_balances
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BalanceSnapshot, ForcedSync, RefreshAttempt
+from app.store.states import Trigger
 from tests.helpers import failed_total, refreshed_total, seed_tenant, telemetry_events
 
 
@@ -41,13 +44,13 @@ def test_success_writes_latest_records_snapshot_and_audit(
 
     out = refresh_balances(_inp("t-ok", acc_id), "alice", Trigger.ON_DEMAND)
 
-    by_type = {b.balanceType: b for b in out.balances}
+    by_type = {b.balance_type: b for b in out.balances}
     assert set(by_type) == {"current", "uncleared"}
-    assert by_type["current"].currentBalance == Decimal("1000.10")
-    assert by_type["current"].availableBalance == Decimal("999.90")
-    assert by_type["uncleared"].currentBalance == Decimal("-0.20")
-    assert by_type["current"].tenantId == "t-ok" and by_type["current"].currency == sacc.currency
-    assert by_type["current"].lastUpdatedAt == sacc.last_update
+    assert by_type["current"].current_balance == Decimal("1000.10")
+    assert by_type["current"].available_balance == Decimal("999.90")
+    assert by_type["uncleared"].current_balance == Decimal("-0.20")
+    assert by_type["current"].tenant_id == "t-ok" and by_type["current"].currency == sacc.currency
+    assert by_type["current"].last_updated_at == sacc.last_update
     assert by_type["current"].metadata and by_type["current"].metadata["powensAccountId"] == sacc.id
     with session_scope(settings) as s:
         assert s.scalar(select(func.count()).select_from(AccountBalance)) == 2
@@ -80,7 +83,7 @@ def test_balance_types_filter_only_refreshes_those_types(settings: Settings, san
     acc_id = t.account_ids[0]
     t.user.accounts[t.external[acc_id]].coming = Decimal("-5")
     out = refresh_balances(_inp("t-filter", acc_id, balanceTypes=["current", "credit"]), "alice", "on_demand")
-    assert [b.balanceType for b in out.balances] == ["current"]
+    assert [b.balance_type for b in out.balances] == ["current"]
     assert out.errors and "'credit' is not provided" in out.errors[0]
     with session_scope(settings) as s:
         assert [b.balance_type for b in repo.latest_balances(s, "t-filter", acc_id)] == ["current"]
@@ -178,8 +181,8 @@ def test_older_powens_data_never_replaces_a_newer_record(settings: Settings, san
     sacc.balance += Decimal("1")
     sacc.last_update = (sacc.last_update or datetime.now(UTC)) - timedelta(hours=3)
     out = refresh_balances(_inp("t-old", acc_id), "alice", "on_demand")
-    cur = next(b for b in out.balances if b.balanceType == "current")
-    assert cur.currentBalance == newest
+    cur = next(b for b in out.balances if b.balance_type == "current")
+    assert cur.current_balance == newest
     assert out.errors and any("older than the stored record" in e for e in out.errors)
 
 

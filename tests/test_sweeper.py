@@ -10,8 +10,10 @@ from app import pipeline
 from app.config import Settings
 from app.powens.sandbox import Sandbox
 from app.reports import jobs
+from app.store import runs
 from app.store.db import session_scope
 from app.store.models import RefreshRun, RunItem, RunTenant
+from app.store.states import Trigger
 from tests.helpers import seed_tenant
 
 
@@ -51,7 +53,7 @@ def test_planning_writes_each_item_once_and_tenants_without_accounts_go_straight
             )
         )
     rec = Recorder()
-    run_id, created = pipeline.start_run(settings, trigger="manual", actor="alice")
+    run_id, created = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
     assert created
     assert pipeline.plan_run(settings, run_id, rec.publish, rec.summary) == 5
     assert len(rec.published) == len({p[0] for p in rec.published}) == 5
@@ -70,8 +72,12 @@ def test_planning_writes_each_item_once_and_tenants_without_accounts_go_straight
 
 
 def test_a_scheduled_tick_seen_twice_is_one_run(settings: Settings) -> None:
-    a, created_a = pipeline.start_run(settings, trigger="scheduled", actor="system:scheduler", tick="cron:x")
-    b, created_b = pipeline.start_run(settings, trigger="scheduled", actor="system:scheduler", tick="cron:x")
+    a, created_a = pipeline.start_run(
+        settings, trigger=Trigger.SCHEDULED, actor="system:scheduler", tick="cron:x"
+    )
+    b, created_b = pipeline.start_run(
+        settings, trigger=Trigger.SCHEDULED, actor="system:scheduler", tick="cron:x"
+    )
     assert (a, created_a, created_b) == (b, True, False)
 
 
@@ -80,7 +86,7 @@ def test_a_planner_that_died_is_replanned_without_duplicate_items(
 ) -> None:
     seed_tenant(settings, sandbox, "s-3", accounts=2)
     rec = Recorder()
-    run_id, _ = pipeline.start_run(settings, trigger="manual", actor="alice")
+    run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
     with session_scope(settings) as s:  # the planner claimed the run, then died
         s.execute(update(RefreshRun).where(RefreshRun.id == run_id).values(status="planning"))
     now = datetime.now(UTC) + timedelta(seconds=settings.run_grace_seconds + 1)
@@ -96,7 +102,7 @@ def test_lost_refreshes_are_redispatched_once_then_marked_stale_and_the_tenant_f
 ) -> None:
     seed_tenant(settings, sandbox, "s-4", accounts=2)
     rec = Recorder()
-    run_id, _ = pipeline.start_run(settings, trigger="manual", actor="alice")
+    run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
     pipeline.plan_run(settings, run_id, rec.publish, rec.summary)
     first = list(rec.published)
     rec.published.clear()  # ... and every message was lost
@@ -115,7 +121,7 @@ def test_lost_refreshes_are_redispatched_once_then_marked_stale_and_the_tenant_f
     assert jobs.summarize_tenant(settings, run_id, "s-4")
     assert not jobs.summarize_tenant(settings, run_id, "s-4")  # exactly once
     assert jobs.forecast_tenant(settings, run_id, "s-4")
-    assert pipeline.finish_run_if_complete(settings, run_id) is not None
-    status = pipeline.run_status(settings, run_id)
+    assert runs.finish_if_complete(settings, run_id) is not None
+    status = runs.run_status(settings, run_id)
     assert status is not None and status["status"] == "completed"
     assert status["accounts"]["stale"] == 2 and len(status["staleAccounts"]) == 2

@@ -35,6 +35,10 @@ EP_AUTH_RENEW = "/auth/renew"
 
 
 class PowensClient:
+    """One Powens API client. ``before_request`` (given at construction, like httpx's event hooks) is
+    called with the route template before every request: the cluster-wide rate limiter plugs in there.
+    Clients are cheap; the pooled HTTP session behind them is shared per process (``shared_session``)."""
+
     def __init__(
         self,
         base_url: str,
@@ -44,23 +48,14 @@ class PowensClient:
         read_timeout: float = 20.0,
         page_size: int = 1000,
         session: requests.Session | None = None,
-        pool_size: int = 10,
+        before_request: Callable[[str], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/") + "/"
         self.zone = zone
         self.timeout = (connect_timeout, read_timeout)
         self.page_size = page_size
-        if session is None:
-            session = requests.Session()
-            # Retries are the task's business (with backoff and accounting), never urllib3's.
-            adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
-            session.mount("https://", adapter)
-            session.mount("http://", adapter)
-            session.headers["User-Agent"] = "balances-refresh/0.1"
-            session.headers["Accept"] = "application/json"
-        self.session = session
-        # Called before every request (cluster-wide rate limiting hooks in here).
-        self.before_request: Callable[[str], None] | None = None
+        self.session = session or new_session()
+        self.before_request = before_request
 
     # -- low level ---------------------------------------------------------------------------------
 
@@ -234,29 +229,46 @@ class PowensClient:
         return str(body["access_token"])
 
 
+def new_session(pool_size: int = 10) -> requests.Session:
+    session = requests.Session()
+    # Retries are the task's business (with backoff and accounting), never urllib3's.
+    adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.headers["User-Agent"] = "balances-refresh/0.1"
+    session.headers["Accept"] = "application/json"
+    return session
+
+
 _lock = threading.Lock()
-_client: PowensClient | None = None
-_client_key: tuple[int, str] | None = None
+_session: requests.Session | None = None
+_session_pid: int | None = None
 
 
-def get_client(settings: Settings) -> PowensClient:
-    """The process's client. A forked child builds its own: a pooled socket must not cross fork."""
-    global _client, _client_key
-    key = (os.getpid(), settings.powens_base_url)
+def shared_session() -> requests.Session:
+    """The process's pooled session. A forked child builds its own: a pooled socket must not cross
+    fork."""
+    global _session, _session_pid
     with _lock:
-        if _client is None or _client_key != key:
-            _client = PowensClient(
-                settings.powens_base_url,
-                zone=settings.powens_zone,
-                connect_timeout=settings.powens_connect_timeout,
-                read_timeout=settings.powens_read_timeout,
-                page_size=settings.powens_page_size,
-            )
-            _client_key = key
-        return _client
+        if _session is None or _session_pid != os.getpid():
+            _session, _session_pid = new_session(), os.getpid()
+        return _session
+
+
+def build_client(settings: Settings, before_request: Callable[[str], None] | None = None) -> PowensClient:
+    return PowensClient(
+        settings.powens_base_url,
+        zone=settings.powens_zone,
+        connect_timeout=settings.powens_connect_timeout,
+        read_timeout=settings.powens_read_timeout,
+        page_size=settings.powens_page_size,
+        session=shared_session(),
+        before_request=before_request,
+    )
 
 
 def reset_client() -> None:
-    global _client, _client_key
+    """After fork: forget the parent's session."""
+    global _session, _session_pid
     with _lock:
-        _client, _client_key = None, None
+        _session, _session_pid = None, None

@@ -12,7 +12,7 @@ from typing import Any
 
 from app.errors import Reason, RefreshError
 
-# Connection states (POWENS.md "Syncing with the bank"), lower-cased.
+# Connection states (docs/powens.md "Syncing with the bank"), lower-cased.
 USER_ACTION_STATES = frozenset(
     s.lower()
     for s in (

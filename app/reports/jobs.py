@@ -14,21 +14,22 @@ from decimal import Decimal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import pipeline
 from app.config import Settings
 from app.reports.forecast import Forecast, daily_totals, project
-from app.reports.summary import build_summary, business_day
+from app.reports.summary import active_accounts, build_summary
 from app.store.db import session_scope
-from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, CashflowForecast, TenantSummary
+from app.store.models import AccountBalance, BalanceSnapshot, CashflowForecast, TenantSummary
+from app.store.runs import move_tenant
+from app.store.states import TenantStatus
 
 log = logging.getLogger(__name__)
 
 
 def summarize_tenant(settings: Settings, run_id: str, tenant_id: str, day: date | None = None) -> bool:
     """Store the summary and move the tenant to forecasting. False when already done."""
-    day = day or business_day(settings)
+    day = day or settings.business_day()
     with session_scope(settings) as session:
-        if not pipeline.advance_tenant(session, run_id, tenant_id, "summarising", "forecasting"):
+        if not move_tenant(session, run_id, tenant_id, TenantStatus.SUMMARISING, TenantStatus.FORECASTING):
             return False
         payload = build_summary(session, settings, run_id, tenant_id, day)
         session.add(
@@ -40,7 +41,7 @@ def summarize_tenant(settings: Settings, run_id: str, tenant_id: str, day: date 
 
 def build_forecasts(session: Session, settings: Settings, tenant_id: str, day: date) -> list[Forecast]:
     start = day - timedelta(days=settings.forecast_history_days - 1)
-    active = select(BankAccount.id).where(BankAccount.tenant_id == tenant_id, BankAccount.status == "active")
+    active = active_accounts(tenant_id)
     rows = session.execute(
         select(
             BalanceSnapshot.account_id,
@@ -86,10 +87,10 @@ def build_forecasts(session: Session, settings: Settings, tenant_id: str, day: d
 
 def forecast_tenant(settings: Settings, run_id: str, tenant_id: str, day: date | None = None) -> bool:
     """Store one forecast per currency and close the tenant. False when already done."""
-    day = day or business_day(settings)
+    day = day or settings.business_day()
     now = datetime.now(UTC)
     with session_scope(settings) as session:
-        if not pipeline.advance_tenant(session, run_id, tenant_id, "forecasting", "done"):
+        if not move_tenant(session, run_id, tenant_id, TenantStatus.FORECASTING, TenantStatus.DONE):
             return False
         for fc in build_forecasts(session, settings, tenant_id, day):
             session.add(

@@ -7,25 +7,28 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import Reason
 from app.powens.errors import classify_state
+from app.powens.links import reconnect_url
 from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, BankConnection, RunItem
+from app.store.states import AccountStatus, ItemStatus
 
 
-def business_day(settings: Settings, at: datetime | None = None) -> date:
-    return (at or datetime.now(UTC)).astimezone(settings.business_zone).date()
+def active_accounts(tenant_id: str) -> Select[str]:
+    """The ids of the tenant's active accounts (a subquery): what totals and forecasts add up."""
+    return select(BankAccount.id).where(
+        BankAccount.tenant_id == tenant_id, BankAccount.status == AccountStatus.ACTIVE
+    )
 
 
 def build_summary(
     session: Session, settings: Settings, run_id: str, tenant_id: str, day: date
 ) -> dict[str, Any]:
-    from app.refresh import reconnect_url
-
-    active = select(BankAccount.id).where(BankAccount.tenant_id == tenant_id, BankAccount.status == "active")
+    active = active_accounts(tenant_id)
     latest = session.execute(
         select(
             AccountBalance.account_id,
@@ -84,13 +87,13 @@ def build_summary(
     by_reason: dict[str, int] = defaultdict(int)
     failed, stale = [], []
     for acc, status, reason, name in items:
-        if status == "succeeded":
+        if status == ItemStatus.SUCCEEDED:
             counts["refreshed"] += 1
-        elif status == "failed":
+        elif status == ItemStatus.FAILED:
             counts["failed"] += 1
             by_reason[reason or "internal"] += 1
             failed.append({"accountId": acc, "name": name, "reason": reason})
-        elif status == "stale":
+        elif status == ItemStatus.STALE:
             counts["stale"] += 1
             stale.append({"accountId": acc, "name": name})
 

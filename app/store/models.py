@@ -14,6 +14,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     Date,
     DateTime,
     Dialect,
@@ -29,6 +30,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from app.store.states import (
+    AccountStatus,
+    AttemptOutcome,
+    ItemStatus,
+    RunKind,
+    RunStatus,
+    TenantStatus,
+    Trigger,
+    check_in,
+)
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -152,6 +164,7 @@ class BankAccount(Base):
     __table_args__ = (
         UniqueConstraint("powens_user_pk", "external_id"),
         Index("ix_bank_accounts_tenant_status", "tenant_id", "status"),
+        CheckConstraint(check_in("status", AccountStatus), name="status"),
     )
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -166,8 +179,7 @@ class BankAccount(Base):
     iban: Mapped[str | None] = mapped_column(String(64), nullable=True)
     bic: Mapped[str | None] = mapped_column(String(16), nullable=True)
     number: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # active | disabled | deleted
-    status: Mapped[str] = mapped_column(String(16), default="active")
+    status: Mapped[str] = mapped_column(String(16), default=AccountStatus.ACTIVE)
     balance: Mapped[Decimal | None] = mapped_column(Money(), nullable=True)
     coming: Mapped[Decimal | None] = mapped_column(Money(), nullable=True)
     powens_last_update: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -223,6 +235,8 @@ class RefreshAttempt(Base):
     __table_args__ = (
         Index("ix_refresh_attempts_tenant_account", "tenant_id", "account_id"),
         Index("ix_refresh_attempts_run", "run_id"),
+        CheckConstraint(check_in("outcome", AttemptOutcome), name="outcome"),
+        CheckConstraint(check_in("trigger", Trigger), name="trigger"),
     )
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     task_id: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
@@ -232,7 +246,7 @@ class RefreshAttempt(Base):
     account_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     actor: Mapped[str] = mapped_column(String(128))
     trigger: Mapped[str] = mapped_column(String(16))
-    outcome: Mapped[str] = mapped_column(String(16))  # succeeded | failed
+    outcome: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=1)
@@ -245,20 +259,24 @@ class RefreshAttempt(Base):
 
 
 class RefreshRun(Base):
-    """A nightly run: a small state machine (pending → planning → running → completed | stale)."""
+    """A nightly run: a small state machine (``app.store.states.RUN_MOVES``)."""
 
     __tablename__ = "refresh_runs"
-    __table_args__ = (UniqueConstraint("tick"),)
+    __table_args__ = (
+        UniqueConstraint("tick"),
+        CheckConstraint(check_in("status", RunStatus), name="status"),
+        CheckConstraint(check_in("trigger", Trigger), name="trigger"),
+        CheckConstraint(check_in("kind", RunKind), name="kind"),
+    )
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16), default="nightly")
-    trigger: Mapped[str] = mapped_column(String(16))  # scheduled | manual
+    kind: Mapped[str] = mapped_column(String(16), default=RunKind.NIGHTLY)
+    trigger: Mapped[str] = mapped_column(String(16))
     # Scheduled runs carry their beat tick, so two beats (or a re-sent tick) make one run.
     tick: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.PENDING)
     actor: Mapped[str] = mapped_column(String(128))
     total_tenants: Mapped[int] = mapped_column(Integer, default=0)
     total_accounts: Mapped[int] = mapped_column(Integer, default=0)
-    powens_calls: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     planned_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -267,13 +285,14 @@ class RefreshRun(Base):
 
 
 class RunTenant(Base):
-    """Per tenant of a run: refreshing → summarising → forecasting → done. ``remaining`` counts the
-    accounts without a terminal outcome; the transition out of refreshing is claimed by one UPDATE."""
+    """Per tenant of a run (``TENANT_MOVES``). ``remaining`` counts the accounts without a terminal
+    outcome; the move out of refreshing is claimed by one conditional UPDATE."""
 
     __tablename__ = "run_tenants"
+    __table_args__ = (CheckConstraint(check_in("status", TenantStatus), name="status"),)
     run_id: Mapped[str] = mapped_column(ForeignKey("refresh_runs.id", ondelete="CASCADE"), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), default="refreshing")
+    status: Mapped[str] = mapped_column(String(16), default=TenantStatus.REFRESHING)
     expected: Mapped[int] = mapped_column(Integer, default=0)
     remaining: Mapped[int] = mapped_column(Integer, default=0)
     stale: Mapped[int] = mapped_column(Integer, default=0)
@@ -282,15 +301,18 @@ class RunTenant(Base):
 
 
 class RunItem(Base):
-    """One account of a run and its terminal outcome (pending | succeeded | failed | stale)."""
+    """One account of a run and its terminal outcome (``ITEM_MOVES``)."""
 
     __tablename__ = "run_items"
-    __table_args__ = (Index("ix_run_items_run_status", "run_id", "status"),)
+    __table_args__ = (
+        Index("ix_run_items_run_status", "run_id", "status"),
+        CheckConstraint(check_in("status", ItemStatus), name="status"),
+    )
     run_id: Mapped[str] = mapped_column(ForeignKey("refresh_runs.id", ondelete="CASCADE"), primary_key=True)
     account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(128))
     task_id: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING)
     reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 

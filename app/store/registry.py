@@ -1,8 +1,9 @@
-"""Registering what a Powens accounts read reveals: new accounts (and connections), deleted ones.
+"""Registering what a Powens read reveals about a user's connections and accounts: the one path.
 
-Used by the nightly shared read. It inserts what is new and flags what disappeared, and never rewrites
-an existing account or connection row: refresh transactions lock those, and a second writer of the
-same rows in another order could deadlock with them.
+Account discovery (``balances accounts sync``) updates every known row from what Powens says
+(``update_existing=True``). The nightly shared read only inserts what is new and flags what
+disappeared (``update_existing=False``): refresh transactions lock existing account rows, and a
+second writer of the same rows in another order could deadlock with them.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.powens.models import PowensAccount
-from app.store.db import session_scope
+from app.powens.models import PowensAccount, PowensConnection
 from app.store.models import BankAccount, BankConnection, PowensUser
 from app.store.repo import new_id
+from app.store.states import AccountStatus
 
 
 def account_fields(a: PowensAccount) -> dict[str, Any]:
@@ -31,62 +32,86 @@ def account_fields(a: PowensAccount) -> dict[str, Any]:
         "iban": a.iban,
         "bic": a.bic,
         "number": a.number,
-        "status": "deleted" if a.deleted else "disabled" if a.disabled else "active",
+        "status": AccountStatus.DELETED
+        if a.deleted
+        else AccountStatus.DISABLED
+        if a.disabled
+        else AccountStatus.ACTIVE,
         "balance": a.balance,
         "coming": a.coming,
         "powens_last_update": a.last_update,
     }
 
 
-def register_new_accounts(
-    settings: Settings, user_pk: int, accounts: Sequence[PowensAccount], now: datetime
+def connection_fields(c: PowensConnection) -> dict[str, Any]:
+    return {
+        "id_connector": c.id_connector,
+        "state": c.state,
+        "error_message": c.error_message,
+        "last_update": c.last_update,
+        "next_try": c.next_try,
+        "active": c.active,
+    }
+
+
+def register_accounts(
+    session: Session,
+    user_pk: int,
+    connections: Sequence[PowensConnection],
+    accounts: Sequence[PowensAccount],
+    now: datetime,
+    *,
+    update_existing: bool,
 ) -> int:
-    with session_scope(settings) as session:
-        user = session.get(PowensUser, user_pk)
-        if user is None:
-            return 0
-        known = {
-            ext: (acc_id, status)
-            for ext, acc_id, status in session.execute(
-                select(BankAccount.external_id, BankAccount.id, BankAccount.status).where(
-                    BankAccount.powens_user_pk == user_pk
-                )
-            ).all()
-        }
-        conns = dict(
-            session.execute(
-                select(BankConnection.external_id, BankConnection.id).where(
-                    BankConnection.powens_user_pk == user_pk
-                )
-            ).all()
-        )
-        created = 0
-        for a in accounts:
-            if a.id in known:
-                continue
-            conn_id = conns.get(a.id_connection)
-            if conn_id is None:
-                conn_id = new_id("con")
-                session.add(
-                    BankConnection(
-                        id=conn_id,
-                        tenant_id=user.tenant_id,
-                        powens_user_pk=user_pk,
-                        external_id=a.id_connection,
-                        state=a.error,
-                        active=True,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-                session.flush()
-                conns[a.id_connection] = conn_id
+    """Insert new connections and accounts of one Powens user (updating known ones when
+    ``update_existing``); known accounts missing from ``accounts`` are marked deleted. Returns how
+    many accounts are new."""
+    user = session.get(PowensUser, user_pk)
+    if user is None:
+        return 0
+    conns = {
+        c.external_id: c
+        for c in session.scalars(select(BankConnection).where(BankConnection.powens_user_pk == user_pk))
+    }
+    known = {
+        a.external_id: a
+        for a in session.scalars(select(BankAccount).where(BankAccount.powens_user_pk == user_pk))
+    }
+
+    def connection(external_id: int, fields: dict[str, Any]) -> BankConnection:
+        row = conns.get(external_id)
+        if row is None:
+            row = BankConnection(
+                id=new_id("con"),
+                tenant_id=user.tenant_id,
+                powens_user_pk=user_pk,
+                external_id=external_id,
+                created_at=now,
+                updated_at=now,
+                **{"active": True, **fields},
+            )
+            session.add(row)
+            session.flush()  # its accounts reference it (no ORM relationship orders the inserts)
+            conns[external_id] = row
+        elif update_existing and fields:
+            for key, value in fields.items():
+                setattr(row, key, value)
+            row.updated_at = now
+        return row
+
+    for c in connections:
+        connection(c.id, connection_fields(c))
+    created = 0
+    for a in accounts:
+        conn = connection(a.id_connection, {} if a.id_connection in conns else {"state": a.error})
+        row = known.get(a.id)
+        if row is None:
             session.add(
                 BankAccount(
                     id=new_id("acc"),
                     tenant_id=user.tenant_id,
                     powens_user_pk=user_pk,
-                    connection_id=conn_id,
+                    connection_id=conn.id,
                     external_id=a.id,
                     last_synced_at=now,
                     created_at=now,
@@ -95,12 +120,19 @@ def register_new_accounts(
                 )
             )
             created += 1
-        listed = {a.id for a in accounts}
-        gone = [
-            acc_id for ext, (acc_id, status) in known.items() if ext not in listed and status != "deleted"
-        ]
-        if gone:
-            session.execute(
-                update(BankAccount).where(BankAccount.id.in_(gone)).values(status="deleted", updated_at=now)
-            )
-        return created
+        elif update_existing:
+            row.connection_id = conn.id
+            for key, value in account_fields(a).items():
+                setattr(row, key, value)
+            row.last_synced_at = now
+            row.updated_at = now
+    listed = {a.id for a in accounts}
+    gone = [row.id for ext, row in known.items() if ext not in listed and row.status != AccountStatus.DELETED]
+    if gone:
+        session.execute(
+            update(BankAccount)
+            .where(BankAccount.id.in_(gone))
+            .values(status=AccountStatus.DELETED, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    return created

@@ -131,69 +131,6 @@ def powens_users(session: Session, tenant_id: str) -> Sequence[PowensUser]:
     ).all()
 
 
-def upsert_connection(
-    session: Session,
-    user: PowensUser,
-    external_id: int,
-    now: datetime,
-    **fields: Any,
-) -> BankConnection:
-    row = session.scalar(
-        select(BankConnection).where(
-            BankConnection.powens_user_pk == user.id, BankConnection.external_id == external_id
-        )
-    )
-    if row is None:
-        row = BankConnection(
-            id=new_id("con"),
-            tenant_id=user.tenant_id,
-            powens_user_pk=user.id,
-            external_id=external_id,
-            created_at=now,
-            updated_at=now,
-            active=True,
-        )
-        session.add(row)
-    for key, value in fields.items():
-        setattr(row, key, value)
-    row.updated_at = now
-    session.flush()
-    return row
-
-
-def upsert_account(
-    session: Session,
-    user: PowensUser,
-    connection: BankConnection,
-    external_id: int,
-    now: datetime,
-    **fields: Any,
-) -> tuple[BankAccount, bool]:
-    row = session.scalar(
-        select(BankAccount).where(
-            BankAccount.powens_user_pk == user.id, BankAccount.external_id == external_id
-        )
-    )
-    created = row is None
-    if row is None:
-        row = BankAccount(
-            id=new_id("acc"),
-            tenant_id=user.tenant_id,
-            powens_user_pk=user.id,
-            connection_id=connection.id,
-            external_id=external_id,
-            created_at=now,
-        )
-        session.add(row)
-    row.connection_id = connection.id
-    for key, value in fields.items():
-        setattr(row, key, value)
-    row.last_synced_at = now
-    row.updated_at = now
-    session.flush()
-    return row, created
-
-
 @dataclass(frozen=True)
 class AccountContext:
     account: BankAccount

@@ -1,0 +1,160 @@
+"""Administering the service: ``db upgrade``, ``tenant``, ``admin``, ``sandbox serve``, ``demo``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from app import operations as ops
+from app.cli.shell import (
+    EXIT_USAGE,
+    JsonOpt,
+    admin_cli,
+    authorized,
+    cli,
+    db_cli,
+    err,
+    fail,
+    fail_from,
+    out,
+    print_json,
+    sandbox_cli,
+    tenant_cli,
+)
+from app.errors import InvalidInput
+from app.policy import ADMIN, validate_actor_name
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the Alembic migrations to DATABASE_URL."""
+    from app.store.migrate import current_revision, upgrade
+
+    settings, _ = authorized(ops.DB_UPGRADE)
+    upgrade(settings)
+    err.print(f"database at revision {current_revision(settings)}")
+
+
+@tenant_cli.command("add")
+def tenant_add(
+    tenant_id: Annotated[str, typer.Argument(help="Tenant id (1-128 characters).")],
+    name: Annotated[str | None, typer.Option(help="Display name.")] = None,
+) -> None:
+    from app.admin import add_tenant
+
+    settings, _ = authorized(ops.TENANT_ADD)
+    try:
+        created = add_tenant(settings, tenant_id, name)
+    except InvalidInput as exc:
+        fail_from(exc, False)
+    err.print(f"tenant {tenant_id} {'added' if created else 'already exists'}")
+
+
+@tenant_cli.command("list")
+def tenant_list(json_: JsonOpt = False) -> None:
+    from app.admin import list_tenants
+
+    settings, _ = authorized(ops.TENANT_LIST, as_json=json_)
+    tenants = list_tenants(settings)
+    if json_:
+        print_json(
+            [{"id": t.id, "name": t.name, "active": t.active, "createdAt": t.created_at} for t in tenants]
+        )
+        return
+    table = Table("id", "name", "active", "created")
+    for t in tenants:
+        table.add_row(t.id, t.name, str(t.active), t.created_at.isoformat(timespec="seconds"))
+    out.print(table)
+
+
+@admin_cli.command("grant")
+def admin_grant(
+    name: Annotated[str, typer.Argument()],
+    role: Annotated[str, typer.Option(help="Role to grant.")] = ADMIN,
+) -> None:
+    from app.admin import grant
+
+    settings, _ = authorized(ops.ADMIN_GRANT)
+    try:
+        validate_actor_name(name)
+    except InvalidInput as exc:
+        fail(exc.reason, exc.message, EXIT_USAGE, as_json=False)
+    changed = grant(settings, name, role)
+    err.print(f"{name} {'now has' if changed else 'already has'} role {role}")
+
+
+@admin_cli.command("revoke")
+def admin_revoke(
+    name: Annotated[str, typer.Argument()], role: Annotated[str, typer.Option()] = ADMIN
+) -> None:
+    from app.admin import revoke
+
+    settings, _ = authorized(ops.ADMIN_REVOKE)
+    changed = revoke(settings, name, role)
+    err.print(f"{name} {'no longer has' if changed else 'did not have'} role {role}")
+
+
+@admin_cli.command("list")
+def admin_list(json_: JsonOpt = False) -> None:
+    from app.admin import list_actors
+
+    settings, _ = authorized(ops.ADMIN_LIST, as_json=json_)
+    actors = list_actors(settings)
+    if json_:
+        print_json([{"name": a.name, "roles": list(a.roles), "updatedAt": a.updated_at} for a in actors])
+        return
+    table = Table("actor", "roles", "updated")
+    for a in actors:
+        table.add_row(a.name, ", ".join(a.roles) or "-", a.updated_at.isoformat(timespec="seconds"))
+    out.print(table)
+
+
+@sandbox_cli.command("serve")
+def sandbox_serve(
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    seed: int = 42,
+    users: Annotated[int, typer.Option(help="Powens users to create at start.")] = 0,
+    latency_ms: float = 0.0,
+    fault_rate: Annotated[float, typer.Option(help="Probability of a 503 on a data call.")] = 0.0,
+    rate_limit_rate: Annotated[float, typer.Option(help="Probability of a 429 on a data call.")] = 0.0,
+    retry_after: Annotated[float, typer.Option(help="Retry-After seconds sent with a 429.")] = 1.0,
+    accounts_per_connection: int = 2,
+    connections_per_user: int = 1,
+) -> None:
+    """Serve the Powens-compatible sandbox until interrupted (admin routes under /_sandbox/)."""
+    from app.powens.sandbox import Knobs, SandboxHTTPServer, SandboxState
+
+    authorized(ops.SANDBOX_SERVE)
+    knobs = Knobs(
+        latency_ms=latency_ms,
+        fault_rate=fault_rate,
+        rate_limit_rate=rate_limit_rate,
+        retry_after=retry_after,
+        accounts_per_connection=accounts_per_connection,
+        connections_per_user=connections_per_user,
+    )
+    sstate = SandboxState(seed=seed, knobs=knobs)
+    for _ in range(users):
+        sstate.create_user()
+    server = SandboxHTTPServer((host, port), sstate)
+    err.print(f"Powens sandbox on http://{host}:{server.server_address[1]}/2.0/ (seed {seed}, {users} users)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@cli.command("demo")
+def demo_cmd(
+    tenants: Annotated[int, typer.Option(help="Demo tenants to seed.")] = 3,
+) -> None:
+    """Seed demo tenants against a local sandbox and refresh every account (no services needed)."""
+    from app.demo import run_demo
+
+    authorized(ops.DEMO)
+    raise typer.Exit(run_demo(tenants=tenants, console=out))

@@ -1,0 +1,109 @@
+"""Commands about nightly runs and their reports: ``run nightly|status|sweep``, ``summary``, ``forecast``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from app import operations as ops
+from app.cli.shell import (
+    EXIT_FAILED,
+    EXIT_TIMEOUT,
+    JsonOpt,
+    TenantOpt,
+    authorized,
+    cli,
+    err,
+    fail,
+    out,
+    print_json,
+    publish_or_fail,
+    run_cli,
+)
+from app.errors import Reason
+from app.render import print_forecast, print_status, print_summary, watch_run
+from app.store.states import RunStatus
+
+
+@run_cli.command("nightly")
+def run_nightly(
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the run id and return.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the run to finish.")] = 6 * 3600,
+    json_: JsonOpt = False,
+) -> None:
+    """Start the nightly pipeline now (refresh every active account, then summaries and forecasts)."""
+    from app import pipeline
+    from app.store.states import Trigger
+    from app.tasks import enqueue_plan
+
+    settings, actor = authorized(ops.RUN_NIGHTLY, as_json=json_)
+    run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor=actor.name)
+    publish_or_fail(lambda: enqueue_plan(run_id), as_json=json_)
+    if no_wait:
+        print_json({"runId": run_id}) if json_ else print(run_id)
+        return
+    status = watch_run(settings, run_id, timeout=timeout, console=err)
+    print_json(status) if json_ else print_status(out, err, status)
+    if status is None or status["status"] != RunStatus.COMPLETED:
+        still_open = status is not None and RunStatus(status["status"]).open
+        raise typer.Exit(EXIT_TIMEOUT if still_open else EXIT_FAILED)
+
+
+@run_cli.command("status")
+def run_status_cmd(
+    run_id: Annotated[str | None, typer.Argument(help="Run id (default: the latest).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Per-run counts, duration, failures by reason, stale accounts."""
+    from app.store.runs import run_status
+
+    settings, _ = authorized(ops.RUN_STATUS, as_json=json_)
+    status = run_status(settings, run_id)
+    if status is None:
+        fail(Reason.NOT_FOUND, f"no run {run_id or ''}".strip(), EXIT_FAILED, as_json=json_)
+    print_json(status) if json_ else print_status(out, err, status)
+
+
+@run_cli.command("sweep")
+def run_sweep(json_: JsonOpt = False) -> None:
+    """Run the sweeper once now (beat runs it every BALANCES_SWEEP_INTERVAL_SECONDS)."""
+    from app.tasks import sweep_runs
+
+    authorized(ops.RUN_SWEEP, as_json=json_)
+    report = sweep_runs.run()
+    print_json(report) if json_ else err.print(report)
+
+
+@cli.command("summary")
+def summary_cmd(
+    tenant: TenantOpt, run: Annotated[str | None, typer.Option("--run")] = None, json_: JsonOpt = False
+) -> None:
+    """The tenant's stored summary of a run (default: its latest)."""
+    from app.reports.summary import latest_summary
+    from app.store.db import session_scope
+
+    settings, _ = authorized(ops.SUMMARY, as_json=json_)
+    with session_scope(settings) as session:
+        summary = latest_summary(session, tenant, run)
+    if summary is None:
+        fail(Reason.NOT_FOUND, f"no summary for tenant {tenant!r}", EXIT_FAILED, as_json=json_)
+    print_json(summary) if json_ else print_summary(out, summary)
+
+
+@cli.command("forecast")
+def forecast_cmd(
+    tenant: TenantOpt, run: Annotated[str | None, typer.Option("--run")] = None, json_: JsonOpt = False
+) -> None:
+    """The tenant's stored cashflow forecast per currency (default: the latest run's)."""
+    from app.reports.jobs import latest_forecasts
+
+    settings, _ = authorized(ops.FORECAST, as_json=json_)
+    forecasts = latest_forecasts(settings, tenant, run)
+    if not forecasts:
+        fail(Reason.NOT_FOUND, f"no forecast for tenant {tenant!r}", EXIT_FAILED, as_json=json_)
+    if json_:
+        print_json(forecasts)
+        return
+    for fc in forecasts:
+        print_forecast(out, fc)

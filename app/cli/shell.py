@@ -1,0 +1,154 @@
+"""What every ``balances`` command shares: the typer apps, the acting actor, output, failures, and the
+one authorization step (``authorized``) that runs ``app.policy.authorize`` for the command's operation.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+
+from app.config import ConfigError, Settings, get_settings
+from app.contract import OperationMeta
+from app.errors import InvalidInput, PolicyDenied, Reason, RefreshError
+from app.jsonio import dumps
+from app.policy import ANONYMOUS, Actor, authorize, default_actor_name, validate_actor_name
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, help="Balance refresh admin shell (Powens).")
+db_cli = typer.Typer(no_args_is_help=True, help="Database schema.")
+tenant_cli = typer.Typer(no_args_is_help=True, help="Tenants.")
+powens_cli = typer.Typer(no_args_is_help=True, help="Powens users.")
+accounts_cli = typer.Typer(no_args_is_help=True, help="Bank accounts (openbanking.accounts.sync).")
+admin_cli = typer.Typer(no_args_is_help=True, help="Roles of actors (bootstrap: whoever reaches the DB).")
+sandbox_cli = typer.Typer(no_args_is_help=True, help="The local Powens-compatible sandbox server.")
+run_cli = typer.Typer(no_args_is_help=True, help="Nightly runs (the pipeline beat starts).")
+cli.add_typer(db_cli, name="db")
+cli.add_typer(tenant_cli, name="tenant")
+cli.add_typer(powens_cli, name="powens")
+cli.add_typer(accounts_cli, name="accounts")
+cli.add_typer(admin_cli, name="admin")
+cli.add_typer(sandbox_cli, name="sandbox")
+cli.add_typer(run_cli, name="run")
+
+T = TypeVar("T")
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_DENIED = 3
+EXIT_TIMEOUT = 4
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+TenantOpt = Annotated[str, typer.Option("--tenant", "-t", help="Tenant id.")]
+
+
+class State:
+    actor_name: str = ""
+
+
+state = State()
+
+
+@cli.callback()
+def main_callback(
+    as_: Annotated[str | None, typer.Option("--as", help="Act as this actor (default: the OS user).")] = None,
+) -> None:
+    name = as_ or default_actor_name()
+    from app import logs
+
+    settings = load()
+    # Structured logs (and telemetry events such as an audited denial) go to stderr; stdout stays
+    # the command's output.
+    logs.configure(
+        "WARNING" if settings.log_level.upper() == "INFO" else settings.log_level, settings.log_format
+    )
+    logging.getLogger("openbanking.telemetry").setLevel(logging.INFO)
+    try:
+        state.actor_name = validate_actor_name(name)
+    except InvalidInput as exc:
+        fail(Reason.INVALID_INPUT, exc.message, EXIT_USAGE, as_json=False)
+
+
+def load() -> Settings:
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def fail(reason: Reason, message: str, code: int, *, as_json: bool) -> NoReturn:
+    if as_json:
+        out.print_json(dumps({"error": {"reason": reason.value, "message": message}}))
+    else:
+        err.print(f"[red]{reason.value}:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def fail_from(exc: RefreshError | ConfigError, as_json: bool) -> NoReturn:
+    if isinstance(exc, ConfigError):
+        fail(Reason.INVALID_INPUT, str(exc), EXIT_USAGE, as_json=as_json)
+    code = (
+        EXIT_DENIED
+        if isinstance(exc, PolicyDenied)
+        else EXIT_USAGE
+        if exc.reason is Reason.INVALID_INPUT
+        else EXIT_FAILED
+    )
+    fail(exc.reason, exc.message, code, as_json=as_json)
+
+
+def publish_or_fail(publish: Callable[[], T], *, as_json: bool) -> T:
+    """Publish to the broker; an unreachable broker is one clear line, whatever kombu raised."""
+    try:
+        return publish()
+    except Exception as exc:  # kombu raises several types for an unreachable broker
+        fail(
+            Reason.INTERNAL,
+            f"could not publish to the broker ({type(exc).__name__}): is it up at CELERY_BROKER_URL?",
+            EXIT_FAILED,
+            as_json=as_json,
+        )
+
+
+def acting(settings: Settings) -> Actor:
+    from app.deps import Deps
+
+    return Deps(settings).actor(state.actor_name)
+
+
+def authorized(operation: OperationMeta, *, as_json: bool = False) -> tuple[Settings, Actor]:
+    """The command's settings and actor, once the actor meets the operation's auth level."""
+    settings = load()
+    if operation.policy_auth == ANONYMOUS:  # no lookup: it must work before the schema exists
+        return settings, Actor(state.actor_name)
+    actor = acting(settings)
+    try:
+        authorize(operation, actor)
+    except PolicyDenied as exc:
+        fail(
+            exc.reason,
+            f"{exc.message}; an operator grants it with `balances admin grant {actor.name}`",
+            EXIT_DENIED,
+            as_json=as_json,
+        )
+    return settings, actor
+
+
+def print_json(obj: Any) -> None:
+    out.print_json(dumps(obj), highlight=False) if out.is_terminal else print(dumps(obj, indent=2))
+
+
+def read_secret(prompt: str) -> str:
+    """A secret from stdin, never from argv."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass(prompt)
+    return sys.stdin.readline()

@@ -1,0 +1,44 @@
+"""The admin shell's operations and their auth levels, beside the contract's own.
+
+Each ``balances`` command names one operation here (or in ``app.contract``) and is authorized with
+``app.policy.authorize`` before it does anything; no command has a check of its own.
+"""
+
+from __future__ import annotations
+
+from app.contract import ACCOUNTS_SYNC_OPERATION, GET_OPERATION, REFRESH_OPERATION, OperationMeta
+from app.policy import ADMIN, ANONYMOUS, USER
+
+
+def _shell(key: str, description: str, auth: str, kind: str = "command") -> OperationMeta:
+    return OperationMeta(
+        key=f"balances.{key}",
+        version="1.0.0",
+        kind=kind,
+        description=description,
+        policy_auth=auth,
+        tags=("admin-shell",),
+    )
+
+
+# Whoever can reach the database may migrate it and bootstrap the first admin (the shell is trusted).
+DB_UPGRADE = _shell("db.upgrade", "Apply the schema migrations.", ANONYMOUS)
+ADMIN_GRANT = _shell("actors.grant", "Grant a role to an actor (the bootstrap).", ANONYMOUS)
+ADMIN_REVOKE = _shell("actors.revoke", "Revoke a role from an actor.", ADMIN)
+ADMIN_LIST = _shell("actors.list", "List actors and their roles.", USER, "query")
+TENANT_ADD = _shell("tenants.add", "Add a tenant.", ADMIN)
+TENANT_LIST = _shell("tenants.list", "List tenants.", USER, "query")
+POWENS_LINK = _shell("powens.link", "Store a Powens user's permanent token, encrypted.", ADMIN)
+ACCOUNTS_LIST = _shell("accounts.list", "List a tenant's bank accounts.", ADMIN, "query")
+RUN_NIGHTLY = _shell("runs.start", "Start the nightly pipeline now.", ADMIN)
+RUN_STATUS = _shell("runs.status", "Show a nightly run's progress.", USER, "query")
+RUN_SWEEP = _shell("runs.sweep", "Run the sweeper once now.", ADMIN)
+SUMMARY = _shell("summaries.get", "Show a tenant's stored summary.", USER, "query")
+FORECAST = _shell("forecasts.get", "Show a tenant's stored cashflow forecasts.", USER, "query")
+# Local tools: the sandbox touches no data of ours; the demo runs on its own tenants and actor.
+SANDBOX_SERVE = _shell("sandbox.serve", "Serve the local Powens sandbox.", ANONYMOUS)
+DEMO = _shell("demo", "Run the demo on its own tenants.", ANONYMOUS)
+
+REFRESH = REFRESH_OPERATION
+SHOW = GET_OPERATION
+ACCOUNTS_SYNC = ACCOUNTS_SYNC_OPERATION

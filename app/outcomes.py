@@ -1,0 +1,297 @@
+"""A refresh's outcome as a value, and the one place a terminal outcome is recorded and announced.
+
+The handler returns one of four values: ``Succeeded``, ``Failed`` (terminal), ``Retry`` (a retryable
+failure before the last attempt: nothing recorded) or ``Requeue`` (the rate limiter or a concurrent
+refresh of the account asks to come back later: no attempt consumed). The task turns the value into
+a Celery action (``app.retrying``).
+
+``record`` writes a terminal outcome in one transaction — the success's own writes when there are
+any, the audit row, the nightly run item — then counts it and emits its telemetry event, exactly
+once: the audit row is unique per task id, so a second delivery of the same task finds the first
+one's outcome (``replay``) and writes nothing. The audit table is also how the admin shell waits for
+an outcome, so correctness never depends on a Celery result backend. See docs/design.md "Outcomes".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import metrics, telemetry
+from app.config import Settings
+from app.contract import (
+    ID_MAX_LENGTH,
+    REFRESH_OPERATION,
+    OpenBankingRefreshBalancesInput,
+    OpenBankingRefreshBalancesOutput,
+    TelemetryEvents,
+)
+from app.errors import Reason, RefreshError
+from app.records import to_record
+from app.store import repo, runs
+from app.store.db import session_scope
+from app.store.states import AttemptOutcome, ItemStatus, Trigger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """Where this call stands in the task's retry sequence."""
+
+    number: int = 1
+    max_attempts: int = 1
+    task_id: str | None = None
+    run_id: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.number >= self.max_attempts
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Who asked to refresh what: the identity fields of the audit row and of the telemetry event,
+    taken from the input as given (even when it does not validate)."""
+
+    tenant_id: str | None
+    account_id: str | None
+    actor: str
+    trigger: Trigger
+    force_refresh: bool = False
+    balance_types: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, raw_input: Any, actor: Any, trigger: Trigger) -> Subject:
+        if isinstance(raw_input, OpenBankingRefreshBalancesInput):
+            return cls(
+                raw_input.tenant_id,
+                raw_input.account_id,
+                _clip(getattr(actor, "name", actor)) or "",
+                trigger,
+                bool(raw_input.force_refresh),
+                tuple(raw_input.balance_types) if raw_input.balance_types else None,
+            )
+        raw = raw_input if isinstance(raw_input, dict) else {}
+        types = raw.get("balanceTypes")
+        return cls(
+            _clip(raw.get("tenantId")),
+            _clip(raw.get("accountId")),
+            _clip(getattr(actor, "name", actor)) or "",
+            trigger,
+            bool(raw.get("forceRefresh")),
+            tuple(str(t) for t in types) if isinstance(types, list) and types else None,
+        )
+
+
+def _clip(value: Any) -> str | None:
+    return None if value is None else str(value)[:ID_MAX_LENGTH]
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    output: OpenBankingRefreshBalancesOutput
+    request_id: str | None = None
+    replayed: bool = False  # recorded by an earlier delivery of the same task
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: RefreshError
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A retryable failure before the last attempt: the task schedules the next attempt."""
+
+    error: RefreshError
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Come back in ``seconds`` (rate limit reached, account busy). Not a failure, not an attempt."""
+
+    seconds: float
+    why: str
+
+
+Terminal = Succeeded | Failed
+Outcome = Succeeded | Failed | Retry | Requeue
+
+
+class RetryLater(Exception):
+    """``unwrap`` of a ``Retry``: for callers that want the contract's return-or-raise shape."""
+
+    def __init__(self, error: RefreshError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def unwrap(outcome: Outcome) -> OpenBankingRefreshBalancesOutput:
+    """The contract's shape: the output, or the failure raised."""
+    if isinstance(outcome, Succeeded):
+        return outcome.output
+    if isinstance(outcome, Failed):
+        raise outcome.error
+    if isinstance(outcome, Retry):
+        raise RetryLater(outcome.error)
+    from app.coordination import Throttled
+
+    raise Throttled(outcome.seconds, outcome.why)
+
+
+# -- recording -------------------------------------------------------------------------------------
+
+
+def record(
+    settings: Settings,
+    subject: Subject,
+    attempt: Attempt,
+    *,
+    attempts: int,
+    started_at: datetime,
+    clock: Callable[[], datetime],
+    error: RefreshError | None = None,
+    store: Callable[[Session], OpenBankingRefreshBalancesOutput] | None = None,
+    request_id: str | None = None,
+) -> Terminal:
+    """Record one terminal outcome: a failure (``error``) or a success (``store`` writes the records
+    and returns the output), in one transaction with its audit row and run item; then announce it."""
+    try:
+        with session_scope(settings) as session:
+            output = store(session) if store is not None else None
+            repo.add_attempt(
+                session,
+                task_id=attempt.task_id,
+                run_id=attempt.run_id,
+                operation=REFRESH_OPERATION.qualified_name,
+                tenant_id=subject.tenant_id,
+                account_id=subject.account_id,
+                actor=subject.actor,
+                trigger=subject.trigger,
+                outcome=AttemptOutcome.SUCCEEDED if error is None else AttemptOutcome.FAILED,
+                reason=error.reason.value if error else None,
+                message=error.message if error else None,
+                attempts=attempts,
+                balance_count=len(output.balances) if output else None,
+                force_refresh=subject.force_refresh,
+                powens_request_id=error.request_id if error else request_id,
+                errors=output.errors if output else None,
+                started_at=started_at,
+                finished_at=clock(),
+            )
+            if attempt.run_id is not None and subject.account_id is not None:
+                runs.record_item(
+                    session,
+                    attempt.run_id,
+                    subject.account_id,
+                    ItemStatus.SUCCEEDED if error is None else ItemStatus.FAILED,
+                    error.reason.value if error else None,
+                )
+    except IntegrityError:
+        # Another delivery of this task committed its terminal outcome first: that one stands.
+        replayed = replay(settings, attempt.task_id, subject.balance_types) if attempt.task_id else None
+        if replayed is None:
+            raise
+        log.info("terminal outcome already recorded for task %s", attempt.task_id)
+        return replayed
+    outcome: Terminal = Failed(error) if error is not None else Succeeded(_present(output), request_id)
+    announce(subject, attempt, outcome, attempts)
+    return outcome
+
+
+def _present(output: OpenBankingRefreshBalancesOutput | None) -> OpenBankingRefreshBalancesOutput:
+    assert output is not None, "a success records its output"
+    return output
+
+
+def announce(subject: Subject, attempt: Attempt, outcome: Terminal, attempts: int) -> None:
+    """One counter increment and one telemetry event per terminal outcome (after the commit: at most
+    once; a crash in between loses the event, never duplicates it)."""
+    context: dict[str, Any] = {
+        "operation": REFRESH_OPERATION.qualified_name,
+        "trigger": subject.trigger.value,
+        "actor": subject.actor,
+        "taskId": attempt.task_id,
+        "runId": attempt.run_id,
+        "attempts": attempts,
+    }
+    if isinstance(outcome, Succeeded):
+        out = outcome.output
+        metrics.REFRESHED.labels(provider=metrics.PROVIDER, trigger=subject.trigger.value).inc()
+        metrics.LAST_SUCCESS.labels(provider=metrics.PROVIDER).set(out.refreshed_at.timestamp())
+        telemetry.emit(
+            TelemetryEvents.BALANCES_REFRESHED,
+            {
+                "tenantId": subject.tenant_id,
+                "accountId": subject.account_id,
+                "refreshedAt": out.refreshed_at,
+                "balanceCount": len(out.balances),
+            },
+            powensRequestId=outcome.request_id,
+            **context,
+        )
+        return
+    err = outcome.error
+    metrics.REFRESH_FAILED.labels(
+        provider=metrics.PROVIDER, trigger=subject.trigger.value, reason=err.reason.value
+    ).inc()
+    telemetry.emit(
+        TelemetryEvents.BALANCES_REFRESH_FAILED,
+        {"tenantId": subject.tenant_id, "accountId": subject.account_id, "error": err.message},
+        reason=err.reason.value,
+        powensRequestId=err.request_id,
+        **context,
+    )
+
+
+# -- reading -----------------------------------------------------------------------------------------
+
+
+def replay(settings: Settings, task_id: str, balance_types: Sequence[str] | None = None) -> Terminal | None:
+    """The stored terminal outcome of a task, or None when it has none yet."""
+    with session_scope(settings) as session:
+        row = repo.attempt_for_task(session, task_id)
+        if row is None:
+            return None
+        if row.outcome != AttemptOutcome.SUCCEEDED:
+            error = RefreshError(Reason(row.reason or Reason.INTERNAL), row.message or "failed")
+            return Failed(error, replayed=True)
+        stored = repo.latest_balances(session, row.tenant_id or "", row.account_id)
+        records = [to_record(r) for r in stored if not balance_types or r.balance_type in balance_types]
+        output = OpenBankingRefreshBalancesOutput(
+            balances=records, refreshed_at=row.started_at, errors=row.errors or None
+        )
+        return Succeeded(output, row.powens_request_id, replayed=True)
+
+
+def outcome_for_task(
+    settings: Settings, task_id: str, balance_types: Sequence[str] | None = None
+) -> OpenBankingRefreshBalancesOutput | None:
+    """The task's stored output, its failure raised, or None (not yet)."""
+    found = replay(settings, task_id, balance_types)
+    return None if found is None else unwrap(found)
+
+
+def wait_for(
+    settings: Settings,
+    task_id: str,
+    balance_types: Sequence[str] | None,
+    timeout: float,
+    poll: float = 0.2,
+) -> Terminal | None:
+    """Poll the audit table until the task's terminal outcome is there, or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = replay(settings, task_id, balance_types)
+        if found is not None or time.monotonic() > deadline:
+            return found
+        time.sleep(poll)

@@ -1,0 +1,41 @@
+"""The service's queues and the one router that places every task on one of them.
+
+No call site names a queue: ``celeryconfig.task_routes`` points here. On-demand refreshes go to
+``interactive`` (drained first by every worker, so the nightly flood never starves an operator),
+scheduled refreshes and their fan-out to ``refresh``, planning, reports and the sweeper to
+``reports``. Imports nothing heavy: ``celeryconfig`` and the beat's exporter use it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class Queue(StrEnum):
+    INTERACTIVE = "interactive"
+    REFRESH = "refresh"
+    REPORTS = "reports"
+
+
+REFRESH_TASK = "balances.refresh_account"
+ROUTES: dict[str, Queue] = {
+    "balances.fanout_batch": Queue.REFRESH,
+    "balances.start_nightly_run": Queue.REPORTS,
+    "balances.plan_nightly_run": Queue.REPORTS,
+    "balances.summarize_tenant": Queue.REPORTS,
+    "balances.forecast_tenant": Queue.REPORTS,
+    "balances.sweep_runs": Queue.REPORTS,
+}
+
+
+def queue_for(name: str, args: Any = (), kwargs: Any = None) -> Queue:
+    if name == REFRESH_TASK:
+        trigger = args[2] if args and len(args) > 2 else (kwargs or {}).get("trigger")
+        return Queue.INTERACTIVE if trigger == "on_demand" else Queue.REFRESH
+    return ROUTES.get(name, Queue.INTERACTIVE)
+
+
+def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any) -> dict[str, str]:
+    """A Celery router (``task_routes``)."""
+    return {"queue": queue_for(name, args, kwargs).value}

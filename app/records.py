@@ -1,0 +1,121 @@
+"""Canonical records: Powens payloads and stored rows mapped to the contract's models, in one place.
+
+- ``map_balances``: a Powens account to the balance drafts a refresh stores (docs/design.md
+  "Mapping Powens to canonical records"): ``current`` from ``balance`` (``availableBalance`` =
+  ``balance + coming`` when Powens sends ``coming``), ``uncleared`` from ``coming``.
+- ``to_record`` / ``to_account_record``: stored rows to ``AccountBalanceRecord`` / ``BankAccountRecord``.
+- ``get_balances``: the ``openbanking.balances.get`` query over the store (no Powens call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from app.config import Settings
+from app.contract import AccountBalanceRecord, BankAccountRecord, OpenBankingGetBalancesOutput
+from app.powens.models import PowensAccount
+from app.store import repo
+from app.store.db import session_scope
+from app.store.models import AccountBalance, BankAccount, BankConnection, PowensUser
+from app.telemetry import mask_value
+
+
+def map_balances(pacc: PowensAccount, refreshed_at: datetime) -> list[repo.BalanceDraft]:
+    """Powens ``balance``/``coming`` to canonical balance types; provider ids go in ``metadata``."""
+    last = pacc.last_update or refreshed_at
+    meta = {
+        "provider": "powens",
+        "powensAccountId": pacc.id,
+        "powensConnectionId": pacc.id_connection,
+        "powensAccountType": pacc.type,
+    }
+    if pacc.id_user is not None:
+        meta["powensUserId"] = pacc.id_user
+    drafts = [
+        repo.BalanceDraft(
+            balance_type="current",
+            current_balance=pacc.balance,
+            available_balance=(pacc.balance + pacc.coming) if pacc.coming is not None else None,
+            currency=pacc.currency,
+            last_updated_at=last,
+            metadata={**meta, "source": "balance"},
+        )
+    ]
+    if pacc.coming is not None:
+        drafts.append(
+            repo.BalanceDraft(
+                balance_type="uncleared",
+                current_balance=pacc.coming,
+                available_balance=None,
+                currency=pacc.currency,
+                last_updated_at=last,
+                metadata={**meta, "source": "coming"},
+            )
+        )
+    return drafts
+
+
+def to_record(row: AccountBalance) -> AccountBalanceRecord:
+    return AccountBalanceRecord(
+        id=row.id,
+        account_id=row.account_id,
+        tenant_id=row.tenant_id,
+        connection_id=row.connection_id,
+        balance_type=row.balance_type,
+        current_balance=row.current_balance,
+        available_balance=row.available_balance,
+        currency=row.currency,
+        last_updated_at=row.last_updated_at,
+        created_at=row.created_at,
+        metadata=row.metadata_,
+    )
+
+
+def to_account_record(a: BankAccount, c: BankConnection, u: PowensUser) -> BankAccountRecord:
+    masked = mask_value(a.number or a.iban) if (a.number or a.iban) else None
+    return BankAccountRecord(
+        id=a.id,
+        tenant_id=a.tenant_id,
+        user_id=str(u.powens_user_id),
+        connection_id=c.id,
+        external_id=str(a.external_id),
+        institution_id=str(c.id_connector) if c.id_connector is not None else f"connection-{c.external_id}",
+        institution_name=f"Powens connector {c.id_connector}" if c.id_connector is not None else "Powens",
+        account_type=a.account_type or "unknown",
+        display_name=a.name,
+        currency=a.currency,
+        last_synced_at=a.last_synced_at,
+        created_at=a.created_at,
+        updated_at=a.updated_at,
+        iban=a.iban,
+        bic=a.bic,
+        account_number_masked=masked,
+        balance=a.balance,
+        available_balance=(a.balance + a.coming) if a.balance is not None and a.coming is not None else None,
+        metadata={
+            "status": a.status,
+            "connectionState": c.state,
+            "powensConnectionId": c.external_id,
+            "lastRefreshedAt": a.last_refreshed_at,
+        },
+    )
+
+
+def get_balances(
+    settings: Settings,
+    tenant_id: str,
+    account_id: str | None = None,
+    balance_types: Sequence[str] | None = None,
+) -> OpenBankingGetBalancesOutput:
+    with session_scope(settings) as session:
+        rows = repo.latest_balances(session, tenant_id, account_id, balance_types)
+        return OpenBankingGetBalancesOutput(
+            balances=[to_record(r) for r in rows],
+            as_of=max((r.refreshed_at for r in rows), default=None),
+        )
+
+
+def account_records(settings: Settings, tenant_id: str) -> list[BankAccountRecord]:
+    with session_scope(settings) as session:
+        return [to_account_record(a, c, u) for a, c, u in repo.list_accounts(session, tenant_id)]

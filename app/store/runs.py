@@ -1,0 +1,414 @@
+"""The nightly run's state in the database: runs, their tenants and items, and every move between states.
+
+A run row (``refresh_runs``) has one ``run_tenants`` row per active tenant and one ``run_items`` row
+per account to refresh. Every status change is one conditional UPDATE (``... WHERE status = <from>``)
+checked against the moves in ``app.store.states``: when two workers race for the same move, exactly
+one row count is 1. Completion lives here, not in Celery chords (a failed header task breaks a chord
+on Redis: celery#4207, #5229). See docs/design.md "Runs as a state machine".
+
+Functions taking a ``Session`` run inside the caller's transaction; those taking ``Settings`` are one
+transaction each.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import String, delete, func, insert, literal, select, update
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.store.db import rowcount, session_scope
+from app.store.models import BankAccount, RefreshRun, RunItem, RunTenant, Tenant
+from app.store.states import (
+    ITEM_MOVES,
+    OPEN_RUN_STATUSES,
+    RUN_MOVES,
+    TENANT_MOVES,
+    AccountStatus,
+    ItemStatus,
+    RunKind,
+    RunStatus,
+    TenantStatus,
+    Trigger,
+    check_move,
+)
+
+# (task_id, tenant_id, account_id): what publishing one scheduled refresh needs.
+Item = tuple[str, str, str]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- moves -------------------------------------------------------------------------------------------
+
+
+def move_run(session: Session, run_id: str, frm: RunStatus, to: RunStatus, **values: Any) -> bool:
+    check_move(RUN_MOVES, frm, to)
+    return bool(
+        rowcount(
+            session.execute(
+                update(RefreshRun)
+                .where(RefreshRun.id == run_id, RefreshRun.status == frm)
+                .values(status=to, **values)
+            )
+        )
+    )
+
+
+def move_tenant(
+    session: Session, run_id: str, tenant_id: str, frm: TenantStatus, to: TenantStatus, **values: Any
+) -> bool:
+    check_move(TENANT_MOVES, frm, to)
+    if to is TenantStatus.DONE:
+        values.setdefault("finished_at", _now())
+    return bool(
+        rowcount(
+            session.execute(
+                update(RunTenant)
+                .where(RunTenant.run_id == run_id, RunTenant.tenant_id == tenant_id, RunTenant.status == frm)
+                .values(status=to, **values)
+            )
+        )
+    )
+
+
+# -- creating and planning -----------------------------------------------------------------------------
+
+
+def create_run(
+    settings: Settings, *, trigger: Trigger, actor: str, tick: str | None = None
+) -> tuple[str, bool]:
+    """The run row. A scheduled tick already seen returns the existing run (created=False)."""
+    with session_scope(settings) as session:
+        if tick is not None:
+            existing = session.scalar(select(RefreshRun.id).where(RefreshRun.tick == tick))
+            if existing is not None:
+                return existing, False
+        now = _now()
+        run_id = f"run_{now.strftime('%Y%m%dT%H%M%S')}_{uuid.uuid4().hex[:8]}"
+        session.add(
+            RefreshRun(
+                id=run_id,
+                kind=RunKind.NIGHTLY,
+                trigger=Trigger(trigger),
+                tick=tick,
+                status=RunStatus.PENDING,
+                actor=actor,
+                created_at=now,
+            )
+        )
+    return run_id, True
+
+
+def claim_planning(settings: Settings, run_id: str) -> bool:
+    with session_scope(settings) as session:
+        return move_run(session, run_id, RunStatus.PENDING, RunStatus.PLANNING)
+
+
+def write_items(settings: Settings, run_id: str) -> None:
+    """The run's items, computed and written by the database in one statement (INSERT ... SELECT):
+    every active account of every active tenant, pending, with its fixed task id. Items of an earlier
+    planner that died are replaced (it published nothing: publishing starts after this commits)."""
+    run_lit = literal(run_id, String)
+    with session_scope(settings) as session:
+        session.execute(delete(RunItem).where(RunItem.run_id == run_id))
+        session.execute(
+            insert(RunItem).from_select(
+                ["run_id", "tenant_id", "account_id", "task_id", "status"],
+                select(
+                    run_lit,
+                    BankAccount.tenant_id,
+                    BankAccount.id,
+                    (run_lit + literal(":", String) + BankAccount.id),
+                    literal(ItemStatus.PENDING.value, String),
+                )
+                .join(Tenant, Tenant.id == BankAccount.tenant_id)
+                .where(Tenant.active.is_(True), BankAccount.status == AccountStatus.ACTIVE),
+            )
+        )
+
+
+def open_tenants(settings: Settings, run_id: str) -> tuple[int, list[str]]:
+    """One counter row per active tenant (tenants without accounts too: they still get a summary);
+    the run moves to running. Returns (accounts planned, tenants with nothing to refresh)."""
+    with session_scope(settings) as session:
+        counts = dict(
+            session.execute(
+                select(RunItem.tenant_id, func.count())
+                .where(RunItem.run_id == run_id)
+                .group_by(RunItem.tenant_id)
+            ).all()
+        )
+        tenants = session.scalars(select(Tenant.id).where(Tenant.active.is_(True)).order_by(Tenant.id)).all()
+        if tenants:
+            session.execute(
+                insert(RunTenant),
+                [
+                    {
+                        "run_id": run_id,
+                        "tenant_id": t,
+                        "status": TenantStatus.REFRESHING,
+                        "expected": counts.get(t, 0),
+                        "remaining": counts.get(t, 0),
+                        "stale": 0,
+                    }
+                    for t in tenants
+                ],
+            )
+        total = sum(counts.values())
+        move_run(
+            session,
+            run_id,
+            RunStatus.PLANNING,
+            RunStatus.RUNNING,
+            total_tenants=len(tenants),
+            total_accounts=total,
+            planned_at=_now(),
+        )
+    return total, [t for t in tenants if counts.get(t, 0) == 0]
+
+
+def item_pages(settings: Settings, run_id: str, size: int, *, pending_only: bool) -> Iterator[list[Item]]:
+    """The run's items in pages of ``size`` (keyset on account id), each page read in its own short
+    transaction so that publishing 100,000 items never holds one open."""
+    last_key = ""
+    while True:
+        stmt = select(RunItem.task_id, RunItem.tenant_id, RunItem.account_id).where(
+            RunItem.run_id == run_id, RunItem.account_id > last_key
+        )
+        if pending_only:
+            stmt = stmt.where(RunItem.status == ItemStatus.PENDING)
+        with session_scope(settings) as session:
+            page = [
+                (r[0], r[1], r[2]) for r in session.execute(stmt.order_by(RunItem.account_id).limit(size))
+            ]
+        if not page:
+            return
+        yield page
+        last_key = page[-1][2]
+
+
+# -- completion ----------------------------------------------------------------------------------------
+
+
+def record_item(
+    session: Session, run_id: str, account_id: str, status: ItemStatus, reason: str | None
+) -> bool:
+    """Inside the refresh's terminal transaction: the item's outcome and its tenant's counter.
+
+    Only the first terminal outcome of an item counts (a redelivered or re-dispatched task finds it
+    no longer pending). Returns True when this call recorded it.
+    """
+    check_move(ITEM_MOVES, ItemStatus.PENDING, status)
+    changed = rowcount(
+        session.execute(
+            update(RunItem)
+            .where(
+                RunItem.run_id == run_id,
+                RunItem.account_id == account_id,
+                RunItem.status == ItemStatus.PENDING,
+            )
+            .values(status=status, reason=reason, finished_at=_now())
+        )
+    )
+    if not changed:
+        return False
+    item_tenant = (
+        select(RunItem.tenant_id)
+        .where(RunItem.run_id == run_id, RunItem.account_id == account_id)
+        .scalar_subquery()
+    )
+    session.execute(
+        update(RunTenant)
+        .where(RunTenant.run_id == run_id, RunTenant.tenant_id == item_tenant)
+        .values(remaining=RunTenant.remaining - 1)
+    )
+    return True
+
+
+def claim_summary(settings: Settings, run_id: str, tenant_id: str) -> bool:
+    """Exactly one caller moves a tenant whose counter reached zero from refreshing to summarising."""
+    with session_scope(settings) as session:
+        check_move(TENANT_MOVES, TenantStatus.REFRESHING, TenantStatus.SUMMARISING)
+        return bool(
+            rowcount(
+                session.execute(
+                    update(RunTenant)
+                    .where(
+                        RunTenant.run_id == run_id,
+                        RunTenant.tenant_id == tenant_id,
+                        RunTenant.status == TenantStatus.REFRESHING,
+                        RunTenant.remaining <= 0,
+                    )
+                    .values(status=TenantStatus.SUMMARISING, summary_enqueued_at=_now())
+                )
+            )
+        )
+
+
+def finish_if_complete(settings: Settings, run_id: str) -> datetime | None:
+    """Mark the run completed once every tenant is done; returns the finish time to the one caller."""
+    with session_scope(settings) as session:
+        open_tenants = session.scalar(
+            select(func.count())
+            .select_from(RunTenant)
+            .where(RunTenant.run_id == run_id, RunTenant.status != TenantStatus.DONE)
+        )
+        if open_tenants:
+            return None
+        now = _now()
+        done = move_run(session, run_id, RunStatus.RUNNING, RunStatus.COMPLETED, finished_at=now)
+        return now if done else None
+
+
+def last_success(settings: Settings) -> datetime | None:
+    with session_scope(settings) as session:
+        return session.scalar(
+            select(func.max(RefreshRun.finished_at)).where(RefreshRun.status == RunStatus.COMPLETED)
+        )
+
+
+# -- what the sweeper reads and does -------------------------------------------------------------------
+
+
+def open_runs(settings: Settings) -> Sequence[tuple[str, RunStatus, datetime, datetime | None]]:
+    with session_scope(settings) as session:
+        rows = session.execute(
+            select(RefreshRun.id, RefreshRun.status, RefreshRun.created_at, RefreshRun.redispatched_at).where(
+                RefreshRun.status.in_(OPEN_RUN_STATUSES)
+            )
+        ).all()
+    return [(r[0], RunStatus(r[1]), r[2], r[3]) for r in rows]
+
+
+def replan(settings: Settings, run_id: str, status: RunStatus) -> bool:
+    """A run whose planner died (or whose plan message was lost) goes back to pending."""
+    with session_scope(settings) as session:
+        if status is RunStatus.PENDING:
+            return True
+        return move_run(session, run_id, status, RunStatus.PENDING)
+
+
+def mark_redispatched(settings: Settings, run_id: str, at: datetime) -> None:
+    with session_scope(settings) as session:
+        session.execute(update(RefreshRun).where(RefreshRun.id == run_id).values(redispatched_at=at))
+
+
+def mark_items_stale(settings: Settings, run_id: str, now: datetime) -> int:
+    """Items still pending are given up (``stale``, reason ``lost``) and their tenants' counters
+    moved on, so no summary waits forever."""
+    with session_scope(settings) as session:
+        per_tenant = dict(
+            session.execute(
+                select(RunItem.tenant_id, func.count())
+                .where(RunItem.run_id == run_id, RunItem.status == ItemStatus.PENDING)
+                .group_by(RunItem.tenant_id)
+            ).all()
+        )
+        if not per_tenant:
+            return 0
+        check_move(ITEM_MOVES, ItemStatus.PENDING, ItemStatus.STALE)
+        session.execute(
+            update(RunItem)
+            .where(RunItem.run_id == run_id, RunItem.status == ItemStatus.PENDING)
+            .values(status=ItemStatus.STALE, reason="lost", finished_at=now)
+        )
+        for tenant_id, n in per_tenant.items():
+            session.execute(
+                update(RunTenant)
+                .where(RunTenant.run_id == run_id, RunTenant.tenant_id == tenant_id)
+                .values(remaining=RunTenant.remaining - n, stale=RunTenant.stale + n)
+            )
+    return sum(per_tenant.values())
+
+
+def give_up(settings: Settings, run_id: str, status: RunStatus, now: datetime, error: str) -> bool:
+    with session_scope(settings) as session:
+        return move_run(session, run_id, status, RunStatus.STALE, finished_at=now, error=error)
+
+
+def tenants_to_resume(
+    settings: Settings, run_id: str, enqueued_before: datetime
+) -> tuple[list[str], list[tuple[str, TenantStatus]]]:
+    """Tenants whose counter reached zero but were never claimed, and tenants whose summary or
+    forecast task has not finished since ``enqueued_before`` (its message was lost)."""
+    with session_scope(settings) as session:
+        ready = session.scalars(
+            select(RunTenant.tenant_id).where(
+                RunTenant.run_id == run_id,
+                RunTenant.status == TenantStatus.REFRESHING,
+                RunTenant.remaining <= 0,
+            )
+        ).all()
+        stuck = session.execute(
+            select(RunTenant.tenant_id, RunTenant.status).where(
+                RunTenant.run_id == run_id,
+                RunTenant.status.in_((TenantStatus.SUMMARISING, TenantStatus.FORECASTING)),
+                RunTenant.summary_enqueued_at < enqueued_before,
+            )
+        ).all()
+    return list(ready), [(t, TenantStatus(s)) for t, s in stuck]
+
+
+# -- status --------------------------------------------------------------------------------------------
+
+
+def run_status(settings: Settings, run_id: str | None = None) -> dict[str, Any] | None:
+    """Counts, duration, failures by reason, stale accounts: what `balances run status` shows."""
+    with session_scope(settings) as session:
+        if run_id is None:
+            run_id = session.scalar(select(RefreshRun.id).order_by(RefreshRun.created_at.desc()).limit(1))
+            if run_id is None:
+                return None
+        run = session.get(RefreshRun, run_id)
+        if run is None:
+            return None
+        by_status = dict(
+            session.execute(
+                select(RunItem.status, func.count()).where(RunItem.run_id == run_id).group_by(RunItem.status)
+            ).all()
+        )
+        by_reason = dict(
+            session.execute(
+                select(RunItem.reason, func.count())
+                .where(RunItem.run_id == run_id, RunItem.status == ItemStatus.FAILED)
+                .group_by(RunItem.reason)
+            ).all()
+        )
+        stale = session.execute(
+            select(RunItem.tenant_id, RunItem.account_id)
+            .where(RunItem.run_id == run_id, RunItem.status == ItemStatus.STALE)
+            .order_by(RunItem.tenant_id, RunItem.account_id)
+            .limit(100)
+        ).all()
+        tenants = dict(
+            session.execute(
+                select(RunTenant.status, func.count())
+                .where(RunTenant.run_id == run_id)
+                .group_by(RunTenant.status)
+            ).all()
+        )
+        end = run.finished_at or _now()
+        return {
+            "runId": run.id,
+            "status": run.status,
+            "trigger": run.trigger,
+            "actor": run.actor,
+            "createdAt": run.created_at,
+            "finishedAt": run.finished_at,
+            "durationSeconds": round((end - run.created_at).total_seconds(), 3),
+            "tenants": {"total": run.total_tenants, **dict(tenants.items())},
+            "accounts": {
+                "total": run.total_accounts,
+                **{s.value: by_status.get(s, 0) for s in ItemStatus},
+            },
+            "failuresByReason": {str(k): v for k, v in by_reason.items()},
+            "staleAccounts": [{"tenantId": t, "accountId": a} for t, a in stale],
+            "error": run.error,
+        }

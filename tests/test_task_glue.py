@@ -1,0 +1,132 @@
+"""The Celery glue as plain functions (no broker): backoff, tick, outcome → action, routing, the base task."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from app.config import Settings, load_settings
+from app.contract import AccountBalanceRecord, OpenBankingRefreshBalancesOutput
+from app.errors import Reason, RefreshError
+from app.outcomes import Attempt, Failed, Requeue, Retry, Succeeded
+from app.pipeline import current_tick
+from app.queues import Queue, queue_for
+from app.taskbase import Again, Finish, action_for, backoff_seconds
+from tests.helpers import metric
+
+
+def _settings(**extra: object) -> Settings:
+    return load_settings(retry_base_seconds=1, retry_cap_seconds=30, **extra)
+
+
+def test_backoff_is_full_jitter_under_an_exponential_ceiling_and_capped() -> None:
+    s = _settings()
+    rng = random.Random(7)
+    for attempt in range(1, 10):
+        ceiling = min(30, 2 ** (attempt - 1))
+        delays = [backoff_seconds(attempt, s, None, rng) for _ in range(200)]
+        assert all(0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling / 2  # jitter spreads over the whole range
+    assert backoff_seconds(1, s, 12.0, rng) == 12.0  # Retry-After is a floor
+    assert backoff_seconds(1, s, 500.0, rng) == 30  # ... but never past the cap
+
+
+def test_a_tick_is_the_cron_minute_or_the_interval_slot() -> None:
+    s = _settings()
+    at = datetime(2026, 11, 24, 4, 0, 12, tzinfo=UTC)
+    assert current_tick(s, at) == current_tick(s, at.replace(second=59)) == "cron:2026-11-24T04:00"
+    every = _settings(nightly_interval_seconds=60)
+    assert current_tick(every, at) == current_tick(every, at.replace(second=59))
+    assert current_tick(every, at) != current_tick(every, at.replace(minute=1))
+
+
+def _output() -> OpenBankingRefreshBalancesOutput:
+    at = datetime(2026, 11, 24, tzinfo=UTC)
+    record = AccountBalanceRecord(
+        id="b",
+        account_id="a",
+        tenant_id="t",
+        connection_id="c",
+        balance_type="current",
+        current_balance=Decimal("12345678901234567.89"),
+        currency="EUR",
+        last_updated_at=at,
+        created_at=at,
+    )
+    return OpenBankingRefreshBalancesOutput(balances=[record], refreshed_at=at)
+
+
+def test_outcomes_become_celery_actions() -> None:
+    s, rng = _settings(), random.Random(1)
+    attempt = Attempt(number=2, max_attempts=3, task_id="t")
+
+    done = action_for(Succeeded(_output()), attempt, s, rng)
+    assert isinstance(done, Finish) and done.result["ok"] is True
+    # Money goes to a result backend as exact text, never through float.
+    assert done.result["output"]["balances"][0]["currentBalance"] == "12345678901234567.89"
+
+    failed = action_for(Failed(RefreshError(Reason.NOT_FOUND, "gone")), attempt, s, rng)
+    assert failed == Finish({"ok": False, "error": {"reason": "not_found", "message": "gone"}})
+
+    retry = action_for(Retry(RefreshError(Reason.RATE_LIMITED, "429", retry_after=5)), attempt, s, rng)
+    assert isinstance(retry, Again) and retry.counts_attempt and 5 <= retry.countdown <= 30
+
+    requeue = action_for(Requeue(1.5, "limiter"), attempt, s, rng)
+    assert isinstance(requeue, Again) and not requeue.counts_attempt and 1.5 <= requeue.countdown <= 2.0
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "queue"),
+    [
+        ("balances.refresh_account", ({}, "alice", "on_demand"), Queue.INTERACTIVE),
+        ("balances.refresh_account", ({}, "system:scheduler", "scheduled"), Queue.REFRESH),
+        ("balances.fanout_batch", ("run", []), Queue.REFRESH),
+        ("balances.plan_nightly_run", ("run",), Queue.REPORTS),
+        ("balances.summarize_tenant", ("run", "t"), Queue.REPORTS),
+        ("balances.sweep_runs", (), Queue.REPORTS),
+    ],
+)
+def test_one_router_places_every_task(name: str, args: tuple[object, ...], queue: Queue) -> None:
+    assert queue_for(name, args, {}) is queue
+
+
+def test_the_base_task_retries_its_declared_exceptions_and_counts_each_execution(settings: Settings) -> None:
+    from app.celery import app
+    from app.taskbase import BalancesTask
+
+    calls: list[int] = []
+
+    class Flaky(BalancesTask):
+        retry_on = (ConnectionError,)
+
+    @app.task(base=Flaky, bind=True, name="balances.test_flaky")
+    def flaky(self: Flaky) -> str:
+        calls.append(self.request.retries)
+        if len(calls) < 2:
+            raise ConnectionError("broker hiccup")
+        return "done"
+
+    def count(outcome: str) -> float:
+        return metric("balances_task_executions_total", task="balances.test_flaky", outcome=outcome)
+
+    before = {o: count(o) for o in ("succeeded", "retried", "failed")}
+    assert flaky.apply().get() == "done"  # eager: the retry runs at once
+    assert calls == [0, 1]
+    assert count("retried") == before["retried"] + 1
+    assert count("succeeded") == before["succeeded"] + 1
+    assert count("failed") == before["failed"]
+
+    @app.task(base=BalancesTask, name="balances.test_undeclared")
+    def undeclared() -> None:
+        raise ConnectionError("not declared: no retry")
+
+    failed = metric("balances_task_executions_total", task="balances.test_undeclared", outcome="failed")
+    with pytest.raises(ConnectionError):
+        undeclared.apply().get()
+    assert (
+        metric("balances_task_executions_total", task="balances.test_undeclared", outcome="failed")
+        == failed + 1
+    )
