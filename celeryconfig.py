@@ -7,19 +7,21 @@ Why each setting (docs/design.md "Celery"):
   slow refresh and a killed worker strands at most one message.
 - visibility_timeout > longest retry countdown + hard time limit: Redis must not redeliver a task
   that is merely waiting for its countdown (validated in Settings).
-- queue_order_strategy=priority with `interactive` listed first: on-demand work is taken before the
-  nightly flood by every worker that consumes both.
+- queue_order_strategy=priority, queues listed interactive, reports, refresh: on-demand work first,
+  then the few short planning/report/sweeper tasks, then the nightly flood (strict priority would
+  otherwise starve planning and summaries behind the whole refresh backlog).
 - task_routes: one router (app.queues) places every task; no call site names a queue.
 """
 
 from datetime import timedelta
 
-from celery.schedules import crontab, schedule
+from celery.schedules import schedule
 from kombu import Queue
 
 from app.config import get_settings
 from app.queues import Queue as Q
 from app.queues import route
+from app.schedule import parse as parse_cron
 
 _s = get_settings()
 
@@ -50,7 +52,7 @@ broker_transport_options = {
 }
 result_backend_transport_options = {"visibility_timeout": _s.visibility_timeout}
 
-# Listed in priority order: a worker drains `interactive` before `refresh`.
+# Listed in priority order (app.queues.Queue).
 task_queues = tuple(Queue(q.value, routing_key=q.value) for q in Q)
 task_routes = (route,)
 task_default_queue = Q.INTERACTIVE.value
@@ -69,10 +71,9 @@ beat_max_loop_interval = min(5, max(1, _s.redbeat_lock_timeout // 3))
 if _s.nightly_interval_seconds:
     _nightly: schedule = schedule(timedelta(seconds=_s.nightly_interval_seconds))
 else:
-    _minute, _hour, _dom, _month, _dow = _s.nightly_cron.split()
-    _nightly = crontab(minute=_minute, hour=_hour, day_of_month=_dom, month_of_year=_month, day_of_week=_dow)
+    _nightly = parse_cron(_s.nightly_cron)
 
-# Evaluated in `timezone` (BALANCES_TIMEZONE): 02:00 Europe/Paris by default.
+# Evaluated in `timezone` (BALANCES_TIMEZONE): 04:00 Europe/Paris by default (app.schedule: why).
 beat_schedule = {
     "nightly-balances-refresh": {
         "task": "balances.start_nightly_run",

@@ -1,17 +1,23 @@
 """Account discovery (the ``openbanking.accounts.sync`` sibling) and Powens user linking.
 
 Discovery reads each of the tenant's Powens users' connections and accounts (``?all``, so disabled
-ones are seen too) and registers them through the one registration path (``app.store.registry``);
-accounts Powens no longer lists are marked deleted.
+ones are seen too) and registers them through the one registration path (``app.store.registry``).
+An account's status follows what Powens says of it; absence from a list never deletes it. A transient
+Powens failure is retried the way a refresh is.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
+from typing import TypeVar
 
 from app import telemetry
+from app.backoff import backoff_seconds
 from app.config import Settings
 from app.contract import ACCOUNTS_SYNC_OPERATION, TelemetryEvents
 from app.deps import Deps
@@ -23,6 +29,8 @@ from app.store.registry import register_accounts
 from app.store.secrets import TokenCipher
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_rng = random.SystemRandom()
 
 
 @dataclass
@@ -37,6 +45,22 @@ class SyncResult:
         if self.errors:
             out["errors"] = self.errors
         return out
+
+
+def _with_retries(deps: Deps, call: Callable[[], T]) -> T:
+    """A Powens read retried the way a refresh is: retryable failures (5xx, timeouts, 429) back off
+    with full jitter, honouring Retry-After, up to BALANCES_MAX_ATTEMPTS."""
+    settings = deps.settings
+    for attempt in range(1, settings.max_attempts + 1):
+        try:
+            return call()
+        except RefreshError as err:
+            if not err.retryable or attempt == settings.max_attempts:
+                raise
+            delay = backoff_seconds(attempt, settings, err.retry_after, _rng)
+            log.info("Powens read failed (%s); retrying in %.1fs", err.reason.value, delay)
+            deps.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def link_powens_user(
@@ -67,10 +91,11 @@ def sync_accounts(tenant_id: str, actor: Actor, deps: Deps) -> SyncResult:
             for u in repo.powens_users(session, tenant_id)
         ]
     result = SyncResult()
+    client = deps.client
     for user_pk, powens_user_id, token in users:
         try:
-            conns = deps.client.list_connections(token, powens_user_id).value
-            accounts = deps.client.list_accounts(token, powens_user_id).value
+            conns = _with_retries(deps, partial(client.list_connections, token, powens_user_id)).value
+            accounts = _with_retries(deps, partial(client.list_accounts, token, powens_user_id)).value
         except RefreshError as err:
             result.failed += 1
             result.errors.append(f"Powens user {powens_user_id}: {err.reason.value}: {err.message}")

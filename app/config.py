@@ -43,7 +43,10 @@ class Settings(BaseSettings):
     powens_timezone: str = Field("Europe/Paris", validation_alias=_env("BALANCES_POWENS_TIMEZONE"))
     powens_connect_timeout: float = Field(3.05, gt=0, validation_alias=_env("BALANCES_HTTP_CONNECT_TIMEOUT"))
     powens_read_timeout: float = Field(20.0, gt=0, validation_alias=_env("BALANCES_HTTP_READ_TIMEOUT"))
-    powens_page_size: int = Field(1000, ge=1, le=1000, validation_alias=_env("BALANCES_POWENS_PAGE_SIZE"))
+    powens_total_timeout: float = Field(30.0, gt=0, validation_alias=_env("BALANCES_HTTP_TOTAL_TIMEOUT"))
+    powens_max_body_bytes: int = Field(
+        20 * 2**20, ge=1024, validation_alias=_env("BALANCES_POWENS_MAX_BODY_BYTES")
+    )
     powens_webview_lang: str = Field("en", validation_alias=_env("BALANCES_WEBVIEW_LANG"))
 
     encryption_key: SecretStr | None = Field(None, validation_alias=_env("BALANCES_ENCRYPTION_KEY"))
@@ -57,11 +60,20 @@ class Settings(BaseSettings):
     force_sync_quota: int = Field(4, ge=0, validation_alias=_env("BALANCES_FORCE_SYNC_QUOTA"))
     task_soft_time_limit: int = Field(120, ge=1, validation_alias=_env("BALANCES_TASK_SOFT_TIME_LIMIT"))
     task_time_limit: int = Field(150, ge=1, validation_alias=_env("BALANCES_TASK_TIME_LIMIT"))
-    visibility_timeout: int = Field(3600, ge=60, validation_alias=_env("BALANCES_VISIBILITY_TIMEOUT"))
+    # How long Redis waits before redelivering a message a dead worker held (> longest countdown).
+    visibility_timeout: int = Field(900, ge=60, validation_alias=_env("BALANCES_VISIBILITY_TIMEOUT"))
+    # A message redelivered this many times (its worker died each time: a poison message) ends terminal.
+    max_deliveries: int = Field(5, ge=1, validation_alias=_env("BALANCES_MAX_DELIVERIES"))
+    # Database/broker/Redis errors inside a task re-queue it with backoff up to this cap, this many times.
+    infra_retry_cap_seconds: float = Field(
+        60.0, gt=0, validation_alias=_env("BALANCES_INFRA_RETRY_CAP_SECONDS")
+    )
+    infra_max_requeues: int = Field(60, ge=1, validation_alias=_env("BALANCES_INFRA_MAX_REQUEUES"))
 
     # Business calendar: which day a snapshot belongs to, when the nightly run fires.
     timezone: str = Field("Europe/Paris", validation_alias=_env("BALANCES_TIMEZONE"))
-    nightly_cron: str = Field("0 2 * * *", validation_alias=_env("BALANCES_NIGHTLY_CRON"))
+    # 04:00 exists exactly once every day in Europe/Paris (02:00-03:00 does not, in March and October).
+    nightly_cron: str = Field("0 4 * * *", validation_alias=_env("BALANCES_NIGHTLY_CRON"))
 
     # Nightly pipeline (issue: beat fan-out -> refresh -> summary -> forecast).
     nightly_interval_seconds: int | None = Field(
@@ -70,6 +82,10 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(
         60.0, gt=0, validation_alias=_env("BALANCES_SWEEP_INTERVAL_SECONDS")
     )
+    # A running run whose items stop finishing for this long is re-driven (its pending items published
+    # again under the same task ids); the deadline below is only the last resort.
+    run_stall_seconds: float = Field(300.0, gt=0, validation_alias=_env("BALANCES_RUN_STALL_SECONDS"))
+    max_redrives: int = Field(10, ge=1, validation_alias=_env("BALANCES_MAX_REDRIVES"))
     run_deadline_seconds: float = Field(7200.0, gt=0, validation_alias=_env("BALANCES_RUN_DEADLINE_SECONDS"))
     run_grace_seconds: float = Field(900.0, gt=0, validation_alias=_env("BALANCES_RUN_GRACE_SECONDS"))
     plan_batch_size: int = Field(1000, ge=1, le=10000, validation_alias=_env("BALANCES_PLAN_BATCH_SIZE"))
@@ -127,6 +143,15 @@ class Settings(BaseSettings):
         if len(v.split()) != 5:
             raise ValueError("must be a 5-field crontab expression such as '0 2 * * *'")
         return v
+
+    @model_validator(mode="after")
+    def _schedule(self) -> Settings:
+        from app.schedule import cron_time_problem
+
+        problem = cron_time_problem(self.nightly_cron, ZoneInfo(self.timezone))
+        if problem:
+            raise ValueError(f"BALANCES_NIGHTLY_CRON: {problem}")
+        return self
 
     @model_validator(mode="after")
     def _limits(self) -> Settings:
@@ -195,9 +220,9 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for err in exc.errors():
             loc = [str(p) for p in err.get("loc", ())]
-            name = loc[0] if loc else "?"
-            env = _FIELD_TO_ENV.get(name, name)
-            problems.append(f"{env}: {err.get('msg', 'invalid')}")
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            # A check across several variables names them in its message.
+            problems.append(f"{_FIELD_TO_ENV.get(loc[0], loc[0])}: {msg}" if loc else msg)
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
@@ -38,6 +39,7 @@ class Throttled(Exception):
     def __init__(self, wait: float, why: str = "Powens rate limit reached") -> None:
         super().__init__(f"{why}; retry in {wait:.2f}s")
         self.wait = wait
+        self.why = why
 
 
 class Coordinator(Protocol):
@@ -45,9 +47,26 @@ class Coordinator(Protocol):
         self, account_id: str, ttl: float, wait: float
     ) -> contextlib.AbstractContextManager[None]: ...
 
-    def shared(self, key: str, fetch: Callable[[], Any], ttl: int, wait: float) -> Any: ...
+    def shared(
+        self, key: str, fetch: Callable[[], Any], *, ttl: int, wait: float, sharing: Sharing
+    ) -> Any: ...
 
     def acquire_call(self) -> float: ...
+
+    def count_delivery(self, key: str, ttl: int) -> int: ...
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """How a shared read shares a failure, and how long its fetcher may hold the lock.
+
+    A failure is shared under ``failure_key`` (the run, the user and the attempt number) for
+    ``failure_ttl`` seconds: every task at the same attempt gets the same answer from one Powens call,
+    and the next attempt (after its backoff) reads Powens afresh."""
+
+    failure_key: str
+    failure_ttl: float
+    lock_ttl: float
 
 
 def throttle(coord: Coordinator, max_wait: float, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -80,8 +99,6 @@ local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return math.max(1, tonumber(oldest[2]) + window - now)
 """
 
-_ERROR_MARK = "__error__"
-
 
 class RedisCoordinator:
     def __init__(self, client: redis.Redis, *, rate_limit: float, prefix: str = "balances") -> None:
@@ -102,17 +119,21 @@ class RedisCoordinator:
             with contextlib.suppress(redis.exceptions.LockError):
                 lock.release()
 
-    def shared(self, key: str, fetch: Callable[[], Any], ttl: int, wait: float) -> Any:
-        """Single-flight read: one caller fetches, the others wait for and reuse its answer."""
+    def shared(self, key: str, fetch: Callable[[], Any], *, ttl: int, wait: float, sharing: Sharing) -> Any:
+        """Single-flight read: one caller fetches, the others wait for and reuse its answer (or its
+        failure, raised again)."""
         data_key = f"{self.prefix}:shared:{key}"
+        fail_key = f"{self.prefix}:shared:{sharing.failure_key}"
         lock_key = data_key + ":lock"
         deadline = time.monotonic() + wait
         while True:
-            raw = self.r.get(data_key)
+            raw, failed = self.r.mget(data_key, fail_key)
             if raw is not None:
-                return _unpack(raw)
+                return loads(raw)
+            if failed is not None:
+                raise _unpack_error(failed)
             me = uuid.uuid4().hex
-            if self.r.set(lock_key, me, nx=True, px=int(wait * 1000)):
+            if self.r.set(lock_key, me, nx=True, px=int(sharing.lock_ttl * 1000)):
                 # The answer is stored before the lock goes, or a waiter could find neither and
                 # read Powens a second time.
                 try:
@@ -120,8 +141,7 @@ class RedisCoordinator:
                     self.r.set(data_key, dumps(value), ex=ttl)
                     return value
                 except RefreshError as err:
-                    # Waiters fail the same way instead of stampeding a failing Powens; short-lived.
-                    self.r.set(data_key, _pack_error(err), px=1000)
+                    self.r.set(fail_key, _pack_error(err), px=int(sharing.failure_ttl * 1000))
                     raise
                 finally:
                     if self.r.get(lock_key) == me.encode():
@@ -129,6 +149,14 @@ class RedisCoordinator:
             if time.monotonic() > deadline:
                 raise RefreshError(Reason.PROVIDER_UNAVAILABLE, "timed out waiting for a shared Powens read")
             time.sleep(0.02)
+
+    def count_delivery(self, key: str, ttl: int) -> int:
+        full = f"{self.prefix}:deliveries:{key}"
+        with self.r.pipeline() as pipe:
+            pipe.incr(full)
+            pipe.expire(full, ttl)
+            count, _ = pipe.execute()
+        return int(count)
 
     def acquire_call(self) -> float:
         if self.rate_limit <= 0:
@@ -143,20 +171,13 @@ class RedisCoordinator:
 
 
 def _pack_error(err: RefreshError) -> str:
-    return dumps(
-        {_ERROR_MARK: {"reason": err.reason.value, "message": err.message, "retry_after": err.retry_after}}
-    )
+    return dumps({"reason": err.reason.value, "message": err.message, "retry_after": err.retry_after})
 
 
-def _unpack(raw: bytes | str) -> Any:
-    value = loads(raw)
-    if isinstance(value, dict) and _ERROR_MARK in value:
-        e = value[_ERROR_MARK]
-        ra = e.get("retry_after")
-        raise RefreshError(
-            Reason(e["reason"]), e["message"], retry_after=float(ra) if ra is not None else None
-        )
-    return value
+def _unpack_error(raw: bytes | str) -> RefreshError:
+    e = loads(raw)
+    ra = e.get("retry_after")
+    return RefreshError(Reason(e["reason"]), e["message"], retry_after=float(ra) if ra is not None else None)
 
 
 class LocalCoordinator:
@@ -168,6 +189,7 @@ class LocalCoordinator:
         self._guard = threading.Lock()
         self._cache: dict[str, tuple[float, Any]] = {}
         self._calls: deque[float] = deque()
+        self._deliveries: dict[str, int] = {}
 
     @contextlib.contextmanager
     def account_lock(self, account_id: str, ttl: float, wait: float) -> Iterator[None]:
@@ -180,16 +202,29 @@ class LocalCoordinator:
         finally:
             lock.release()
 
-    def shared(self, key: str, fetch: Callable[[], Any], ttl: int, wait: float) -> Any:
+    def shared(self, key: str, fetch: Callable[[], Any], *, ttl: int, wait: float, sharing: Sharing) -> Any:
         with self._guard:
             lock = self._locks.setdefault("shared:" + key, threading.Lock())
         with lock:
+            now = time.monotonic()
             hit = self._cache.get(key)
-            if hit and hit[0] > time.monotonic():
+            if hit and hit[0] > now:
                 return hit[1]
-            value = fetch()
+            failed = self._cache.get(sharing.failure_key)
+            if failed and failed[0] > now:
+                raise failed[1]
+            try:
+                value = fetch()
+            except RefreshError as err:
+                self._cache[sharing.failure_key] = (now + sharing.failure_ttl, err)
+                raise
             self._cache[key] = (time.monotonic() + ttl, value)
             return value
+
+    def count_delivery(self, key: str, ttl: int) -> int:
+        with self._guard:
+            self._deliveries[key] = self._deliveries.get(key, 0) + 1
+            return self._deliveries[key]
 
     def acquire_call(self) -> float:
         if self.rate_limit <= 0:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -83,13 +81,13 @@ def run_demo(tenants: int = 3, console: Console | None = None) -> int:
             use_settings(None)
 
 
-@contextmanager
-def embedded_worker(settings: Settings) -> Iterator[None]:
-    """A Celery worker on a thread of this process, consuming every queue of the service."""
+def start_embedded_worker(settings: Settings) -> None:
+    """A Celery worker on a daemon thread of this process, consuming every queue of the service until
+    the process exits. It is not stopped: Celery's stop flag is process-wide and a warm stop waits
+    for two 2-second broker polls; everything the demo waits for has committed before it returns."""
     import threading
 
     from celery.contrib.testing.worker import TestWorkController, setup_app_for_worker
-    from celery.worker import state as worker_state
 
     from app.celery import app
 
@@ -112,18 +110,10 @@ def embedded_worker(settings: Settings) -> Iterator[None]:
         without_mingle=True,
         without_gossip=True,
     )
-    thread = threading.Thread(target=worker.start, name="demo-worker", daemon=True)
-    thread.start()
+    threading.Thread(target=worker.start, name="demo-worker", daemon=True).start()
     worker.ensure_started()
     # The worker set up logging (JSON on stderr); the demo's telemetry stays quiet.
     logging.getLogger("openbanking.telemetry").setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        # Warm shutdown at the consumer's next poll (up to two 2-second polls). Every task the demo
-        # waited for has committed; the thread is a daemon, so the demo does not wait for it.
-        worker_state.should_terminate = 0
-        thread.join(0.2)
 
 
 def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console, started: float) -> int:
@@ -180,18 +170,18 @@ def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console,
             )
             faults[last[1]] = "bank asks for SCA"
 
-    with embedded_worker(settings):
-        rows = _refresh_all(settings, accounts)
-        _print(console, rows, faults)
-        stats = sandbox.state.stats()
-        ok = sum(r.outcome == "refreshed" for r in rows)
-        how = "tasks run in-process" if in_memory else "tasks through the configured broker"
-        console.print(
-            f"{ok} of {len(rows)} accounts refreshed, {len(rows) - ok} failed; "
-            f"{stats['total']} Powens calls; {time.perf_counter() - started:.2f}s "
-            f"({how}, on an embedded celery worker)"
-        )
-        nightly_ok = _nightly(settings, sandbox, console, list(TENANTS[:n_tenants]))
+    start_embedded_worker(settings)
+    rows = _refresh_all(settings, accounts)
+    _print(console, rows, faults)
+    stats = sandbox.state.stats()
+    ok = sum(r.outcome == "refreshed" for r in rows)
+    how = "tasks run in-process" if in_memory else "tasks through the configured broker"
+    console.print(
+        f"{ok} of {len(rows)} accounts refreshed, {len(rows) - ok} failed; "
+        f"{stats['total']} Powens calls; {time.perf_counter() - started:.2f}s "
+        f"({how}, on an embedded celery worker)"
+    )
+    nightly_ok = _nightly(settings, sandbox, console, list(TENANTS[:n_tenants]))
     console.print("Canonical records: [bold]balances show --tenant demo-acme[/] (same database).")
     return 0 if ok > 0 and nightly_ok else 1
 

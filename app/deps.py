@@ -8,6 +8,7 @@ construction; clients share the process's pooled HTTP session.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -17,6 +18,7 @@ from app.policy import Actor, resolve
 from app.powens.client import PowensClient, build_client
 from app.store import repo
 from app.store.db import session_scope
+from app.store.secrets import TokenCipher
 
 
 class Deps:
@@ -26,11 +28,14 @@ class Deps:
         client: PowensClient | None = None,
         clock: Callable[[], datetime] | None = None,
         coord: Coordinator | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
         self._client = client
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.sleep = sleep
         self._coord = coord
+        self._cipher: TokenCipher | None = None
 
     @classmethod
     def default(cls, settings: Settings | None = None, client: PowensClient | None = None) -> Deps:
@@ -56,6 +61,12 @@ class Deps:
 
             self._client = build_client(s, before_request=hook)
         return self._client
+
+    @property
+    def cipher(self) -> TokenCipher:
+        if self._cipher is None:
+            self._cipher = TokenCipher.from_settings(self.settings)
+        return self._cipher
 
     def actor(self, actor: Actor | str) -> Actor:
         def roles_of(name: str) -> frozenset[str]:

@@ -23,6 +23,7 @@ class TaskOutcome(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     RETRIED = "retried"
+    GIVEN_UP = "given_up"  # a poison message: redelivered too often, ended without running
 
 
 REFRESHED = Counter(
@@ -76,7 +77,7 @@ TASK_DURATION = Histogram(
 )
 TASK_OUTCOMES = Counter(
     "balances_task_executions",
-    "Executions of Celery tasks by task name and outcome (succeeded, failed, retried).",
+    "Executions of Celery tasks by task name and outcome (succeeded, failed, retried, given_up).",
     ["task", "outcome"],
 )
 

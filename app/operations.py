@@ -6,7 +6,7 @@ Each ``balances`` command names one operation here (or in ``app.contract``) and 
 
 from __future__ import annotations
 
-from app.contract import ACCOUNTS_SYNC_OPERATION, GET_OPERATION, REFRESH_OPERATION, OperationMeta
+from app.contract import ACCOUNTS_SYNC_OPERATION, GET_OPERATION, OperationMeta
 from app.policy import ADMIN, ANONYMOUS, USER
 
 
@@ -39,6 +39,5 @@ FORECAST = _shell("forecasts.get", "Show a tenant's stored cashflow forecasts.",
 SANDBOX_SERVE = _shell("sandbox.serve", "Serve the local Powens sandbox.", ANONYMOUS)
 DEMO = _shell("demo", "Run the demo on its own tenants.", ANONYMOUS)
 
-REFRESH = REFRESH_OPERATION
 SHOW = GET_OPERATION
 ACCOUNTS_SYNC = ACCOUNTS_SYNC_OPERATION

@@ -3,7 +3,7 @@
 The handler returns one of four values: ``Succeeded``, ``Failed`` (terminal), ``Retry`` (a retryable
 failure before the last attempt: nothing recorded) or ``Requeue`` (the rate limiter or a concurrent
 refresh of the account asks to come back later: no attempt consumed). The task turns the value into
-a Celery action (``app.retrying``).
+a Celery action (``app.taskbase.action_for``).
 
 ``record`` writes a terminal outcome in one transaction — the success's own writes when there are
 any, the audit row, the nightly run item — then counts it and emits its telemetry event, exactly
@@ -50,6 +50,7 @@ class Attempt:
     max_attempts: int = 1
     task_id: str | None = None
     run_id: str | None = None
+    infra_failures: int = 0  # re-queues so far because our database or Redis was unavailable
 
     @property
     def final(self) -> bool:
@@ -117,10 +118,12 @@ class Retry:
 
 @dataclass(frozen=True)
 class Requeue:
-    """Come back in ``seconds`` (rate limit reached, account busy). Not a failure, not an attempt."""
+    """Come back in ``seconds`` (rate limit reached, account busy, our database or Redis unavailable).
+    Not a failure, not an attempt."""
 
     seconds: float
     why: str
+    infrastructure: bool = False
 
 
 Terminal = Succeeded | Failed
@@ -271,14 +274,6 @@ def replay(settings: Settings, task_id: str, balance_types: Sequence[str] | None
             balances=records, refreshed_at=row.started_at, errors=row.errors or None
         )
         return Succeeded(output, row.powens_request_id, replayed=True)
-
-
-def outcome_for_task(
-    settings: Settings, task_id: str, balance_types: Sequence[str] | None = None
-) -> OpenBankingRefreshBalancesOutput | None:
-    """The task's stored output, its failure raised, or None (not yet)."""
-    found = replay(settings, task_id, balance_types)
-    return None if found is None else unwrap(found)
 
 
 def wait_for(

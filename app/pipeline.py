@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from app.config import Settings
+from app.schedule import previous_fire
 from app.store import runs
 from app.store.states import RunStatus, TenantStatus, Trigger
 
@@ -25,20 +26,28 @@ Publish = Callable[[str, Sequence[runs.Item]], None]
 EnqueueReport = Callable[[str, str], None]
 
 
-def current_tick(settings: Settings, now: datetime | None = None) -> str:
-    """The key of a scheduled run: the cron minute, or the interval slot when an interval is set."""
+def schedule_slot(settings: Settings, now: datetime | None = None) -> tuple[str, date]:
+    """The key and business day of the scheduled run due at ``now``: the latest slot of the schedule
+    at or before ``now`` — never the moment a worker happens to execute the task, so a redelivered
+    tick or a standby beat firing the same slot later makes the same run."""
     now = now or datetime.now(UTC)
     if settings.nightly_interval_seconds:
         slot = int(now.timestamp()) // settings.nightly_interval_seconds
-        return f"every{settings.nightly_interval_seconds}s:{slot}"
-    return "cron:" + now.strftime("%Y-%m-%dT%H:%M")
+        return f"every{settings.nightly_interval_seconds}s:{slot}", settings.business_day(now)
+    at = previous_fire(settings.nightly_cron, now.astimezone(settings.business_zone))
+    return "cron:" + at.strftime("%Y-%m-%dT%H:%M"), at.date()
 
 
 def start_run(
-    settings: Settings, *, trigger: Trigger, actor: str, tick: str | None = None
+    settings: Settings,
+    *,
+    trigger: Trigger,
+    actor: str,
+    tick: str | None = None,
+    business_day: date | None = None,
 ) -> tuple[str, bool]:
-    """Create the run row. A scheduled tick already seen returns the existing run (created=False)."""
-    return runs.create_run(settings, trigger=trigger, actor=actor, tick=tick)
+    """Create the run row. A scheduled slot already seen returns the existing run (created=False)."""
+    return runs.create_run(settings, trigger=trigger, actor=actor, tick=tick, business_day=business_day)
 
 
 def plan_run(settings: Settings, run_id: str, publish: Publish, enqueue_summary: EnqueueReport) -> int:
@@ -50,11 +59,16 @@ def plan_run(settings: Settings, run_id: str, publish: Publish, enqueue_summary:
     Publishing comes last, so an early finisher always finds its tenant's counter. Returns the number
     of accounts planned.
     """
-    if not runs.claim_planning(settings, run_id):
+    generation = runs.claim_planning(settings, run_id)
+    if generation is None:
         log.info("run %s is not pending; planning skipped", run_id, extra={"run_id": run_id})
         return 0
-    runs.write_items(settings, run_id)
-    total, empty_tenants = runs.open_tenants(settings, run_id)
+    try:
+        runs.write_items(settings, run_id, generation)
+        total, empty_tenants = runs.open_tenants(settings, run_id, generation)
+    except runs.Superseded:
+        log.warning("run %s was re-planned meanwhile; this planner stops", run_id, extra={"run_id": run_id})
+        return 0
     publish_items(settings, run_id, publish, pending_only=False)
     for tenant_id in empty_tenants:
         claim_summary_and_enqueue(settings, run_id, tenant_id, enqueue_summary)
@@ -102,66 +116,67 @@ def sweep(
     enqueue_forecast: EnqueueReport,
     now: datetime | None = None,
 ) -> SweepReport:
-    """Find runs whose tasks were lost (worker killed, broker flushed) and finish them.
+    """Put runs whose tasks were lost (worker killed, broker restarted) back on track, in minutes.
 
-    After ``run_deadline_seconds`` the pending items are published again, once (same task ids, so
-    anything that did run is not refreshed twice). ``run_grace_seconds`` later, items still pending
-    are marked stale and their tenants finalised, so no summary waits forever. A run still open after
-    deadline + 3 x grace (its reports could not run either) is marked stale.
+    A run that has made no progress for ``run_stall_seconds`` is re-driven: a lost plan is sent again;
+    a running run's pending items are published again under their own task ids (whatever did run is
+    not refreshed twice: its audit row answers the replay), at most ``max_redrives`` times; a tenant
+    whose summary or forecast message was lost gets it again (bounded). ``run_deadline_seconds`` is the
+    last resort: items still pending then are marked stale and their tenants finalised, so no summary
+    waits forever; a run still open ``3 x run_grace_seconds`` later is marked stale.
     """
     now = now or datetime.now(UTC)
+    stall = timedelta(seconds=settings.run_stall_seconds)
     deadline = timedelta(seconds=settings.run_deadline_seconds)
     grace = timedelta(seconds=settings.run_grace_seconds)
     report = SweepReport()
-    for run_id, status, created_at, redispatched_at in runs.open_runs(settings):
-        age = now - created_at
-        if status in (RunStatus.PENDING, RunStatus.PLANNING) and age > grace:
-            # The plan task was lost, or its planner died before the run was running (planning takes
-            # seconds): plan again.
-            if runs.replan(settings, run_id, status):
-                enqueue_plan(run_id)
+    for run in runs.open_runs(settings):
+        age = now - run.created_at
+        stalled = now - run.last_activity > stall
+        if run.status in (RunStatus.PENDING, RunStatus.PLANNING):
+            # The plan message was lost, or the planner died before the run was running.
+            if stalled and run.replans < settings.max_redrives and runs.replan(settings, run, now):
+                enqueue_plan(run.id)
                 report.plans_reenqueued += 1
-            continue
-        if status is RunStatus.RUNNING and age > deadline:
-            if redispatched_at is None:
-                report.redispatched += _redispatch(settings, run_id, publish, now)
-            elif now - redispatched_at > grace:
-                report.stale += runs.mark_items_stale(settings, run_id, now)
-            # Tenants whose counter reached zero but whose claim or summary/forecast task was lost.
+        elif run.status is RunStatus.RUNNING:
+            if age > deadline:
+                report.stale += runs.mark_items_stale(settings, run.id, now)
+            elif run.pending and stalled and run.redrives < settings.max_redrives:
+                report.redispatched += _redrive(settings, run.id, publish, now)
             report.summaries_reenqueued += _resume_reports(
-                settings, run_id, now - grace, enqueue_summary, enqueue_forecast
+                settings, run.id, now - stall, now, enqueue_summary, enqueue_forecast
             )
-            finished = runs.finish_if_complete(settings, run_id)
+            finished = runs.finish_if_complete(settings, run.id)
             if finished is not None:
                 report.finished_at.append(finished)
                 continue
-        if age > deadline + 3 * grace:
-            # Even the reports could not finish (no reports worker?): say so, where operators look.
-            runs.give_up(settings, run_id, status, now, "incomplete after the sweeper's last deadline")
-            report.runs_marked_stale.append(run_id)
-            log.error("run %s marked stale", run_id, extra={"run_id": run_id})
+        # Even the reports could not finish (no reports worker?): say so, where operators look.
+        too_late = age > deadline + 3 * grace
+        if too_late and runs.give_up(settings, run.id, run.status, now, "incomplete after the last deadline"):
+            report.runs_marked_stale.append(run.id)
+            log.error("run %s marked stale", run.id, extra={"run_id": run.id})
     return report
 
 
-def _redispatch(settings: Settings, run_id: str, publish: Publish, now: datetime) -> int:
+def _redrive(settings: Settings, run_id: str, publish: Publish, now: datetime) -> int:
     count = publish_items(settings, run_id, publish, pending_only=True)
-    runs.mark_redispatched(settings, run_id, now)
-    log.warning("run %s: re-dispatched %d lost refreshes", run_id, count, extra={"run_id": run_id})
+    runs.mark_redriven(settings, run_id, now)
+    log.warning("run %s stalled: re-published %d pending refreshes", run_id, count, extra={"run_id": run_id})
     return count
 
 
 def _resume_reports(
     settings: Settings,
     run_id: str,
-    older_than: datetime,
+    sent_before: datetime,
+    now: datetime,
     enqueue_summary: EnqueueReport,
     enqueue_forecast: EnqueueReport,
 ) -> int:
     n = 0
-    ready, stuck = runs.tenants_to_resume(settings, run_id, older_than)
-    for tenant_id in ready:
-        n += claim_summary_and_enqueue(settings, run_id, tenant_id, enqueue_summary)
-    for tenant_id, status in stuck:
+    for tenant_id, status in runs.claim_resends(settings, run_id, sent_before, now, settings.max_redrives):
         (enqueue_summary if status is TenantStatus.SUMMARISING else enqueue_forecast)(run_id, tenant_id)
         n += 1
+    for tenant_id in runs.tenants_ready(settings, run_id):
+        n += claim_summary_and_enqueue(settings, run_id, tenant_id, enqueue_summary)
     return n

@@ -2,8 +2,8 @@
 
 No call site names a queue: ``celeryconfig.task_routes`` points here. On-demand refreshes go to
 ``interactive`` (drained first by every worker, so the nightly flood never starves an operator),
-scheduled refreshes and their fan-out to ``refresh``, planning, reports and the sweeper to
-``reports``. Imports nothing heavy: ``celeryconfig`` and the beat's exporter use it.
+planning, reports and the sweeper to ``reports`` (drained next), scheduled refreshes and their fan-out
+to ``refresh``. Imports nothing heavy: ``celeryconfig`` and the beat's exporter use it.
 """
 
 from __future__ import annotations
@@ -11,11 +11,17 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+from app.store.states import Trigger
+
 
 class Queue(StrEnum):
+    """In the order a worker drains them (strict priority): an operator's refresh first, then the
+    few short report and planning tasks, then the nightly flood — so planning, summaries and the
+    sweeper never wait behind 100,000 refreshes."""
+
     INTERACTIVE = "interactive"
-    REFRESH = "refresh"
     REPORTS = "reports"
+    REFRESH = "refresh"
 
 
 REFRESH_TASK = "balances.refresh_account"
@@ -32,7 +38,7 @@ ROUTES: dict[str, Queue] = {
 def queue_for(name: str, args: Any = (), kwargs: Any = None) -> Queue:
     if name == REFRESH_TASK:
         trigger = args[2] if args and len(args) > 2 else (kwargs or {}).get("trigger")
-        return Queue.INTERACTIVE if trigger == "on_demand" else Queue.REFRESH
+        return Queue.INTERACTIVE if trigger == Trigger.ON_DEMAND else Queue.REFRESH
     return ROUTES.get(name, Queue.INTERACTIVE)
 
 

@@ -22,7 +22,10 @@ from app.telemetry import mask_value
 
 
 def map_balances(pacc: PowensAccount, refreshed_at: datetime) -> list[repo.BalanceDraft]:
-    """Powens ``balance``/``coming`` to canonical balance types; provider ids go in ``metadata``."""
+    """Powens ``balance``/``coming`` to canonical balance types; provider ids go in ``metadata``.
+    An account with no balance or no currency yet has no record to give."""
+    if pacc.balance is None or pacc.currency is None:
+        return []
     last = pacc.last_update or refreshed_at
     meta = {
         "provider": "powens",
@@ -30,6 +33,8 @@ def map_balances(pacc: PowensAccount, refreshed_at: datetime) -> list[repo.Balan
         "powensConnectionId": pacc.id_connection,
         "powensAccountType": pacc.type,
     }
+    if pacc.currency_precision is not None:
+        meta["currencyPrecision"] = pacc.currency_precision
     if pacc.id_user is not None:
         meta["powensUserId"] = pacc.id_user
     drafts = [

@@ -8,14 +8,16 @@ same call in the contract's shape (returns the output or raises). See docs/desig
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from app import metrics
+from app.config import Settings
 from app.contract import (
     REFRESH_OPERATION,
     OpenBankingRefreshBalancesInput,
@@ -25,21 +27,22 @@ from app.contract import (
 from app.coordination import Throttled
 from app.deps import Deps
 from app.errors import NotFound, Reason, RefreshError
-from app.outcomes import Attempt, Outcome, Requeue, Retry, Subject, record, replay, unwrap
+from app.forced_sync import force_sync
+from app.infra import is_infrastructure
+from app.outcomes import Attempt, Outcome, Requeue, Retry, Subject, Terminal, record, replay, unwrap
 from app.policy import Actor, authorize
-from app.powens.client import EP_ACCOUNTS
 from app.powens.errors import PowensError, classify_state, is_transient_state
 from app.powens.links import needs_user
-from app.powens.models import PowensAccount
+from app.powens.models import PowensAccount, decimal_places
 from app.records import map_balances, to_record
+from app.shared_read import shared_account
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import BankAccount, BankConnection
-from app.store.registry import register_accounts
-from app.store.secrets import TokenCipher
 from app.store.states import AccountStatus, Trigger
 
 log = logging.getLogger(__name__)
+_rng = random.SystemRandom()
 
 
 def check_policy(
@@ -79,9 +82,28 @@ def execute(
     attempt: Attempt | None = None,
     deps: Deps | None = None,
 ) -> Outcome:
+    """One attempt. A failure of our own infrastructure (database, Redis) is neither the account's
+    failure nor a bug: the attempt is re-queued with backoff and does not count."""
     attempt = attempt or Attempt()
     deps = deps or Deps.default()
     trigger = Trigger(trigger)
+    try:
+        return _attempt(raw_input, actor, trigger, attempt, deps)
+    except Exception as exc:
+        if not is_infrastructure(exc):
+            raise
+        log.warning("refresh re-queued: infrastructure unavailable (%s)", type(exc).__name__)
+        return _infra_requeue(deps, attempt, exc)
+
+
+def _infra_requeue(deps: Deps, attempt: Attempt, exc: BaseException) -> Requeue:
+    ceiling = min(deps.settings.infra_retry_cap_seconds, 2.0 ** (attempt.infra_failures + 1))
+    return Requeue(
+        _rng.uniform(ceiling / 2, ceiling), f"infrastructure unavailable ({type(exc).__name__})", True
+    )
+
+
+def _attempt(raw_input: Any, actor: Actor | str, trigger: Trigger, attempt: Attempt, deps: Deps) -> Outcome:
     subject = Subject.of(raw_input, actor, trigger)
     started = deps.clock()
     if attempt.task_id is not None:
@@ -91,6 +113,7 @@ def execute(
     t0 = time.perf_counter()
     try:
         inp = parse_input(raw_input)
+        subject = Subject.of(inp, actor, trigger)  # the validated ids (trimmed), from here on
         who = deps.actor(actor)
         authorize(REFRESH_OPERATION, who)
         read = _read(inp, who, attempt, deps)
@@ -105,11 +128,13 @@ def execute(
             request_id=read.request_id,
         )
     except Throttled as th:
-        return Requeue(th.wait, str(th))
+        return Requeue(th.wait, th.why)
     except RefreshError as err:
         error = err
-    except Exception as exc:  # a bug: classified once, here
-        log.exception("refresh failed with an unexpected error")
+    except Exception as exc:
+        if is_infrastructure(exc):
+            raise
+        log.exception("refresh failed with an unexpected error")  # a bug: classified once, here
         error = RefreshError(Reason.INTERNAL, f"internal error ({type(exc).__name__})")
     else:
         _observe(trigger, t0)
@@ -150,9 +175,10 @@ def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, 
     settings = deps.settings
     started = deps.clock()
     # Single flight per account: a concurrent refresh of the same account (on-demand and scheduled at
-    # once) waits here, then takes the fresh result instead of reading Powens again.
+    # once) waits here, then takes the fresh result instead of reading Powens again. The lock lives as
+    # long as the task may (its hard time limit), so it never expires under the work it guards.
     with deps.coord.account_lock(
-        inp.account_id, ttl=settings.powens_call_budget, wait=settings.lock_wait_seconds
+        inp.account_id, ttl=settings.task_time_limit, wait=settings.lock_wait_seconds
     ):
         with session_scope(settings) as session:
             ctx = repo.find_account(session, inp.tenant_id, inp.account_id)
@@ -162,7 +188,7 @@ def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, 
                 raise NotFound(f"account {inp.account_id!r} not found in connection {inp.connection_id!r}")
             if ctx.account.status == AccountStatus.DELETED:
                 raise NotFound(f"account {inp.account_id!r} was deleted at Powens")
-            token = TokenCipher.from_settings(settings).decrypt(ctx.user.token_encrypted)
+            token = deps.cipher.decrypt(ctx.user.token_encrypted)
             powens_user_id = ctx.user.powens_user_id
             user_pk = ctx.user.id
             account_external_id = ctx.account.external_id
@@ -177,18 +203,29 @@ def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, 
         errors: list[str] = []
         if inp.force_refresh:
             errors.extend(
-                _force_sync(deps, actor, token, powens_user_id, connection_id, connection_external_id)
+                force_sync(deps, actor, attempt, token, powens_user_id, connection_id, connection_external_id)
             )
+        pacc: PowensAccount | None = None
+        request_id: str | None = None
         if attempt.run_id is not None and not inp.force_refresh:
-            pacc, request_id = _shared_read(
-                deps, attempt.run_id, user_pk, powens_user_id, token, account_external_id
+            pacc, request_id = shared_account(
+                deps, attempt, user_pk, powens_user_id, token, account_external_id
             )
-        else:
-            answer = deps.client.get_account(token, powens_user_id, account_external_id)
+        if pacc is None:
+            # Read the account itself (on demand; or absent from the user's list, which alone never
+            # means deleted: only Powens' own answer about this account does).
+            try:
+                answer = deps.client.get_account(token, powens_user_id, account_external_id)
+            except PowensError as err:
+                if err.status == 404 and err.reason is Reason.NOT_FOUND:
+                    _set_status(deps, inp.account_id, AccountStatus.DELETED)
+                raise
             pacc, request_id = answer.value, answer.request_id
-        if pacc is None or pacc.deleted is not None:
+        if pacc.deleted is not None:
+            _set_status(deps, inp.account_id, AccountStatus.DELETED)
             raise NotFound(f"account {inp.account_id!r} was deleted at Powens")
         if pacc.disabled is not None:
+            _set_status(deps, inp.account_id, AccountStatus.DISABLED)
             raise NotFound(f"account {inp.account_id!r} is disabled at Powens (not synced)")
         if classify_state(pacc.error) is Reason.NEEDS_USER_ACTION:
             _record_connection_state(deps, connection_id, pacc.error)
@@ -198,17 +235,37 @@ def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, 
                 f"connection state {pacc.error}: Powens will retry; "
                 "balances are from its last successful sync"
             )
+        return _drafts(inp, pacc, request_id, errors, deps.clock())
 
-        refreshed_at = deps.clock()
-        drafts = map_balances(pacc, refreshed_at)
-        wanted = inp.balance_types
-        if wanted:
-            for missing in [t for t in wanted if t not in {d.balance_type for d in drafts}]:
-                errors.append(f"balance type {missing!r} is not provided by Powens for this account")
-            drafts = [d for d in drafts if d.balance_type in wanted]
-        if pacc.last_update is None:
-            errors.append("Powens reports no successful bank sync yet; lastUpdatedAt is the refresh time")
-        return Read(refreshed_at, pacc, drafts, errors, request_id)
+
+def _drafts(
+    inp: OpenBankingRefreshBalancesInput,
+    pacc: PowensAccount,
+    request_id: str | None,
+    errors: list[str],
+    refreshed_at: datetime,
+) -> Read:
+    if pacc.balance is None or pacc.currency is None:
+        # Powens (its OpenAPI) may have no balance or currency yet: the bank has not reported. That is
+        # "no balance yet", kept visible as such; the stored records, if any, stay as they are.
+        errors.append("no balance yet: Powens has no balance for this account (the bank has not reported)")
+        return Read(refreshed_at, pacc, [], errors, request_id)
+    drafts = map_balances(pacc, refreshed_at)
+    wanted = inp.balance_types
+    if wanted:
+        for missing in [t for t in wanted if t not in {d.balance_type for d in drafts}]:
+            errors.append(f"balance type {missing!r} is not provided by Powens for this account")
+        drafts = [d for d in drafts if d.balance_type in wanted]
+    if pacc.last_update is None:
+        errors.append("Powens reports no successful bank sync yet; lastUpdatedAt is the refresh time")
+    if pacc.currency_precision is not None and any(
+        decimal_places(d.current_balance) > pacc.currency_precision for d in drafts
+    ):
+        errors.append(
+            f"an amount has more decimal places than {pacc.currency}'s precision "
+            f"({pacc.currency_precision}); kept exactly as Powens sent it"
+        )
+    return Read(refreshed_at, pacc, drafts, errors, request_id)
 
 
 def _store(
@@ -221,18 +278,19 @@ def _store(
     account = session.get(BankAccount, inp.account_id, with_for_update=True)
     assert account is not None
     pacc = read.pacc
+    types = [d.balance_type for d in read.drafts] if pacc is not None else list(inp.balance_types or [])
     if pacc is not None:
-        day = settings.business_day(read.refreshed_at)
-        repo.upsert_balances(session, account, read.drafts, refreshed_at=read.refreshed_at, day=day)
+        if read.drafts:
+            day = settings.business_day(read.refreshed_at)
+            repo.upsert_balances(session, account, read.drafts, refreshed_at=read.refreshed_at, day=day)
+            if not inp.balance_types:
+                repo.drop_unsent_types(session, account.id, types, read.drafts[0].last_updated_at)
         _update_account(account, pacc, read.refreshed_at)
         conn = session.get(BankConnection, account.connection_id)
         if conn is not None and conn.state != (pacc.error or None):
             conn.state = pacc.error or None
             conn.updated_at = read.refreshed_at
-        types = [d.balance_type for d in read.drafts]
-    else:
-        types = list(inp.balance_types or [])
-    stored = repo.latest_balances(session, inp.tenant_id, inp.account_id, types or None)
+    stored = repo.latest_balances(session, inp.tenant_id, inp.account_id, types or inp.balance_types or None)
     for row, draft in ((r, d) for r in stored for d in read.drafts if d.balance_type == r.balance_type):
         if row.last_updated_at > draft.last_updated_at:
             errors.append(f"Powens returned {draft.balance_type} data older than the stored record; kept it")
@@ -241,78 +299,53 @@ def _store(
     )
 
 
-def _shared_read(
-    deps: Deps, run_id: str, user_pk: int, powens_user_id: int, token: str, account_external_id: int
-) -> tuple[PowensAccount | None, str | None]:
-    """All accounts of one Powens user, read once per run and shared by its accounts' tasks."""
-    settings = deps.settings
-
-    def fetch() -> dict[str, Any]:
-        raw, rid = deps.client.list_accounts_raw(token, powens_user_id)
-        parsed = [PowensAccount.parse(item, settings.powens_zone, EP_ACCOUNTS) for item in raw]
-        # New accounts found at Powens during the run are registered (refreshed from the next run).
-        with session_scope(settings) as session:
-            register_accounts(session, user_pk, [], parsed, deps.clock(), update_existing=False)
-        return {"accounts": raw, "request_id": rid}
-
-    shared = deps.coord.shared(
-        f"accounts:{run_id}:{powens_user_id}",
-        fetch,
-        ttl=settings.shared_read_ttl,
-        wait=settings.powens_call_budget,
-    )
-    for item in shared["accounts"]:
-        if isinstance(item, dict) and str(item.get("id")) == str(account_external_id):
-            return PowensAccount.parse(item, settings.powens_zone, EP_ACCOUNTS), shared.get("request_id")
-    return None, shared.get("request_id")
-
-
 def _update_account(account: BankAccount, pacc: PowensAccount, now: datetime) -> None:
-    account.name = pacc.name
-    account.currency = pacc.currency
-    account.balance = pacc.balance
-    account.coming = pacc.coming
-    if account.powens_last_update is None or (
+    """The account row follows Powens, but never back to an older answer than the one it holds."""
+    newer = account.powens_last_update is None or (
         pacc.last_update is not None and pacc.last_update >= account.powens_last_update
-    ):
-        account.powens_last_update = pacc.last_update
+    )
+    if newer:
+        account.name = pacc.name
+        if pacc.currency is not None:
+            account.currency = pacc.currency
+        account.balance = pacc.balance
+        account.coming = pacc.coming
+        if pacc.last_update is not None:
+            account.powens_last_update = pacc.last_update
+    account.status = AccountStatus.ACTIVE
     account.last_refreshed_at = now
     account.updated_at = now
+
+
+def _set_status(deps: Deps, account_id: str, status: AccountStatus) -> None:
+    """On Powens' word (its answer about this very account): deleted or disabled accounts leave the
+    nightly runs until Powens lists them again."""
+    with session_scope(deps.settings) as session:
+        repo.set_account_status(session, account_id, status, deps.clock())
 
 
 def _record_connection_state(deps: Deps, connection_id: str, state: str | None) -> None:
     """Keep the connection's state current even when the refresh fails (summaries list it)."""
     with session_scope(deps.settings) as session:
-        conn = session.get(BankConnection, connection_id)
-        if conn is not None:
-            conn.state = state
-            conn.updated_at = deps.clock()
+        repo.set_connection_state(session, connection_id, state, deps.clock())
 
 
-def _force_sync(
-    deps: Deps, actor: Actor, token: str, powens_user_id: int, connection_id: str, connection_external_id: int
-) -> list[str]:
-    """Force a bank sync within the PSD2 quota; past it, say so and read what Powens has."""
-    settings = deps.settings
-    now = deps.clock()
-    with session_scope(settings) as session:
-        # Row lock: two workers forcing the same connection cannot both take the last slot.
-        repo.lock_connection(session, connection_id)
-        used = repo.forced_syncs_since(session, connection_id, now - timedelta(hours=24))
-        if used >= settings.force_sync_quota:
-            return [
-                f"forced sync skipped: quota of {settings.force_sync_quota} background syncs per 24 h "
-                f"reached for connection {connection_external_id}; read the last synced data"
-            ]
-        repo.record_forced_sync(session, connection_id, now, actor.name)
-    try:
-        answer = deps.client.sync_connection(token, powens_user_id, connection_external_id)
-    except PowensError as err:
-        if err.status == 409:
-            return ["forced sync not started: a sync of this connection is already running"]
-        raise
-    conn = answer.value
-    _record_connection_state(deps, connection_id, conn.state)
-    if classify_state(conn.state) is Reason.NEEDS_USER_ACTION:
-        raise needs_user(settings, connection_external_id, conn.state, answer.request_id)
-    return []
+def give_up_refresh(
+    settings: Settings,
+    task_id: str,
+    run_id: str | None,
+    raw_input: Any,
+    actor: str,
+    trigger: str,
+    deliveries: int,
+) -> Terminal:
+    """A poison message (its worker died every time it ran it) ends as a recorded ``internal`` failure."""
+    deps = Deps(settings)
+    error = RefreshError(
+        Reason.INTERNAL, f"given up after {deliveries} deliveries: the worker running it died each time"
+    )
+    subject = Subject.of(raw_input, actor, Trigger(trigger))
+    attempt = Attempt(task_id=task_id, run_id=run_id)
+    return record(
+        settings, subject, attempt, attempts=0, started_at=deps.clock(), clock=deps.clock, error=error
+    )

@@ -9,6 +9,7 @@ See docs/design.md "Tasks".
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -18,25 +19,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from celery import Task
 from celery.exceptions import Retry as CeleryRetry
 
+from app.backoff import backoff_seconds
 from app.config import Settings, get_settings
+from app.infra import INFRA_ERRORS
 from app.jsonio import to_plain
 
 if TYPE_CHECKING:  # imported lazily: this module loads with the Celery app, before prometheus_client may
     from app.outcomes import Attempt, Outcome
 
+log = logging.getLogger(__name__)
 _rng = random.SystemRandom()
-
-
-def backoff_seconds(attempt: int, settings: Settings, retry_after: float | None, rng: random.Random) -> float:
-    """Exponential backoff with full jitter, at least Powens' Retry-After, at most the cap.
-
-    The cap keeps every countdown under the broker's visibility timeout (checked in Settings).
-    """
-    ceiling = min(settings.retry_cap_seconds, settings.retry_base_seconds * (2 ** (attempt - 1)))
-    delay = rng.uniform(0, ceiling)
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return min(delay, settings.retry_cap_seconds)
 
 
 @dataclass(frozen=True)
@@ -53,6 +45,7 @@ class Again:
     countdown: float
     counts_attempt: bool
     reason: str
+    infrastructure: bool = False
 
 
 def action_for(outcome: Outcome, attempt: Attempt, settings: Settings, rng: random.Random) -> Finish | Again:
@@ -67,8 +60,8 @@ def action_for(outcome: Outcome, attempt: Attempt, settings: Settings, rng: rand
         countdown = backoff_seconds(attempt.number, settings, outcome.error.retry_after, rng)
         return Again(countdown, True, outcome.error.reason.value)
     assert isinstance(outcome, Requeue)
-    # Give the worker slot back and come back when the limiter (or the account) has room.
-    return Again(outcome.seconds + rng.uniform(0, 0.5), False, outcome.why)
+    # Give the worker slot back and come back when the limiter (or the account, or our database) has room.
+    return Again(outcome.seconds + rng.uniform(0, 0.5), False, outcome.why, outcome.infrastructure)
 
 
 def _stringify(obj: Any) -> Any:
@@ -82,13 +75,17 @@ def _stringify(obj: Any) -> Any:
 
 
 class BalancesTask(Task):
-    """Base of every task: duration and outcome metrics, and the declared retry policy.
+    """Base of every task: duration and outcome metrics, the declared retry policy, poison messages.
 
-    ``retry_on`` lists the exception classes that mean "try again later" for this task (the work is
-    idempotent); they are retried with the same backoff as a refresh, up to ``max_attempts``.
+    ``retry_on`` lists the exception classes that mean "try again later" for every task: by default
+    our own infrastructure (database, Redis, broker) failing. The work is idempotent, so such a task is
+    re-published with backoff (up to ``BALANCES_INFRA_MAX_REQUEUES`` times), never acknowledged as
+    failed. A message redelivered ``BALANCES_MAX_DELIVERIES`` times (its worker died each time it ran
+    it) is a poison message: ``give_up`` ends it terminally instead of running it once more.
     """
 
-    retry_on: ClassVar[tuple[type[BaseException], ...]] = ()
+    retry_on: ClassVar[tuple[type[BaseException], ...]] = INFRA_ERRORS
+    max_retries = None  # our own bounds apply: BALANCES_INFRA_MAX_REQUEUES, BALANCES_MAX_ATTEMPTS
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Imported here: prometheus_client must not load before the worker chose its directory.
@@ -98,6 +95,10 @@ class BalancesTask(Task):
         started = time.perf_counter()
         outcome = TaskOutcome.FAILED
         try:
+            deliveries = self._redeliveries()
+            if deliveries >= get_settings().max_deliveries:
+                outcome = TaskOutcome.GIVEN_UP
+                return self.give_up(deliveries + 1, *args, **kwargs)
             result = self.run(*args, **kwargs)
             outcome = TaskOutcome.SUCCEEDED
             return result
@@ -106,11 +107,32 @@ class BalancesTask(Task):
             raise
         except self.retry_on as exc:
             settings = get_settings()
-            if self.request.retries + 1 >= settings.max_attempts:
+            if self.request.retries >= settings.infra_max_requeues:
                 raise
             outcome = TaskOutcome.RETRIED
-            countdown = backoff_seconds(self.request.retries + 1, settings, None, _rng)
-            raise self.retry(exc=exc, countdown=countdown) from None
+            ceiling = min(settings.infra_retry_cap_seconds, 2.0 ** (self.request.retries + 1))
+            raise self.retry(
+                exc=exc, countdown=_rng.uniform(ceiling / 2, ceiling), max_retries=None
+            ) from None
         finally:
             metrics.TASK_DURATION.labels(task=self.name).observe(time.perf_counter() - started)
             metrics.TASK_OUTCOMES.labels(task=self.name, outcome=outcome.value).inc()
+
+    def _redeliveries(self) -> int:
+        """How often this message (this task id, at this retry) came back because its worker died.
+        Counted only on redelivery, so the normal path costs nothing."""
+        if not (self.request.delivery_info or {}).get("redelivered"):
+            return 0
+        from app.coordination import get_coordinator
+
+        coord = get_coordinator(get_settings())
+        return coord.count_delivery(f"{self.request.id}:{self.request.retries}", ttl=86_400)
+
+    def give_up(self, deliveries: int, *args: Any, **kwargs: Any) -> Any:
+        log.error(
+            "task %s[%s] given up after %d deliveries: its worker died each time",
+            self.name,
+            self.request.id,
+            deliveries,
+        )
+        return None

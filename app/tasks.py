@@ -7,6 +7,7 @@ come from the one router (``app.queues``), never from a call site.
 from __future__ import annotations
 
 import logging
+import random
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -15,21 +16,34 @@ from celery import Task
 
 from app import metrics, pipeline
 from app.celery import app
-from app.config import get_settings
+from app.config import Settings, get_settings
 from app.contract import OpenBankingRefreshBalancesInput
 from app.outcomes import Attempt
 from app.policy import SCHEDULER
 from app.queues import REFRESH_TASK, ROUTES
-from app.refresh import execute
+from app.refresh import execute, give_up_refresh
 from app.reports import jobs
 from app.store import runs
 from app.store.states import Trigger
-from app.taskbase import Again, _rng, action_for
+from app.taskbase import Again, BalancesTask, Finish, action_for
 
 log = logging.getLogger(__name__)
+_rng = random.SystemRandom()  # retry jitter
 
 
-@app.task(bind=True, name=REFRESH_TASK, max_retries=None, ignore_result=False)
+class RefreshTask(BalancesTask):
+    def give_up(self, deliveries: int, *args: Any, **kwargs: Any) -> Any:
+        """A refresh whose worker died every time it ran it ends as a recorded failure."""
+        input, actor, trigger = args[:3]
+        run_id = kwargs.get("run_id")
+        outcome = give_up_refresh(get_settings(), self.request.id, run_id, input, actor, trigger, deliveries)
+        _after_terminal(get_settings(), run_id, input)
+        action = action_for(outcome, Attempt(), get_settings(), _rng)
+        assert isinstance(action, Finish)  # a recorded outcome is terminal
+        return action.result
+
+
+@app.task(bind=True, base=RefreshTask, name=REFRESH_TASK, max_retries=None, ignore_result=False)
 def refresh_account(
     self: Task,
     input: dict[str, Any],
@@ -37,19 +51,24 @@ def refresh_account(
     trigger: str,
     run_id: str | None = None,
     throttled: int = 0,
+    infra: int = 0,
 ) -> dict[str, Any]:
-    """One refresh attempt. ``max_retries=None``: BALANCES_MAX_ATTEMPTS bounds the attempts, and
-    re-queues for the rate limit (``throttled``) are not attempts."""
+    """One refresh attempt. BALANCES_MAX_ATTEMPTS bounds the attempts; re-queues (``throttled``: the
+    rate limiter, a busy account, or our own infrastructure — ``infra`` of them) are not attempts."""
     settings = get_settings()
     attempt = Attempt(
         number=self.request.retries - throttled + 1,
         max_attempts=settings.max_attempts,
         task_id=self.request.id,
         run_id=run_id,
+        infra_failures=infra,
     )
     extra = {"tenant_id": input.get("tenantId"), "account_id": input.get("accountId"), "run_id": run_id}
     action = action_for(execute(input, actor, trigger, attempt=attempt), attempt, settings, _rng)
     if isinstance(action, Again):
+        if action.infrastructure and infra >= settings.infra_max_requeues:
+            log.critical("refresh dropped: infrastructure unavailable for too long", extra=extra)
+            return {"ok": False, "error": {"reason": "internal", "message": action.reason}}
         if action.counts_attempt:
             log.info(
                 "refresh attempt %d/%d failed (%s); retrying in %.1fs",
@@ -61,7 +80,11 @@ def refresh_account(
             )
         raise self.retry(
             countdown=action.countdown,
-            kwargs={"run_id": run_id, "throttled": throttled + (0 if action.counts_attempt else 1)},
+            kwargs={
+                "run_id": run_id,
+                "throttled": throttled + (0 if action.counts_attempt else 1),
+                "infra": infra + int(action.infrastructure),
+            },
         )
     result = action.result
     if result["ok"]:
@@ -72,9 +95,14 @@ def refresh_account(
             result["error"]["message"],
             extra={**extra, "reason": result["error"]["reason"], "attempt": attempt.number},
         )
-    if run_id is not None and isinstance(input.get("tenantId"), str):
-        pipeline.claim_summary_and_enqueue(settings, run_id, input["tenantId"], enqueue_summary)
+    _after_terminal(settings, run_id, input)
     return result
+
+
+def _after_terminal(settings: Settings, run_id: str | None, input: Any) -> None:
+    """The last refresh of a tenant to finish moves it on to its summary (one winner, in the DB)."""
+    if run_id is not None and isinstance(input, dict) and isinstance(input.get("tenantId"), str):
+        pipeline.claim_summary_and_enqueue(settings, run_id, input["tenantId"], enqueue_summary)
 
 
 def dispatch_refresh(
@@ -131,11 +159,14 @@ def enqueue_plan(run_id: str) -> None:
 
 
 @app.task(name="balances.start_nightly_run")
-def start_nightly_run(tick: str | None = None) -> str:
-    """Beat's entry point. The tick (minute or interval slot) makes a re-sent tick the same run."""
+def start_nightly_run() -> str:
+    """Beat's entry point. The run is keyed by its schedule slot, so a redelivered tick or a second beat
+    firing the same slot is the same run, and the run's business day is the slot's."""
     settings = get_settings()
-    tick = tick or pipeline.current_tick(settings)
-    run_id, created = pipeline.start_run(settings, trigger=Trigger.SCHEDULED, actor=SCHEDULER.name, tick=tick)
+    tick, day = pipeline.schedule_slot(settings)
+    run_id, created = pipeline.start_run(
+        settings, trigger=Trigger.SCHEDULED, actor=SCHEDULER.name, tick=tick, business_day=day
+    )
     if created:
         enqueue_plan(run_id)
     else:

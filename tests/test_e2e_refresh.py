@@ -167,14 +167,11 @@ def test_no_wait_prints_the_task_id_and_show_reads_the_store(
     assert proc.returncode == 0, proc.stderr
     task_id = proc.stdout.strip()
     assert len(task_id) == 36
-    import time
+    from app.outcomes import Succeeded, wait_for
 
-    from app.outcomes import outcome_for_task
-
-    deadline = time.monotonic() + 60
-    while (out := outcome_for_task(settings, task_id)) is None:
-        assert time.monotonic() < deadline, "no outcome"
-        time.sleep(0.1)
+    outcome = wait_for(settings, task_id, None, timeout=60, poll=0.1)
+    assert isinstance(outcome, Succeeded), "no outcome"
+    out = outcome.output
     shown = run_cli(worker.env, "--as", "alice", "show", "--tenant", "e2e-nowait", "--json")
     doc = json.loads(shown.stdout)
     assert [b["id"] for b in doc["balances"]] == [b.id for b in out.balances]

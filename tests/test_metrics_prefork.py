@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
-from app.outcomes import outcome_for_task
+from app.outcomes import wait_for
 from app.powens.sandbox import Sandbox
 from tests.e2e import Worker, run_worker, service_env
 from tests.helpers import seed_tenant, sum_scrape
@@ -60,9 +60,7 @@ def test_one_scrape_counts_every_refresh_of_every_child_even_after_recycling(
         )
     deadline = time.monotonic() + 90
     for task_id in ids:
-        while outcome_for_task(settings, task_id) is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        assert wait_for(settings, task_id, None, timeout=deadline - time.monotonic(), poll=0.1) is not None
     time.sleep(0.5)  # let the last children finish exiting (their files are folded at scrape time)
 
     body = recycling_worker.scrape()

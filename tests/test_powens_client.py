@@ -19,8 +19,8 @@ BASE = "https://acme-sandbox.biapi.pro/2.0/"
 TOKEN = "tok_SECRET_do_not_leak_123"
 
 
-def client(page_size: int = 1000) -> PowensClient:
-    return PowensClient(BASE, zone=ZoneInfo("Europe/Paris"), page_size=page_size, read_timeout=2)
+def client(**options: object) -> PowensClient:
+    return PowensClient(BASE, zone=ZoneInfo("Europe/Paris"), read_timeout=2, **options)  # type: ignore[arg-type]
 
 
 def account(**over: object) -> dict[str, object]:
@@ -73,17 +73,41 @@ def test_winter_time_is_utc_plus_one() -> None:
 
 
 @responses.activate
-def test_list_accounts_follows_offset_pagination_and_sends_the_all_flag() -> None:
-    pages = [[account(id=i) for i in range(1, 3)], [account(id=3)]]
-    for page in pages:
-        responses.get(
-            BASE + "users/me/accounts", json={"accounts": page, "balances": {}, "coming_balances": {}}
-        )
-    answer = client(page_size=2).list_accounts(TOKEN)
+def test_list_accounts_sends_the_all_flag_and_follows_next_links_as_given() -> None:
+    # Powens documents no limit/offset on this list: we send none, and follow `_links.next.href`
+    # exactly as given (an opaque cursor), so a list that shifts between pages loses nothing.
+    first = {
+        "accounts": [account(id=1), account(id=2)],
+        "balances": {},
+        "_links": {"next": {"href": "/2.0/users/me/accounts?all&cursor=Zx9"}},
+    }
+    responses.get(
+        BASE + "users/me/accounts?all", json=first, match=[responses.matchers.query_string_matcher("all")]
+    )
+    responses.get(
+        BASE + "users/me/accounts",
+        json={"accounts": [account(id=3)], "balances": {}},
+        match=[responses.matchers.query_string_matcher("all&cursor=Zx9")],
+    )
+    answer = client().list_accounts(TOKEN)
     assert [a.id for a in answer.value] == [1, 2, 3]
     urls = [c.request.url for c in responses.calls]
-    assert urls[0].startswith(BASE + "users/me/accounts?all&")
-    assert "offset=0" in urls[0] and "offset=2" in urls[1] and "limit=2" in urls[1]
+    assert urls == [BASE + "users/me/accounts?all", BASE + "users/me/accounts?all&cursor=Zx9"]
+    assert all("limit" not in u and "offset" not in u for u in urls)
+
+
+@responses.activate
+def test_a_next_link_to_another_host_is_never_followed_with_the_token() -> None:
+    evil = {
+        "accounts": [account(id=1)],
+        "balances": {},
+        "_links": {"next": {"href": "https://evil.example/steal"}},
+    }
+    responses.get(BASE + "users/me/accounts", json=evil)
+    with pytest.raises(PowensError) as info:
+        client().list_accounts(TOKEN)
+    assert info.value.reason is Reason.INVALID_RESPONSE and "another host" in info.value.message
+    assert len(responses.calls) == 1
 
 
 @responses.activate
@@ -186,10 +210,12 @@ def test_transport_failures_are_provider_unavailable_without_leaking(exc: Except
     ("body", "what"),
     [
         ("<html>maintenance</html>", "not JSON"),
-        (raw_json(account(balance=None)), "balance is missing"),
         (raw_json(account(balance="12,5")), "balance is not a number"),
+        (raw_json(account(balance="12.5")), "balance is not a number"),  # a string is the wrong type
         (raw_json(account(currency={"id": "XYZ"})), "unknown currency"),
-        (raw_json(account(currency=None)), "unknown currency"),
+        (raw_json(account(balance=1e20)), "beyond any bank balance"),
+        (raw_json(account(coming=-1e19)), "beyond any bank balance"),
+        (raw_json(account(name=None, original_name=None)), "name is missing"),
         (raw_json(account(id="abc")), "id is not an integer"),
         (raw_json(account(last_update="yesterday")), "last_update"),
         (raw_json([1, 2]), "not an object"),
@@ -221,3 +247,62 @@ def test_http_metrics_use_the_route_template_not_ids() -> None:
         "powens_http_requests_total", {"endpoint": "/users/{id_user}/accounts/{id_account}", "status": "200"}
     )
     assert after == before + 1
+
+
+@responses.activate
+def test_null_balance_and_currency_are_valid_no_balance_yet() -> None:
+    # Powens' OpenAPI marks balance, coming, currency and last_update nullable.
+    responses.get(
+        BASE + "users/3/accounts/17",
+        body=raw_json(account(balance=None, coming=None, currency=None, last_update=None)),
+    )
+    acc = client().get_account(TOKEN, 3, 17).value
+    assert (acc.balance, acc.coming, acc.currency, acc.last_update) == (None, None, None, None)
+
+
+@responses.activate
+def test_an_answer_over_the_size_limit_is_invalid_response() -> None:
+    responses.get(BASE + "users/3/accounts/17", body=raw_json(account(name="x" * 5000)))
+    with pytest.raises(PowensError) as info:
+        client(max_body_bytes=2048).get_account(TOKEN, 3, 17)
+    assert info.value.reason is Reason.INVALID_RESPONSE and "larger than 2048 bytes" in info.value.message
+
+
+def test_a_body_that_drips_slowly_is_cut_by_the_total_timeout() -> None:
+    """Every byte arrives within the read timeout, yet the answer as a whole takes too long."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n")
+        while not stop.is_set():
+            try:
+                conn.sendall(b" ")
+            except OSError:
+                break
+            time.sleep(0.05)
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    drip = PowensClient(
+        f"http://127.0.0.1:{port}/2.0/", zone=ZoneInfo("Europe/Paris"), read_timeout=2, total_timeout=0.5
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(PowensError) as info:
+            drip.get_account(TOKEN, 3, 17)
+    finally:
+        stop.set()
+        listener.close()
+    assert info.value.reason is Reason.PROVIDER_UNAVAILABLE and "took longer than 0.5s" in info.value.message
+    assert time.monotonic() - started < 2  # cut at the total, not after 400 slow bytes

@@ -97,9 +97,10 @@ def test_a_planner_that_died_is_replanned_without_duplicate_items(
         assert s.scalar(select(func.count()).select_from(RunItem).where(RunItem.run_id == run_id)) == 2
 
 
-def test_lost_refreshes_are_redispatched_once_then_marked_stale_and_the_tenant_finalised(
+def test_a_stalled_run_is_redriven_within_minutes_then_given_up_at_the_deadline(
     settings: Settings, sandbox: Sandbox
 ) -> None:
+    settings = settings.model_copy(update={"max_redrives": 2})
     seed_tenant(settings, sandbox, "s-4", accounts=2)
     rec = Recorder()
     run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
@@ -108,14 +109,19 @@ def test_lost_refreshes_are_redispatched_once_then_marked_stale_and_the_tenant_f
     rec.published.clear()  # ... and every message was lost
 
     start = datetime.now(UTC)
+    stall = timedelta(seconds=settings.run_stall_seconds)
+    assert settings.run_stall_seconds <= 300  # back on track in minutes, not after the 2 h deadline
     early = rec.sweep(settings, start + timedelta(seconds=1))
     assert early.redispatched == 0 and rec.published == []
-    after_deadline = start + timedelta(seconds=settings.run_deadline_seconds + 1)
-    assert rec.sweep(settings, after_deadline).redispatched == 2
+    stalled = start + stall + timedelta(seconds=1)
+    assert rec.sweep(settings, stalled).redispatched == 2
     assert rec.published == first  # same task ids: anything that did run is not refreshed twice
-    assert rec.sweep(settings, after_deadline + timedelta(seconds=1)).redispatched == 0  # once only
+    assert rec.sweep(settings, stalled + timedelta(seconds=1)).redispatched == 0  # a re-drive is progress
+    assert rec.sweep(settings, stalled + stall + timedelta(seconds=2)).redispatched == 2
+    assert rec.sweep(settings, stalled + 2 * stall + timedelta(seconds=3)).redispatched == 0  # bounded
 
-    report = rec.sweep(settings, after_deadline + timedelta(seconds=settings.run_grace_seconds + 1))
+    after_deadline = start + timedelta(seconds=settings.run_deadline_seconds + 1)
+    report = rec.sweep(settings, after_deadline)
     assert report.stale == 2
     assert rec.summaries == [(run_id, "s-4")]
     assert jobs.summarize_tenant(settings, run_id, "s-4")
@@ -125,3 +131,59 @@ def test_lost_refreshes_are_redispatched_once_then_marked_stale_and_the_tenant_f
     status = runs.run_status(settings, run_id)
     assert status is not None and status["status"] == "completed"
     assert status["accounts"]["stale"] == 2 and len(status["staleAccounts"]) == 2
+
+
+def test_marking_items_stale_never_counts_an_item_a_refresh_finished_meanwhile(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    """The old sweeper counted pending items, updated them, then subtracted the count: an item whose
+    refresh committed in between was subtracted twice and ``remaining`` went negative."""
+    import threading
+
+    from app.store.db import session_factory
+    from app.store.states import ItemStatus
+
+    t = seed_tenant(settings, sandbox, "s-race", accounts=2)
+    rec = Recorder()
+    run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
+    pipeline.plan_run(settings, run_id, rec.publish, rec.summary)
+    refresh = session_factory(settings)()
+    refresh.begin()
+    assert runs.record_item(refresh, run_id, t.account_ids[0], ItemStatus.SUCCEEDED, None)  # not committed
+    marked: list[int] = []
+    sweeper = threading.Thread(
+        target=lambda: marked.append(runs.mark_items_stale(settings, run_id, datetime.now(UTC)))
+    )
+    sweeper.start()
+    sweeper.join(1.0)
+    assert sweeper.is_alive()  # waiting for the refresh's row lock
+    refresh.commit()
+    refresh.close()
+    sweeper.join(10)
+    assert marked == [1]
+    with session_scope(settings) as s:
+        remaining, stale = s.execute(
+            select(RunTenant.remaining, RunTenant.stale).where(
+                RunTenant.run_id == run_id, RunTenant.tenant_id == "s-race"
+            )
+        ).one()
+    assert (remaining, stale) == (0, 1)
+
+
+def test_a_lost_summary_is_resent_a_bounded_number_of_times(settings: Settings, sandbox: Sandbox) -> None:
+    settings = settings.model_copy(update={"max_redrives": 2})
+    with session_scope(settings) as s:
+        s.add(
+            __import__("app.store.models", fromlist=["Tenant"]).Tenant(
+                id="s-lost", name="no accounts", active=True, created_at=datetime.now(UTC)
+            )
+        )
+    rec = Recorder()
+    run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
+    pipeline.plan_run(settings, run_id, rec.publish, rec.summary)
+    assert rec.summaries == [(run_id, "s-lost")]  # ... and that message was lost, every time
+    stall = timedelta(seconds=settings.run_stall_seconds + 1)
+    now = datetime.now(UTC)
+    for i in range(1, 5):
+        rec.sweep(settings, now + i * stall)
+    assert rec.summaries == [(run_id, "s-lost")] * 3  # the first send, then 2 re-sends, no more

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
+from app.backoff import backoff_seconds
 from app.config import Settings, load_settings
 from app.contract import AccountBalanceRecord, OpenBankingRefreshBalancesOutput
 from app.errors import Reason, RefreshError
 from app.outcomes import Attempt, Failed, Requeue, Retry, Succeeded
-from app.pipeline import current_tick
+from app.pipeline import schedule_slot
 from app.queues import Queue, queue_for
-from app.taskbase import Again, Finish, action_for, backoff_seconds
+from app.taskbase import Again, Finish, action_for
 from tests.helpers import metric
 
 
@@ -34,13 +35,33 @@ def test_backoff_is_full_jitter_under_an_exponential_ceiling_and_capped() -> Non
     assert backoff_seconds(1, s, 500.0, rng) == 30  # ... but never past the cap
 
 
-def test_a_tick_is_the_cron_minute_or_the_interval_slot() -> None:
-    s = _settings()
-    at = datetime(2026, 11, 24, 4, 0, 12, tzinfo=UTC)
-    assert current_tick(s, at) == current_tick(s, at.replace(second=59)) == "cron:2026-11-24T04:00"
+def test_a_scheduled_run_is_keyed_by_its_slot_not_by_when_a_worker_runs_the_tick() -> None:
+    from datetime import date
+    from zoneinfo import ZoneInfo
+
+    s = _settings(nightly_cron="0 4 * * *", timezone="Europe/Paris")
+    paris = ZoneInfo("Europe/Paris")
+    fired = datetime(2026, 11, 24, 4, 0, 3, tzinfo=paris)
+    # The beat's own tick, a redelivery 40 minutes later, a standby beat firing at 05:59: one run.
+    keys = {schedule_slot(s, fired + timedelta(minutes=m)) for m in (0, 40, 119)}
+    assert keys == {("cron:2026-11-24T04:00", date(2026, 11, 24))}
+    # Before the next day's slot it is still that slot; after it, the next one.
+    assert schedule_slot(s, datetime(2026, 11, 25, 3, 59, tzinfo=paris))[0] == "cron:2026-11-24T04:00"
+    assert schedule_slot(s, datetime(2026, 11, 25, 4, 0, tzinfo=paris))[0] == "cron:2026-11-25T04:00"
     every = _settings(nightly_interval_seconds=60)
-    assert current_tick(every, at) == current_tick(every, at.replace(second=59))
-    assert current_tick(every, at) != current_tick(every, at.replace(minute=1))
+    at = datetime(2026, 11, 24, 4, 0, 12, tzinfo=UTC)
+    assert schedule_slot(every, at) == schedule_slot(every, at.replace(second=59))
+    assert schedule_slot(every, at) != schedule_slot(every, at.replace(minute=1))
+
+
+def test_the_default_schedule_exists_once_every_day_and_a_dst_hour_is_refused() -> None:
+    from app.config import ConfigError
+
+    assert load_settings().nightly_cron == "0 4 * * *"
+    with pytest.raises(ConfigError, match=r"BALANCES_NIGHTLY_CRON: 02:00 does not exist on \d{4}-03-\d{2}"):
+        load_settings(nightly_cron="0 2 * * *", timezone="Europe/Paris")
+    with pytest.raises(ConfigError, match=r"02:30 happens twice on \d{4}-10-\d{2}"):
+        load_settings(nightly_cron="30 2 * 10 0", timezone="Europe/Paris")  # October's Sundays
 
 
 def _output() -> OpenBankingRefreshBalancesOutput:

@@ -46,8 +46,8 @@ def run_nightly(
     status = watch_run(settings, run_id, timeout=timeout, console=err)
     print_json(status) if json_ else print_status(out, err, status)
     if status is None or status["status"] != RunStatus.COMPLETED:
-        still_open = status is not None and RunStatus(status["status"]).open
-        raise typer.Exit(EXIT_TIMEOUT if still_open else EXIT_FAILED)
+        underway = status is not None and status["status"] in (RunStatus.PLANNING, RunStatus.RUNNING)
+        raise typer.Exit(EXIT_TIMEOUT if underway else EXIT_FAILED)
 
 
 @run_cli.command("status")

@@ -12,9 +12,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 from zoneinfo import ZoneInfo
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from app import metrics
@@ -32,6 +34,7 @@ EP_CONNECTIONS = "/users/{id_user}/connections"
 EP_CONNECTION = "/users/{id_user}/connections/{id_connection}"
 EP_AUTH_INIT = "/auth/init"
 EP_AUTH_RENEW = "/auth/renew"
+MAX_PAGES = 1000
 
 
 class PowensClient:
@@ -46,14 +49,17 @@ class PowensClient:
         zone: ZoneInfo,
         connect_timeout: float = 3.05,
         read_timeout: float = 20.0,
-        page_size: int = 1000,
+        total_timeout: float = 30.0,
+        max_body_bytes: int = 20 * 2**20,
         session: requests.Session | None = None,
         before_request: Callable[[str], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/") + "/"
         self.zone = zone
         self.timeout = (connect_timeout, read_timeout)
-        self.page_size = page_size
+        # The read timeout bounds one socket read; a body that drips slowly is cut by the total.
+        self.total_timeout = total_timeout
+        self.max_body_bytes = max_body_bytes
         self.session = session or new_session()
         self.before_request = before_request
 
@@ -72,11 +78,15 @@ class PowensClient:
         params: dict[str, Any] | None = None,
         flags: tuple[str, ...] = (),
         data: dict[str, Any] | None = None,
+        url: str | None = None,
     ) -> tuple[Any, str | None]:
-        """One HTTP call. Returns (parsed JSON with exact decimals, Powens request id)."""
-        url = self._url(template, path_params or {})
-        if flags:
-            url += "?" + "&".join(flags)
+        """One HTTP call. Returns (parsed JSON with exact decimals, Powens request id).
+
+        ``url`` replaces the templated URL (a ``_links.next.href`` to follow as given)."""
+        if url is None:
+            url = self._url(template, path_params or {})
+            if flags:
+                url += "?" + "&".join(flags)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if self.before_request is not None:
             self.before_request(template)
@@ -84,18 +94,32 @@ class PowensClient:
         status_label = "error"
         try:
             resp = self.session.request(
-                method, url, params=params, data=data, headers=headers, timeout=self.timeout
+                method, url, params=params, data=data, headers=headers, timeout=self.timeout, stream=True
             )
+            try:
+                content = self._read_body(resp, template, started + self.total_timeout)
+            finally:
+                resp.close()
             status_label = str(resp.status_code)
-        except requests.Timeout:
+        except PowensError as err:
+            status_label = "timeout" if "took longer" in err.message else "error"
+            raise
+        except (requests.Timeout, urllib3.exceptions.ReadTimeoutError):
             status_label = "timeout"
             raise PowensError(
                 Reason.PROVIDER_UNAVAILABLE,
                 f"Powens {template} timed out (connect {self.timeout[0]}s, read {self.timeout[1]}s)",
             ) from None
-        except requests.ConnectionError:
-            raise PowensError(Reason.PROVIDER_UNAVAILABLE, f"Powens {template}: connection failed") from None
-        except requests.RequestException as exc:
+        except (
+            requests.ConnectionError,
+            urllib3.exceptions.ProtocolError,
+            requests.exceptions.ChunkedEncodingError,
+        ):
+            raise PowensError(
+                Reason.PROVIDER_UNAVAILABLE,
+                f"Powens {template}: connection failed or the answer was cut short",
+            ) from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise PowensError(
                 Reason.PROVIDER_UNAVAILABLE, f"Powens {template}: {type(exc).__name__}"
             ) from None
@@ -106,46 +130,64 @@ class PowensClient:
 
         request_id = resp.headers.get("X-Request-Id") or resp.headers.get("Request-Id")
         body: Any = None
-        if resp.content:
+        if content:
             try:
-                body = loads(resp.content)
+                body = loads(content)
             except ValueError:
                 if resp.status_code < 400:
                     raise invalid("body is not JSON", template) from None
         if resp.status_code >= 400:
-            err = error_from_response(
+            failure = error_from_response(
                 resp.status_code, body, endpoint=template, retry_after=resp.headers.get("Retry-After")
             )
-            if err.request_id is None:
-                err.request_id = request_id
-            raise err
+            if failure.request_id is None:
+                failure.request_id = request_id
+            raise failure
         if isinstance(body, dict) and body.get("request_id") is not None and request_id is None:
             request_id = str(body["request_id"])
         return body, request_id
 
+    def _read_body(self, resp: requests.Response, template: str, deadline: float) -> bytes:
+        """The body, read as it arrives, within the total deadline and the size limit."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            if time.perf_counter() > deadline:
+                raise PowensError(
+                    Reason.PROVIDER_UNAVAILABLE,
+                    f"Powens {template}: the answer took longer than {self.total_timeout:g}s",
+                )
+            chunk = resp.raw.read1(65536, decode_content=True)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise invalid(f"the answer is larger than {self.max_body_bytes} bytes", template)
+            chunks.append(chunk)
+
     def _pages(
         self, template: str, key: str, *, token: str, path_params: dict[str, Any], flags: tuple[str, ...] = ()
     ) -> Iterator[tuple[list[Any], str | None]]:
-        offset = 0
+        """A list and its continuation pages: ``_links.next.href`` is followed exactly as given (on
+        Powens' own host only: the bearer token goes nowhere else), until a page has none."""
+        next_url: str | None = None
+        seen: set[str] = set()
         while True:
             body, rid = self.request(
-                "GET",
-                template,
-                token=token,
-                path_params=path_params,
-                params={"limit": self.page_size, "offset": offset},
-                flags=flags,
+                "GET", template, token=token, path_params=path_params, flags=flags, url=next_url
             )
             if not isinstance(body, dict) or not isinstance(body.get(key), list):
                 raise invalid(f"'{key}' list is missing", template)
-            items: list[Any] = body[key]
-            yield items, rid
-            has_next = bool(((body.get("_links") or {}).get("next") or {}).get("href"))
-            if len(items) < self.page_size and not has_next:
+            yield body[key], rid
+            href = ((body.get("_links") or {}).get("next") or {}).get("href")
+            if not href:
                 return
-            if not items:
-                return
-            offset += len(items)
+            next_url = urljoin(self.base_url, str(href))
+            if urlsplit(next_url).netloc != urlsplit(self.base_url).netloc:
+                raise invalid("the next page is on another host", template)
+            if next_url in seen or len(seen) >= MAX_PAGES:
+                raise invalid("the pages do not end", template)
+            seen.add(next_url)
 
     # -- Powens operations -------------------------------------------------------------------------
 
@@ -261,7 +303,8 @@ def build_client(settings: Settings, before_request: Callable[[str], None] | Non
         zone=settings.powens_zone,
         connect_timeout=settings.powens_connect_timeout,
         read_timeout=settings.powens_read_timeout,
-        page_size=settings.powens_page_size,
+        total_timeout=settings.powens_total_timeout,
+        max_body_bytes=settings.powens_max_body_bytes,
         session=shared_session(),
         before_request=before_request,
     )

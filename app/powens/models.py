@@ -1,6 +1,8 @@
 """Powens payloads as typed values: the subset of fields we use, validated at the boundary.
 
-Anything missing, mistyped or unknown (a currency outside ISO 4217) raises ``invalid_response``.
+Anything missing, mistyped or unknown (a currency outside ISO 4217, an absurd amount) raises
+``invalid_response``. What Powens' OpenAPI marks nullable (``balance``, ``coming``, ``currency``,
+``last_update``) may be null: a bank that has not reported yet is "no balance yet", not an error.
 Naive Powens datetimes are read in the Powens zone and returned in UTC.
 """
 
@@ -47,12 +49,17 @@ def parse_powens_datetime(value: Any, zone: ZoneInfo, *, field: str, endpoint: s
     return parsed.astimezone(UTC)
 
 
-def parse_amount(value: Any, *, field: str, endpoint: str, required: bool) -> Decimal | None:
+# No bank balance reaches a quintillion in any currency: beyond this, the payload is wrong. The bound
+# also keeps sums and forecasts (which go through float for the trend) far from overflow.
+MAX_AMOUNT = Decimal(10) ** 18
+MAX_DECIMAL_PLACES = 30
+
+
+def parse_amount(value: Any, *, field: str, endpoint: str) -> Decimal | None:
+    """A JSON number as an exact Decimal; null stays None (Powens marks amounts nullable)."""
     if value is None:
-        if required:
-            raise invalid(f"{field} is missing", endpoint)
         return None
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, Decimal | int | float):
         raise invalid(f"{field} is not a number", endpoint)
     if isinstance(value, float):
         # Only reached when a caller parsed JSON without parse_float=Decimal: go through repr so the
@@ -64,7 +71,16 @@ def parse_amount(value: Any, *, field: str, endpoint: str, required: bool) -> De
         raise invalid(f"{field} is not a number", endpoint) from None
     if not amount.is_finite():
         raise invalid(f"{field} is not finite", endpoint)
+    if abs(amount) >= MAX_AMOUNT:
+        raise invalid(f"{field} {amount:.3e} is beyond any bank balance (|amount| < 1e18)", endpoint)
+    if -amount.as_tuple().exponent > MAX_DECIMAL_PLACES:  # type: ignore[operator]
+        raise invalid(f"{field} has more than {MAX_DECIMAL_PLACES} decimal places", endpoint)
     return amount
+
+
+def decimal_places(amount: Decimal) -> int:
+    exponent = amount.as_tuple().exponent
+    return max(0, -exponent) if isinstance(exponent, int) else 0
 
 
 def _int(value: Any, *, field: str, endpoint: str, required: bool = True) -> int | None:
@@ -94,9 +110,9 @@ class PowensAccount:
     number: str | None
     iban: str | None
     bic: str | None
-    balance: Decimal
+    balance: Decimal | None  # None: the bank has not reported a balance yet
     coming: Decimal | None
-    currency: str
+    currency: str | None
     currency_precision: int | None
     type: str
     usage: str | None
@@ -114,7 +130,7 @@ class PowensAccount:
             code, precision = cur.get("id"), cur.get("precision")
         else:
             code, precision = cur, None
-        if not isinstance(code, str) or code not in ISO_4217:
+        if code is not None and (not isinstance(code, str) or code not in ISO_4217):
             raise invalid(f"unknown currency {str(code)[:8]!r}", endpoint)
         name = raw.get("name") or raw.get("original_name")
         if not isinstance(name, str) or not name.strip():
@@ -122,8 +138,7 @@ class PowensAccount:
         acc_id = _int(raw.get("id"), field="id", endpoint=endpoint)
         conn_id = _int(raw.get("id_connection"), field="id_connection", endpoint=endpoint)
         assert acc_id is not None and conn_id is not None
-        balance = parse_amount(raw.get("balance"), field="balance", endpoint=endpoint, required=True)
-        assert balance is not None
+        balance = parse_amount(raw.get("balance"), field="balance", endpoint=endpoint)
         return cls(
             id=acc_id,
             id_connection=conn_id,
@@ -134,9 +149,11 @@ class PowensAccount:
             iban=_str(raw.get("iban")),
             bic=_str(raw.get("bic")),
             balance=balance,
-            coming=parse_amount(raw.get("coming"), field="coming", endpoint=endpoint, required=False),
+            coming=parse_amount(raw.get("coming"), field="coming", endpoint=endpoint),
             currency=code,
-            currency_precision=precision if isinstance(precision, int) else None,
+            currency_precision=precision
+            if isinstance(precision, int) and not isinstance(precision, bool)
+            else None,
             type=str(raw.get("type") or "unknown"),
             usage=_str(raw.get("usage")),
             last_update=parse_powens_datetime(

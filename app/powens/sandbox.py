@@ -1,11 +1,17 @@
 """A Powens-compatible local server: the subset of the API we call, in Powens' wire format.
 
-Naive ``YYYY-MM-DD HH:MM:SS`` datetimes in Europe/Paris, currency objects, the ``{code, description,
-message, request_id}`` error envelope, connection states, ``limit``/``offset`` pagination, the
-value-less ``all`` flag, ``PUT ...?psu_requested=false`` forced syncs. Data is seeded and
-deterministic. Knobs (latency, 5xx rate, 429 + Retry-After, connection states, scripted per-account
-faults, malformed payloads) are set at start or through ``/_sandbox/*`` admin routes, which also
-count calls, so tests and the benchmark can measure what reached "Powens".
+Naive ``YYYY-MM-DD HH:MM:SS`` datetimes in Europe/Paris, accounts with every field Powens' OpenAPI
+requires (``id_type``, ``bookmarked``, currency objects with ``name``), the ``{code, description,
+message, request_id}`` error envelope, connection states, the value-less ``all`` flag, opaque
+``_links.next.href`` continuation (when the ``accounts_page_size`` knob asks for pages), and
+``PUT ...?psu_requested=false`` forced syncs. Data is seeded and deterministic.
+
+Knobs (latency, 5xx rate, 429 + Retry-After, connection states) are set at start or through
+``/_sandbox/*`` admin routes, which also count calls, so tests and the benchmark can measure what
+reached "Powens". Faults are scripted per account or per user, one answer each: an HTTP status, or
+``reset`` (the connection is dropped), ``truncated`` (half the announced body), ``html`` (a proxy's
+HTML error page), ``badjson``, ``slow`` (an answer after the given seconds), ``drip`` (a body one
+byte at a time). ``wire`` overrides change fields of an account's payload (``"__missing__"`` drops one).
 
 It is not a mock of our own code: the client talks to it over HTTP exactly as to Powens.
 """
@@ -18,6 +24,8 @@ import json
 import logging
 import random
 import re
+import socket
+import struct
 import threading
 import time
 from collections import Counter, deque
@@ -101,8 +109,15 @@ class SAccount:
             "bic": self.bic,
             "balance": self.balance,
             "coming": self.coming,
-            "currency": {"id": self.currency, "symbol": symbol, "precision": precision},
+            "currency": {
+                "id": self.currency,
+                "name": CURRENCY_NAMES.get(self.currency, self.currency),
+                "symbol": symbol,
+                "precision": precision,
+            },
             "type": self.type,
+            "id_type": ACCOUNT_TYPES.index(self.type) + 1 if self.type in ACCOUNT_TYPES else 0,
+            "bookmarked": False,
             "usage": self.usage,
             "display": True,
             "last_update": powens_time(self.last_update) if self.last_update else None,
@@ -129,6 +144,19 @@ class Knobs:
     retry_after: float = 1.0
     accounts_per_connection: int = 2
     connections_per_user: int = 1
+    accounts_page_size: int = 0  # 0: the whole list at once (Powens documents no paging for it)
+
+
+# One scripted answer: (HTTP status, Retry-After) or (a named fault, its argument).
+Step = tuple[int | str, float | None]
+MISSING = "__missing__"
+CURRENCY_NAMES = {
+    "EUR": "Euro",
+    "USD": "US Dollar",
+    "GBP": "British Pound",
+    "CHF": "Swiss Franc",
+    "JPY": "Yen",
+}
 
 
 class SandboxState:
@@ -147,9 +175,11 @@ class SandboxState:
         self.calls: Counter[str] = Counter()
         self.calls_by_user: Counter[int] = Counter()
         self.call_times: deque[float] = deque(maxlen=200_000)
-        self.scripted: dict[int, deque[tuple[int, float | None]]] = {}
+        self.scripted: dict[int, deque[Step]] = {}
         self.malformed: set[int] = set()
-        self.scripted_users: dict[int, deque[tuple[int, float | None]]] = {}
+        self.scripted_users: dict[int, deque[Step]] = {}
+        self.scripted_syncs: dict[int, deque[Step]] = {}  # per connection, for forced syncs
+        self.wire_overrides: dict[int, dict[str, Any]] = {}
         self.request_seq = 0
         self.client_id = "sandbox-client"
         self.client_secret = "sandbox-secret"  # noqa: S105 - the sandbox's own fake credential
@@ -286,6 +316,27 @@ class PowensError(Exception):
         self.status, self.code, self.description, self.retry_after = status, code, description, retry_after
 
 
+class RawFault(Exception):
+    """An answer no error envelope describes: a dropped connection, a cut body, a proxy's HTML page."""
+
+    def __init__(self, kind: str, arg: float | None) -> None:
+        super().__init__(kind)
+        self.kind, self.arg = kind, arg
+
+
+STATUS_CODES = {
+    400: "invalidValue",
+    401: "invalidAccessToken",
+    403: "forbidden",
+    404: "accountNotFound",
+    409: "conflict",
+    500: "internalError",
+    502: "badGateway",
+    503: "serviceUnavailable",
+    504: "gatewayTimeout",
+}
+
+
 class Handler(BaseHTTPRequestHandler):
     server: SandboxHTTPServer
     protocol_version = "HTTP/1.1"
@@ -343,6 +394,8 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(state.knobs.latency_ms / 1000)
             result = getattr(self, "powens_" + name)(match.groupdict(), query, raw_body, request_id)
             self._send(200, result, {"X-Request-Id": request_id})
+        except RawFault as fault:
+            self._raw_fault(fault, request_id)
         except PowensError as err:
             headers = {"X-Request-Id": request_id}
             if err.retry_after is not None:
@@ -358,6 +411,46 @@ class Handler(BaseHTTPRequestHandler):
                 headers,
             )
 
+    def _raw_fault(self, fault: RawFault, request_id: str) -> None:
+        body = b'{"accounts": [{"id": 1, "balance": 12.5, "currency": {"id": "EUR", "na'
+        if fault.kind == "reset":
+            # SO_LINGER 0: the close sends a TCP reset, as a crashed proxy would.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return
+        if fault.kind == "html":
+            page = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+            self._send_raw(int(fault.arg or 502), page, "text/html", request_id)
+            return
+        if fault.kind == "badjson":
+            self._send_raw(200, body, "application/json", request_id)
+            return
+        if fault.kind in ("truncated", "drip"):
+            full = body * 8
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(full)))
+            self.send_header("X-Request-Id", request_id)
+            self.end_headers()
+            if fault.kind == "truncated":
+                self.wfile.write(full[: len(full) // 2])
+            else:
+                for byte in full:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(fault.arg or 0.1)
+            self.close_connection = True
+            return
+        raise ValueError(f"unknown sandbox fault {fault.kind!r}")
+
+    def _send_raw(self, status: int, raw: bytes, content_type: str, request_id: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(raw)))
+        self.send_header("X-Request-Id", request_id)
+        self.end_headers()
+        self.wfile.write(raw)
+
     # -- helpers ---------------------------------------------------------------------------------
 
     def _auth(self, user_ref: str) -> SUser:
@@ -371,22 +464,31 @@ class Handler(BaseHTTPRequestHandler):
             raise PowensError(403, "forbidden", "This token cannot access that user")
         return user
 
-    def _faults(self, key: str, user: SUser, account_id: int | None = None) -> None:
+    def _faults(
+        self, key: str, user: SUser, account_id: int | None = None, connection_id: int | None = None
+    ) -> None:
         state = self.server.state
         state.count(key, user.id)
         with state.lock:
             if account_id is not None:
                 script = state.scripted.get(account_id)
+            elif connection_id is not None:
+                script = state.scripted_syncs.get(connection_id)
             else:
                 script = state.scripted_users.get(user.id) if key.endswith("/accounts") else None
             step = script.popleft() if script else None
         if step is not None:
-            status, retry_after = step
-            if status == 429:
-                raise PowensError(429, "tooManyRequests", "Rate limit reached", retry_after or 1)
-            raise PowensError(
-                status, "internalError" if status < 503 else "serviceUnavailable", "Scripted failure"
-            )
+            what, arg = step
+            if what == "slow":
+                time.sleep(arg or 1.0)  # then answer normally
+            elif what == "maintenance":
+                raise PowensError(503, "maintenance", "Powens is under maintenance")
+            elif isinstance(what, str):
+                raise RawFault(what, arg)
+            elif what == 429:
+                raise PowensError(429, "tooManyRequests", "Rate limit reached", arg)
+            else:
+                raise PowensError(what, STATUS_CODES.get(what, "internalError"), "Scripted failure")
         with state.lock:
             r = state.rng.random()
         if r < state.knobs.rate_limit_rate:
@@ -400,7 +502,26 @@ class Handler(BaseHTTPRequestHandler):
         if acc.id in self.server.state.malformed:
             wire["balance"] = "not-a-number"
             wire["currency"] = {"id": "XXQ"}
+        for key, value in self.server.state.wire_overrides.get(acc.id, {}).items():
+            if value == MISSING:
+                wire.pop(key, None)
+            else:
+                wire[key] = value
         return wire
+
+    def _cursor_page(
+        self, items: list[Any], query: dict[str, list[str]], user_ref: str
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """The whole list, or (``accounts_page_size``) a page and an opaque ``_links.next.href``."""
+        size = self.server.state.knobs.accounts_page_size
+        if not size:
+            return items, {}
+        start = int(query.get("cursor", ["0"])[0] or 0)
+        links: dict[str, Any] = {}
+        if start + size < len(items):
+            flag = "all&" if "all" in query else ""
+            links["next"] = {"href": f"/2.0/users/{user_ref}/accounts?{flag}cursor={start + size}"}
+        return items[start : start + size], links
 
     def _page(self, items: list[Any], query: dict[str, list[str]]) -> tuple[list[Any], dict[str, Any]]:
         try:
@@ -437,11 +558,13 @@ class Handler(BaseHTTPRequestHandler):
         user = self._auth(p["user"])
         self._faults("GET /users/{id_user}/accounts", user)
         with self.server.state.lock:
+            # `all` lists disabled and deleted accounts too (Powens: "use the all parameter to get the
+            # full list"); without it, only active ones.
             accounts = [
-                a for a in user.accounts.values() if a.deleted is None and ("all" in q or a.disabled is None)
+                a for a in user.accounts.values() if "all" in q or (a.deleted is None and a.disabled is None)
             ]
             wires = [self._account_wire(user, a) for a in accounts]
-        page, links = self._page(wires, q)
+        page, links = self._cursor_page(wires, q, p["user"])
         totals: dict[str, Decimal] = {}
         for a in accounts:
             totals[a.currency] = totals.get(a.currency, Decimal(0)) + a.balance
@@ -481,7 +604,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def powens_sync(self, p: dict[str, str], q: dict[str, list[str]], body: bytes, rid: str) -> Any:
         user = self._auth(p["user"])
-        self._faults("PUT /users/{id_user}/connections/{id_connection}", user)
+        self._faults("PUT /users/{id_user}/connections/{id_connection}", user, connection_id=int(p["conn"]))
         if q.get("psu_requested", [""])[0] != "false":
             raise PowensError(400, "missingParameter", "psu_requested=false is required without the user")
         state = self.server.state
@@ -535,7 +658,7 @@ class Handler(BaseHTTPRequestHandler):
         return vars(knobs)
 
     def admin_user_faults(self, p: dict[str, str], body: Any) -> Any:
-        steps: deque[tuple[int, float | None]] = deque((int(x), None) for x in body.get("fail", []))
+        steps = _steps(body.get("fail", []))
         with self.server.state.lock:
             self.server.state.scripted_users[int(p["user"])] = steps
         return {"scripted": len(steps)}
@@ -559,14 +682,10 @@ class Handler(BaseHTTPRequestHandler):
             raise PowensError(404, "accountNotFound", "Account not found")
         user, acc = found
         with state.lock:
-            if "fail" in body:  # e.g. {"fail": [503, 503]} or [[429, 2]]
-                steps: deque[tuple[int, float | None]] = deque()
-                for item in body["fail"]:
-                    if isinstance(item, list):
-                        steps.append((int(item[0]), float(item[1])))
-                    else:
-                        steps.append((int(item), None))
-                state.scripted[aid] = steps
+            if "fail" in body:  # e.g. {"fail": [503, 503]}, [[429, 2]], ["reset"], [["slow", 3]]
+                state.scripted[aid] = _steps(body["fail"])
+            if "wire" in body:  # e.g. {"wire": {"balance": null}} or {"wire": {"name": "__missing__"}}
+                state.wire_overrides[aid] = dict(body["wire"])
             if "balance" in body:
                 acc.balance = Decimal(str(body["balance"]))
             if "coming" in body:
@@ -580,6 +699,14 @@ class Handler(BaseHTTPRequestHandler):
             if "malformed" in body:
                 (state.malformed.add if body["malformed"] else state.malformed.discard)(aid)
             return self._account_wire(user, acc)
+
+
+def _steps(items: list[Any]) -> deque[Step]:
+    steps: deque[Step] = deque()
+    for item in items:
+        what, arg = (item[0], item[1]) if isinstance(item, list) else (item, None)
+        steps.append((what if isinstance(what, str) else int(what), None if arg is None else float(arg)))
+    return steps
 
 
 class SandboxHTTPServer(ThreadingHTTPServer):

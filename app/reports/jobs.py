@@ -18,19 +18,35 @@ from app.config import Settings
 from app.reports.forecast import Forecast, daily_totals, project
 from app.reports.summary import active_accounts, build_summary
 from app.store.db import session_scope
-from app.store.models import AccountBalance, BalanceSnapshot, CashflowForecast, TenantSummary
+from app.store.models import AccountBalance, BalanceSnapshot, CashflowForecast, RefreshRun, TenantSummary
 from app.store.runs import move_tenant
 from app.store.states import TenantStatus
 
 log = logging.getLogger(__name__)
 
 
-def summarize_tenant(settings: Settings, run_id: str, tenant_id: str, day: date | None = None) -> bool:
+def run_day(session: Session, settings: Settings, run_id: str) -> date:
+    """The run's business day, fixed when it started (older runs: today's)."""
+    return (
+        session.scalar(select(RefreshRun.business_day).where(RefreshRun.id == run_id))
+        or settings.business_day()
+    )
+
+
+def summarize_tenant(settings: Settings, run_id: str, tenant_id: str) -> bool:
     """Store the summary and move the tenant to forecasting. False when already done."""
-    day = day or settings.business_day()
     with session_scope(settings) as session:
-        if not move_tenant(session, run_id, tenant_id, TenantStatus.SUMMARISING, TenantStatus.FORECASTING):
+        moved = move_tenant(
+            session,
+            run_id,
+            tenant_id,
+            TenantStatus.SUMMARISING,
+            TenantStatus.FORECASTING,
+            summary_enqueued_at=datetime.now(UTC),  # the forecast task is sent now
+        )
+        if not moved:
             return False
+        day = run_day(session, settings, run_id)
         payload = build_summary(session, settings, run_id, tenant_id, day)
         session.add(
             TenantSummary(run_id=run_id, tenant_id=tenant_id, created_at=datetime.now(UTC), payload=payload)
@@ -85,13 +101,13 @@ def build_forecasts(session: Session, settings: Settings, tenant_id: str, day: d
     return out
 
 
-def forecast_tenant(settings: Settings, run_id: str, tenant_id: str, day: date | None = None) -> bool:
+def forecast_tenant(settings: Settings, run_id: str, tenant_id: str) -> bool:
     """Store one forecast per currency and close the tenant. False when already done."""
-    day = day or settings.business_day()
     now = datetime.now(UTC)
     with session_scope(settings) as session:
         if not move_tenant(session, run_id, tenant_id, TenantStatus.FORECASTING, TenantStatus.DONE):
             return False
+        day = run_day(session, settings, run_id)
         for fc in build_forecasts(session, settings, tenant_id, day):
             session.add(
                 CashflowForecast(

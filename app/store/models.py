@@ -1,7 +1,8 @@
 """Tables (SQLAlchemy 2 typed ORM). Works on PostgreSQL (production, tests) and SQLite (embedded).
 
-Money is NUMERIC on PostgreSQL. SQLite has no decimal type (it would store REAL and add binary
-noise), so there the ``Money`` type keeps the exact decimal text.
+Money is NUMERIC without precision or scale on PostgreSQL: every amount Powens sends is kept digit
+for digit (a fixed scale would round silently). SQLite has no decimal type (it would store REAL and
+add binary noise), so there the ``Money`` type keeps the exact decimal text.
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ NAMING = {
 
 
 class Money(TypeDecorator[Decimal]):
-    impl = Numeric(28, 8)
+    impl = Numeric()
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name == "sqlite":
             return dialect.type_descriptor(String(64))
-        return dialect.type_descriptor(Numeric(28, 8, asdecimal=True))
+        return dialect.type_descriptor(Numeric(asdecimal=True))
 
     def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
         if value is None:
@@ -74,7 +75,7 @@ class Money(TypeDecorator[Decimal]):
 
 
 def _normalize(d: Decimal) -> Decimal:
-    """NUMERIC(28,8) pads to 8 places; give back the amount with its significant places only."""
+    """Give back the amount with its significant places only (a database may pad the scale)."""
     if d == d.to_integral_value():
         return d.quantize(Decimal(1))
     return d.normalize()
@@ -152,11 +153,16 @@ class ForcedSync(Base):
     """One forced background sync of a connection (PSD2: at most 4 per 24 h without the user)."""
 
     __tablename__ = "forced_syncs"
-    __table_args__ = (Index("ix_forced_syncs_connection_at", "connection_id", "at"),)
+    __table_args__ = (
+        Index("ix_forced_syncs_connection_at", "connection_id", "at"),
+        Index("ix_forced_syncs_task_id", "task_id"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     connection_id: Mapped[str] = mapped_column(ForeignKey("bank_connections.id", ondelete="CASCADE"))
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     actor: Mapped[str] = mapped_column(String(128))
+    # The refresh task that forced it: its retries never force again (a slot per request, not per try).
+    task_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class BankAccount(Base):
@@ -175,7 +181,7 @@ class BankAccount(Base):
     original_name: Mapped[str | None] = mapped_column(String(300), nullable=True)
     account_type: Mapped[str] = mapped_column(String(64))
     usage: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    currency: Mapped[str] = mapped_column(String(3))
+    currency: Mapped[str | None] = mapped_column(String(3), nullable=True)  # null: Powens has none yet
     iban: Mapped[str | None] = mapped_column(String(64), nullable=True)
     bic: Mapped[str | None] = mapped_column(String(16), nullable=True)
     number: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -277,6 +283,11 @@ class RefreshRun(Base):
     actor: Mapped[str] = mapped_column(String(128))
     total_tenants: Mapped[int] = mapped_column(Integer, default=0)
     total_accounts: Mapped[int] = mapped_column(Integer, default=0)
+    # Fixed when the run starts (a scheduled run: its slot's day); summaries and forecasts use it.
+    business_day: Mapped[date | None] = mapped_column(Date, nullable=True)
+    # How often the sweeper re-drove a stalled run (re-published its pending items) or re-planned it.
+    redrives: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    replans: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     planned_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -297,6 +308,8 @@ class RunTenant(Base):
     remaining: Mapped[int] = mapped_column(Integer, default=0)
     stale: Mapped[int] = mapped_column(Integer, default=0)
     summary_enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # How often the sweeper re-sent this tenant's summary or forecast task (bounded).
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
@@ -306,6 +319,7 @@ class RunItem(Base):
     __tablename__ = "run_items"
     __table_args__ = (
         Index("ix_run_items_run_status", "run_id", "status"),
+        Index("ix_run_items_run_finished", "run_id", "finished_at"),
         CheckConstraint(check_in("status", ItemStatus), name="status"),
     )
     run_id: Mapped[str] = mapped_column(ForeignKey("refresh_runs.id", ondelete="CASCADE"), primary_key=True)

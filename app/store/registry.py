@@ -1,9 +1,12 @@
 """Registering what a Powens read reveals about a user's connections and accounts: the one path.
 
 Account discovery (``balances accounts sync``) updates every known row from what Powens says
-(``update_existing=True``). The nightly shared read only inserts what is new and flags what
-disappeared (``update_existing=False``): refresh transactions lock existing account rows, and a
-second writer of the same rows in another order could deadlock with them.
+(``update_existing=True``). The nightly shared read only inserts what is new and follows Powens' word
+about accounts outside the run (``update_existing=False``): the run's refresh transactions lock the
+active account rows, and a second writer of the same rows in another order could deadlock with them.
+
+An account's status follows Powens' word only (``deleted``/``disabled`` set, or listed again): absence
+from a list proves nothing — a list may shift or be cut — so it never marks an account deleted.
 """
 
 from __future__ import annotations
@@ -12,13 +15,19 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.powens.models import PowensAccount, PowensConnection
 from app.store.models import BankAccount, BankConnection, PowensUser
 from app.store.repo import new_id
 from app.store.states import AccountStatus
+
+
+def powens_status(a: PowensAccount) -> AccountStatus:
+    if a.deleted:
+        return AccountStatus.DELETED
+    return AccountStatus.DISABLED if a.disabled else AccountStatus.ACTIVE
 
 
 def account_fields(a: PowensAccount) -> dict[str, Any]:
@@ -32,11 +41,7 @@ def account_fields(a: PowensAccount) -> dict[str, Any]:
         "iban": a.iban,
         "bic": a.bic,
         "number": a.number,
-        "status": AccountStatus.DELETED
-        if a.deleted
-        else AccountStatus.DISABLED
-        if a.disabled
-        else AccountStatus.ACTIVE,
+        "status": powens_status(a),
         "balance": a.balance,
         "coming": a.coming,
         "powens_last_update": a.last_update,
@@ -64,8 +69,7 @@ def register_accounts(
     update_existing: bool,
 ) -> int:
     """Insert new connections and accounts of one Powens user (updating known ones when
-    ``update_existing``); known accounts missing from ``accounts`` are marked deleted. Returns how
-    many accounts are new."""
+    ``update_existing``). Returns how many accounts are new."""
     user = session.get(PowensUser, user_pk)
     if user is None:
         return 0
@@ -126,13 +130,8 @@ def register_accounts(
                 setattr(row, key, value)
             row.last_synced_at = now
             row.updated_at = now
-    listed = {a.id for a in accounts}
-    gone = [row.id for ext, row in known.items() if ext not in listed and row.status != AccountStatus.DELETED]
-    if gone:
-        session.execute(
-            update(BankAccount)
-            .where(BankAccount.id.in_(gone))
-            .values(status=AccountStatus.DELETED, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
+        elif row.status != AccountStatus.ACTIVE and powens_status(a) != row.status:
+            # Not in tonight's run (not active): it follows Powens' word, and comes back when listed.
+            row.status = powens_status(a)
+            row.updated_at = now
     return created

@@ -9,7 +9,7 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -182,12 +182,62 @@ def forced_syncs_since(session: Session, connection_id: str, since: datetime) ->
     )
 
 
-def record_forced_sync(session: Session, connection_id: str, at: datetime, actor: str) -> None:
-    session.add(ForcedSync(connection_id=connection_id, at=at, actor=actor))
+def forced_by_task(session: Session, connection_id: str, task_id: str) -> bool:
+    """Whether this refresh task already forced a sync of the connection (in an earlier attempt)."""
+    return (
+        session.scalar(
+            select(ForcedSync.id).where(
+                ForcedSync.connection_id == connection_id, ForcedSync.task_id == task_id
+            )
+        )
+        is not None
+    )
+
+
+def record_forced_sync(
+    session: Session, connection_id: str, at: datetime, actor: str, task_id: str | None
+) -> ForcedSync:
+    row = ForcedSync(connection_id=connection_id, at=at, actor=actor, task_id=task_id)
+    session.add(row)
     # Rows older than the window are no longer needed for the quota.
     session.execute(
         delete(ForcedSync).where(
             ForcedSync.connection_id == connection_id, ForcedSync.at < at - timedelta(days=2)
+        )
+    )
+    session.flush()
+    return row
+
+
+def release_forced_sync(session: Session, forced_sync_id: int) -> None:
+    """The forced sync never left (the rate limiter re-queued the task first): give the slot back."""
+    session.execute(delete(ForcedSync).where(ForcedSync.id == forced_sync_id))
+
+
+def set_connection_state(session: Session, connection_id: str, state: str | None, now: datetime) -> None:
+    session.execute(
+        update(BankConnection).where(BankConnection.id == connection_id).values(state=state, updated_at=now)
+    )
+
+
+def set_account_status(session: Session, account_id: str, status: str, now: datetime) -> None:
+    session.execute(
+        update(BankAccount)
+        .where(BankAccount.id == account_id, BankAccount.status != status)
+        .values(status=status, updated_at=now)
+    )
+
+
+def drop_unsent_types(
+    session: Session, account_id: str, keep: Sequence[str], not_newer_than: datetime
+) -> None:
+    """Latest records of balance types Powens no longer sends (``coming`` gone: no ``uncleared``)
+    leave the canonical view, unless what is stored is newer than this answer. History stays."""
+    session.execute(
+        delete(AccountBalance).where(
+            AccountBalance.account_id == account_id,
+            AccountBalance.balance_type.not_in(list(keep)),
+            AccountBalance.last_updated_at <= not_newer_than,
         )
     )
 

@@ -13,8 +13,10 @@ transaction each.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import String, delete, func, insert, literal, select, update
@@ -82,9 +84,16 @@ def move_tenant(
 
 
 def create_run(
-    settings: Settings, *, trigger: Trigger, actor: str, tick: str | None = None
+    settings: Settings,
+    *,
+    trigger: Trigger,
+    actor: str,
+    tick: str | None = None,
+    business_day: date | None = None,
 ) -> tuple[str, bool]:
-    """The run row. A scheduled tick already seen returns the existing run (created=False)."""
+    """The run row. A scheduled slot already seen returns the existing run (created=False).
+
+    ``business_day`` is fixed here, once (default: today's in BALANCES_TIMEZONE)."""
     with session_scope(settings) as session:
         if tick is not None:
             existing = session.scalar(select(RefreshRun.id).where(RefreshRun.tick == tick))
@@ -100,23 +109,52 @@ def create_run(
                 tick=tick,
                 status=RunStatus.PENDING,
                 actor=actor,
+                business_day=business_day or settings.business_day(now),
                 created_at=now,
             )
         )
     return run_id, True
 
 
-def claim_planning(settings: Settings, run_id: str) -> bool:
+class Superseded(Exception):
+    """This planner's claim is no longer the run's: the sweeper re-planned it meanwhile."""
+
+
+def claim_planning(settings: Settings, run_id: str) -> int | None:
+    """Move a pending run to planning. Returns the planner's generation (the run's re-plan count), which
+    every later planning step checks, or None when the run was not pending."""
+    check_move(RUN_MOVES, RunStatus.PENDING, RunStatus.PLANNING)
     with session_scope(settings) as session:
-        return move_run(session, run_id, RunStatus.PENDING, RunStatus.PLANNING)
+        return session.scalar(
+            update(RefreshRun)
+            .where(RefreshRun.id == run_id, RefreshRun.status == RunStatus.PENDING)
+            .values(status=RunStatus.PLANNING)
+            .returning(RefreshRun.replans)
+        )
 
 
-def write_items(settings: Settings, run_id: str) -> None:
+def _own(session: Session, run_id: str, generation: int) -> None:
+    """Lock the run row while it is still this planner's, or raise Superseded."""
+    mine = session.scalar(
+        select(RefreshRun.id)
+        .where(
+            RefreshRun.id == run_id,
+            RefreshRun.status == RunStatus.PLANNING,
+            RefreshRun.replans == generation,
+        )
+        .with_for_update()
+    )
+    if mine is None:
+        raise Superseded(run_id)
+
+
+def write_items(settings: Settings, run_id: str, generation: int) -> None:
     """The run's items, computed and written by the database in one statement (INSERT ... SELECT):
     every active account of every active tenant, pending, with its fixed task id. Items of an earlier
     planner that died are replaced (it published nothing: publishing starts after this commits)."""
     run_lit = literal(run_id, String)
     with session_scope(settings) as session:
+        _own(session, run_id, generation)
         session.execute(delete(RunItem).where(RunItem.run_id == run_id))
         session.execute(
             insert(RunItem).from_select(
@@ -134,10 +172,11 @@ def write_items(settings: Settings, run_id: str) -> None:
         )
 
 
-def open_tenants(settings: Settings, run_id: str) -> tuple[int, list[str]]:
+def open_tenants(settings: Settings, run_id: str, generation: int) -> tuple[int, list[str]]:
     """One counter row per active tenant (tenants without accounts too: they still get a summary);
     the run moves to running. Returns (accounts planned, tenants with nothing to refresh)."""
     with session_scope(settings) as session:
+        _own(session, run_id, generation)
         counts = dict(
             session.execute(
                 select(RunItem.tenant_id, func.count())
@@ -277,55 +316,91 @@ def last_success(settings: Settings) -> datetime | None:
 # -- what the sweeper reads and does -------------------------------------------------------------------
 
 
-def open_runs(settings: Settings) -> Sequence[tuple[str, RunStatus, datetime, datetime | None]]:
+@dataclass(frozen=True)
+class OpenRun:
+    id: str
+    status: RunStatus
+    created_at: datetime
+    last_activity: datetime  # the latest of: created, planned, re-driven, an item finished
+    redrives: int
+    replans: int
+    pending: int
+
+
+def open_runs(settings: Settings) -> list[OpenRun]:
     with session_scope(settings) as session:
         rows = session.execute(
-            select(RefreshRun.id, RefreshRun.status, RefreshRun.created_at, RefreshRun.redispatched_at).where(
-                RefreshRun.status.in_(OPEN_RUN_STATUSES)
-            )
+            select(
+                RefreshRun.id,
+                RefreshRun.status,
+                RefreshRun.created_at,
+                RefreshRun.planned_at,
+                RefreshRun.redispatched_at,
+                RefreshRun.redrives,
+                RefreshRun.replans,
+            ).where(RefreshRun.status.in_(OPEN_RUN_STATUSES))
         ).all()
-    return [(r[0], RunStatus(r[1]), r[2], r[3]) for r in rows]
+        found = []
+        for run_id, status, created, planned, redriven, redrives, replans in rows:
+            progress = session.scalar(select(func.max(RunItem.finished_at)).where(RunItem.run_id == run_id))
+            pending = session.scalar(
+                select(func.count())
+                .select_from(RunItem)
+                .where(RunItem.run_id == run_id, RunItem.status == ItemStatus.PENDING)
+            )
+            last = max(t for t in (created, planned, redriven, progress) if t is not None)
+            found.append(
+                OpenRun(run_id, RunStatus(status), created, last, redrives, replans, int(pending or 0))
+            )
+    return found
 
 
-def replan(settings: Settings, run_id: str, status: RunStatus) -> bool:
-    """A run whose planner died (or whose plan message was lost) goes back to pending."""
+def replan(settings: Settings, run: OpenRun, now: datetime) -> bool:
+    """A run whose planner died (or whose plan message was lost) goes back to pending, counted."""
     with session_scope(settings) as session:
-        if status is RunStatus.PENDING:
-            return True
-        return move_run(session, run_id, status, RunStatus.PENDING)
+        values = {"replans": RefreshRun.replans + 1, "redispatched_at": now}
+        if run.status is RunStatus.PENDING:
+            return bool(
+                rowcount(
+                    session.execute(
+                        update(RefreshRun)
+                        .where(RefreshRun.id == run.id, RefreshRun.status == RunStatus.PENDING)
+                        .values(**values)
+                    )
+                )
+            )
+        return move_run(session, run.id, run.status, RunStatus.PENDING, **values)
 
 
-def mark_redispatched(settings: Settings, run_id: str, at: datetime) -> None:
+def mark_redriven(settings: Settings, run_id: str, at: datetime) -> None:
     with session_scope(settings) as session:
-        session.execute(update(RefreshRun).where(RefreshRun.id == run_id).values(redispatched_at=at))
+        session.execute(
+            update(RefreshRun)
+            .where(RefreshRun.id == run_id)
+            .values(redispatched_at=at, redrives=RefreshRun.redrives + 1)
+        )
 
 
 def mark_items_stale(settings: Settings, run_id: str, now: datetime) -> int:
     """Items still pending are given up (``stale``, reason ``lost``) and their tenants' counters
-    moved on, so no summary waits forever."""
+    moved on by exactly the items this statement changed (``RETURNING``): a refresh committing at the
+    same moment either finished its item first (not returned here) or finds it stale (no decrement)."""
+    check_move(ITEM_MOVES, ItemStatus.PENDING, ItemStatus.STALE)
     with session_scope(settings) as session:
-        per_tenant = dict(
-            session.execute(
-                select(RunItem.tenant_id, func.count())
-                .where(RunItem.run_id == run_id, RunItem.status == ItemStatus.PENDING)
-                .group_by(RunItem.tenant_id)
-            ).all()
-        )
-        if not per_tenant:
-            return 0
-        check_move(ITEM_MOVES, ItemStatus.PENDING, ItemStatus.STALE)
-        session.execute(
+        changed = session.execute(
             update(RunItem)
             .where(RunItem.run_id == run_id, RunItem.status == ItemStatus.PENDING)
             .values(status=ItemStatus.STALE, reason="lost", finished_at=now)
-        )
+            .returning(RunItem.tenant_id)
+        ).all()
+        per_tenant = Counter(row[0] for row in changed)
         for tenant_id, n in per_tenant.items():
             session.execute(
                 update(RunTenant)
                 .where(RunTenant.run_id == run_id, RunTenant.tenant_id == tenant_id)
                 .values(remaining=RunTenant.remaining - n, stale=RunTenant.stale + n)
             )
-    return sum(per_tenant.values())
+    return len(changed)
 
 
 def give_up(settings: Settings, run_id: str, status: RunStatus, now: datetime, error: str) -> bool:
@@ -333,27 +408,38 @@ def give_up(settings: Settings, run_id: str, status: RunStatus, now: datetime, e
         return move_run(session, run_id, status, RunStatus.STALE, finished_at=now, error=error)
 
 
-def tenants_to_resume(
-    settings: Settings, run_id: str, enqueued_before: datetime
-) -> tuple[list[str], list[tuple[str, TenantStatus]]]:
-    """Tenants whose counter reached zero but were never claimed, and tenants whose summary or
-    forecast task has not finished since ``enqueued_before`` (its message was lost)."""
+def tenants_ready(settings: Settings, run_id: str) -> list[str]:
+    """Tenants whose counter reached zero but whose move to summarising was never claimed."""
     with session_scope(settings) as session:
-        ready = session.scalars(
-            select(RunTenant.tenant_id).where(
-                RunTenant.run_id == run_id,
-                RunTenant.status == TenantStatus.REFRESHING,
-                RunTenant.remaining <= 0,
+        return list(
+            session.scalars(
+                select(RunTenant.tenant_id).where(
+                    RunTenant.run_id == run_id,
+                    RunTenant.status == TenantStatus.REFRESHING,
+                    RunTenant.remaining <= 0,
+                )
             )
-        ).all()
-        stuck = session.execute(
-            select(RunTenant.tenant_id, RunTenant.status).where(
+        )
+
+
+def claim_resends(
+    settings: Settings, run_id: str, sent_before: datetime, now: datetime, max_resends: int
+) -> list[tuple[str, TenantStatus]]:
+    """Tenants whose summary or forecast task was sent before ``sent_before`` and has not moved them on
+    (its message was lost): each is claimed for one more send (counted, at most ``max_resends``)."""
+    with session_scope(settings) as session:
+        rows = session.execute(
+            update(RunTenant)
+            .where(
                 RunTenant.run_id == run_id,
                 RunTenant.status.in_((TenantStatus.SUMMARISING, TenantStatus.FORECASTING)),
-                RunTenant.summary_enqueued_at < enqueued_before,
+                RunTenant.summary_enqueued_at < sent_before,
+                RunTenant.resends < max_resends,
             )
+            .values(summary_enqueued_at=now, resends=RunTenant.resends + 1)
+            .returning(RunTenant.tenant_id, RunTenant.status)
         ).all()
-    return list(ready), [(t, TenantStatus(s)) for t, s in stuck]
+    return [(t, TenantStatus(s)) for t, s in rows]
 
 
 # -- status --------------------------------------------------------------------------------------------

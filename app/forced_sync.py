@@ -1,0 +1,67 @@
+"""Forcing a bank sync before a refresh, within the PSD2 budget of background accesses.
+
+PSD2 (RTS Art. 36(5)(b)) allows 4 accesses per connection per 24 h without the user. A slot is taken
+under a row lock on the connection, so two workers cannot both take the last one; it is given back when
+the request never reached Powens (the rate limiter re-queued the task first) or Powens started no sync
+(409: one is running). A refresh forces at most once: its retries read what Powens has.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from app.coordination import Throttled
+from app.deps import Deps
+from app.errors import Reason
+from app.outcomes import Attempt
+from app.policy import Actor
+from app.powens.errors import PowensError, classify_state
+from app.powens.links import needs_user
+from app.store import repo
+from app.store.db import session_scope
+
+
+def force_sync(
+    deps: Deps,
+    actor: Actor,
+    attempt: Attempt,
+    token: str,
+    powens_user_id: int,
+    connection_id: str,
+    connection_external_id: int,
+) -> list[str]:
+    """Force a bank sync within the quota; past it, say so (the refresh reads what Powens has)."""
+    settings = deps.settings
+    now = deps.clock()
+    with session_scope(settings) as session:
+        repo.lock_connection(session, connection_id)
+        if attempt.task_id is not None and repo.forced_by_task(session, connection_id, attempt.task_id):
+            return ["forced sync already made by an earlier attempt of this refresh; read its result"]
+        used = repo.forced_syncs_since(session, connection_id, now - timedelta(hours=24))
+        if used >= settings.force_sync_quota:
+            return [
+                f"forced sync skipped: quota of {settings.force_sync_quota} background syncs per 24 h "
+                f"reached for connection {connection_external_id}; read the last synced data"
+            ]
+        slot = repo.record_forced_sync(session, connection_id, now, actor.name, attempt.task_id).id
+    try:
+        answer = deps.client.sync_connection(token, powens_user_id, connection_external_id)
+    except Throttled:
+        _release(deps, slot)
+        raise
+    except PowensError as err:
+        if err.status == 409:
+            _release(deps, slot)
+            return ["forced sync not started: a sync of this connection is already running"]
+        raise
+    conn = answer.value
+    with session_scope(settings) as session:
+        repo.set_connection_state(session, connection_id, conn.state, deps.clock())
+    if classify_state(conn.state) is Reason.NEEDS_USER_ACTION:
+        raise needs_user(settings, connection_external_id, conn.state, answer.request_id)
+    return []
+
+
+def _release(deps: Deps, slot: int) -> None:
+    with session_scope(deps.settings) as session:
+        repo.release_forced_sync(session, slot)
