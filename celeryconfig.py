@@ -62,7 +62,7 @@ task_create_missing_queues = False
 imports = ("app.tasks",)
 
 # Beat: RedBeat keeps the schedule and a lock in Redis, so a second beat is a hot standby.
-beat_scheduler = "redbeat.RedBeatScheduler"
+beat_scheduler = "app.beat:BalancesScheduler"  # RedBeat, surviving a Redis restart
 redbeat_redis_url = _s.celery_broker_url
 redbeat_key_prefix = "balances:redbeat"
 redbeat_lock_timeout = _s.redbeat_lock_timeout

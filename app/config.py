@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     powens_rate_limit: float = Field(10.0, ge=0, validation_alias=_env("BALANCES_POWENS_RATE_LIMIT"))
     rate_limit_max_wait: float = Field(2.0, ge=0, validation_alias=_env("BALANCES_RATE_LIMIT_MAX_WAIT"))
     lock_wait_seconds: float = Field(10.0, gt=0, validation_alias=_env("BALANCES_LOCK_WAIT_SECONDS"))
+    # Locks held while working are leases renewed every third of this: a killed holder frees them
+    # within one lease, a long piece of work never loses them.
+    lock_lease_seconds: float = Field(15.0, ge=1, validation_alias=_env("BALANCES_LOCK_LEASE_SECONDS"))
     shared_read_ttl: int = Field(600, ge=1, validation_alias=_env("BALANCES_SHARED_READ_TTL"))
 
     forecast_horizon_days: int = Field(
@@ -175,9 +178,9 @@ class Settings(BaseSettings):
 
     @property
     def powens_call_budget(self) -> float:
-        """How long one guarded Powens read may take: the TTL of the locks that guard it, so a killed
-        holder blocks others for this long at most."""
-        return self.powens_connect_timeout + self.powens_read_timeout + self.rate_limit_max_wait + 5
+        """How long one Powens read may take, waiting for the rate limiter included: how long a task
+        waits for another's shared read before giving up on this attempt."""
+        return self.powens_total_timeout + self.rate_limit_max_wait + 5
 
     @property
     def redis_url(self) -> str:

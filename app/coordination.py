@@ -44,7 +44,7 @@ class Throttled(Exception):
 
 class Coordinator(Protocol):
     def account_lock(
-        self, account_id: str, ttl: float, wait: float
+        self, account_id: str, lease: float, wait: float
     ) -> contextlib.AbstractContextManager[None]: ...
 
     def shared(
@@ -58,7 +58,7 @@ class Coordinator(Protocol):
 
 @dataclass(frozen=True)
 class Sharing:
-    """How a shared read shares a failure, and how long its fetcher may hold the lock.
+    """How a shared read shares a failure, and the lease of its fetcher's lock.
 
     A failure is shared under ``failure_key`` (the run, the user and the attempt number) for
     ``failure_ttl`` seconds: every task at the same attempt gets the same answer from one Powens call,
@@ -66,7 +66,7 @@ class Sharing:
 
     failure_key: str
     failure_ttl: float
-    lock_ttl: float
+    lease: float
 
 
 def throttle(coord: Coordinator, max_wait: float, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -100,21 +100,61 @@ return math.max(1, tonumber(oldest[2]) + window - now)
 """
 
 
+# Extend a lock's lease only while we still hold it. KEYS[1] = lock; ARGV = token, lease ms.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+class Lease:
+    """Keeps a Redis lock alive while its holder works: the lock's TTL is a short lease, renewed every
+    third of it by a daemon thread. A holder that dies (a killed worker) stops renewing, so the lock
+    is free again within one lease — yet a long piece of work (a forced sync, then a read) never sees
+    its lock expire under it."""
+
+    def __init__(self, renew: Any, key: str, token: str, lease: float) -> None:
+        self._renew, self._key, self._token, self._lease = renew, key, token, lease
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease:{key}", daemon=True)
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._lease / 3):
+            try:
+                if not self._renew(keys=[self._key], args=[self._token, int(self._lease * 1000)]):
+                    return  # lost (expired, or Redis restarted empty): nothing left to keep
+            except redis.exceptions.RedisError:
+                return
+
+
 class RedisCoordinator:
     def __init__(self, client: redis.Redis, *, rate_limit: float, prefix: str = "balances") -> None:
         self.r = client
         self.rate_limit = rate_limit
         self.prefix = prefix
         self._acquire = self.r.register_script(_ACQUIRE)
+        self._renew = self.r.register_script(_RENEW)
 
     @contextlib.contextmanager
-    def account_lock(self, account_id: str, ttl: float, wait: float) -> Iterator[None]:
-        """``ttl`` bounds how long a dead holder (a killed worker) blocks the account."""
-        lock = self.r.lock(f"{self.prefix}:lock:account:{account_id}", timeout=ttl, blocking_timeout=wait)
+    def account_lock(self, account_id: str, lease: float, wait: float) -> Iterator[None]:
+        """Held with a renewed ``lease``: a dead holder blocks the account for one lease at most."""
+        key = f"{self.prefix}:lock:account:{account_id}"
+        lock = self.r.lock(key, timeout=lease, blocking_timeout=wait)
         if not lock.acquire():
             raise Throttled(1.0 + wait / 2, "another refresh of this account is running")
+        token = lock.local.token
         try:
-            yield
+            with Lease(self._renew, key, token.decode() if isinstance(token, bytes) else str(token), lease):
+                yield
         finally:
             with contextlib.suppress(redis.exceptions.LockError):
                 lock.release()
@@ -133,11 +173,12 @@ class RedisCoordinator:
             if failed is not None:
                 raise _unpack_error(failed)
             me = uuid.uuid4().hex
-            if self.r.set(lock_key, me, nx=True, px=int(sharing.lock_ttl * 1000)):
+            if self.r.set(lock_key, me, nx=True, px=int(sharing.lease * 1000)):
                 # The answer is stored before the lock goes, or a waiter could find neither and
                 # read Powens a second time.
                 try:
-                    value = fetch()
+                    with Lease(self._renew, lock_key, me, sharing.lease):
+                        value = fetch()
                     self.r.set(data_key, dumps(value), ex=ttl)
                     return value
                 except RefreshError as err:
@@ -192,7 +233,7 @@ class LocalCoordinator:
         self._deliveries: dict[str, int] = {}
 
     @contextlib.contextmanager
-    def account_lock(self, account_id: str, ttl: float, wait: float) -> Iterator[None]:
+    def account_lock(self, account_id: str, lease: float, wait: float) -> Iterator[None]:
         with self._guard:
             lock = self._locks.setdefault(account_id, threading.Lock())
         if not lock.acquire(timeout=wait):

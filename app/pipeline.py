@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from app.config import Settings
 from app.schedule import previous_fire
-from app.store import runs
+from app.store import recovery, runs
 from app.store.states import RunStatus, TenantStatus, Trigger
 
 log = logging.getLogger(__name__)
@@ -130,17 +130,17 @@ def sweep(
     deadline = timedelta(seconds=settings.run_deadline_seconds)
     grace = timedelta(seconds=settings.run_grace_seconds)
     report = SweepReport()
-    for run in runs.open_runs(settings):
+    for run in recovery.open_runs(settings):
         age = now - run.created_at
         stalled = now - run.last_activity > stall
         if run.status in (RunStatus.PENDING, RunStatus.PLANNING):
             # The plan message was lost, or the planner died before the run was running.
-            if stalled and run.replans < settings.max_redrives and runs.replan(settings, run, now):
+            if stalled and run.replans < settings.max_redrives and recovery.replan(settings, run, now):
                 enqueue_plan(run.id)
                 report.plans_reenqueued += 1
         elif run.status is RunStatus.RUNNING:
             if age > deadline:
-                report.stale += runs.mark_items_stale(settings, run.id, now)
+                report.stale += recovery.mark_items_stale(settings, run.id, now)
             elif run.pending and stalled and run.redrives < settings.max_redrives:
                 report.redispatched += _redrive(settings, run.id, publish, now)
             report.summaries_reenqueued += _resume_reports(
@@ -152,7 +152,9 @@ def sweep(
                 continue
         # Even the reports could not finish (no reports worker?): say so, where operators look.
         too_late = age > deadline + 3 * grace
-        if too_late and runs.give_up(settings, run.id, run.status, now, "incomplete after the last deadline"):
+        if too_late and recovery.give_up(
+            settings, run.id, run.status, now, "incomplete after the last deadline"
+        ):
             report.runs_marked_stale.append(run.id)
             log.error("run %s marked stale", run.id, extra={"run_id": run.id})
     return report
@@ -160,7 +162,7 @@ def sweep(
 
 def _redrive(settings: Settings, run_id: str, publish: Publish, now: datetime) -> int:
     count = publish_items(settings, run_id, publish, pending_only=True)
-    runs.mark_redriven(settings, run_id, now)
+    recovery.mark_redriven(settings, run_id, now)
     log.warning("run %s stalled: re-published %d pending refreshes", run_id, count, extra={"run_id": run_id})
     return count
 
@@ -174,9 +176,11 @@ def _resume_reports(
     enqueue_forecast: EnqueueReport,
 ) -> int:
     n = 0
-    for tenant_id, status in runs.claim_resends(settings, run_id, sent_before, now, settings.max_redrives):
+    for tenant_id, status in recovery.claim_resends(
+        settings, run_id, sent_before, now, settings.max_redrives
+    ):
         (enqueue_summary if status is TenantStatus.SUMMARISING else enqueue_forecast)(run_id, tenant_id)
         n += 1
-    for tenant_id in runs.tenants_ready(settings, run_id):
+    for tenant_id in recovery.tenants_ready(settings, run_id):
         n += claim_summary_and_enqueue(settings, run_id, tenant_id, enqueue_summary)
     return n

@@ -175,10 +175,10 @@ def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, 
     settings = deps.settings
     started = deps.clock()
     # Single flight per account: a concurrent refresh of the same account (on-demand and scheduled at
-    # once) waits here, then takes the fresh result instead of reading Powens again. The lock lives as
-    # long as the task may (its hard time limit), so it never expires under the work it guards.
+    # once) waits here, then takes the fresh result instead of reading Powens again. The lock is a
+    # renewed lease: it never expires under the work it guards, and a killed holder frees it quickly.
     with deps.coord.account_lock(
-        inp.account_id, ttl=settings.task_time_limit, wait=settings.lock_wait_seconds
+        inp.account_id, lease=settings.lock_lease_seconds, wait=settings.lock_wait_seconds
     ):
         with session_scope(settings) as session:
             ctx = repo.find_account(session, inp.tenant_id, inp.account_id)

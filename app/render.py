@@ -133,6 +133,8 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
     console.print(table)
     for f in summary["failedAccounts"]:
         console.print(f"  failed: {f['name']} ({f['accountId']}): {f['reason']}", highlight=False)
+    for n in summary.get("noBalanceYet", []):
+        console.print(f"  no balance yet: {n['name']} ({n['accountId']})", highlight=False)
     for c in summary["connectionsNeedingUser"]:
         console.print(
             f"  needs the user: connection {c['powensConnectionId']} ({c['state']}): {c['reconnectUrl']}",

@@ -45,7 +45,7 @@ def shared_account(
         sharing=Sharing(
             failure_key=f"{key}:failed:{attempt.number}",
             failure_ttl=settings.retry_cap_seconds + settings.task_time_limit,
-            lock_ttl=settings.task_time_limit,
+            lease=settings.lock_lease_seconds,
         ),
     )
     rid = shared.get("request_id")

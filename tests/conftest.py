@@ -59,9 +59,17 @@ def redis_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def sandbox() -> Iterator[Sandbox]:
+def sandbox_server() -> Iterator[Sandbox]:
     with Sandbox(SandboxState(seed=1234)) as sb:
         yield sb
+
+
+@pytest.fixture
+def sandbox(sandbox_server: Sandbox) -> Iterator[Sandbox]:
+    """The session's sandbox server; each test leaves it without scripted faults."""
+    yield sandbox_server
+    sandbox_server.state.clear_faults()
+    sandbox_server.state.knobs.latency_ms = 0
 
 
 def make_settings(database_url: str, sandbox: Sandbox, **extra: object) -> Settings:
@@ -80,8 +88,8 @@ def make_settings(database_url: str, sandbox: Sandbox, **extra: object) -> Setti
 
 
 @pytest.fixture(scope="session")
-def pg_migrated(pg_url: str, sandbox: Sandbox) -> str:
-    upgrade(make_settings(pg_url, sandbox))
+def pg_migrated(pg_url: str, sandbox_server: Sandbox) -> str:
+    upgrade(make_settings(pg_url, sandbox_server))
     return pg_url
 
 

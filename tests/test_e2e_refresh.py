@@ -24,9 +24,9 @@ ACCOUNT_ROUTE = "GET /users/{id_user}/accounts/{id_account}"
 
 @pytest.fixture(scope="module")
 def worker(
-    pg_migrated: str, redis_url: str, sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+    pg_migrated: str, redis_url: str, sandbox_server: Sandbox, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Worker]:
-    env = service_env(pg_migrated, redis_url, sandbox)
+    env = service_env(pg_migrated, redis_url, sandbox_server)
     with run_worker(env, tmp_path_factory.mktemp("worker") / "worker.log") as w:
         yield w
 

@@ -306,3 +306,29 @@ def test_a_body_that_drips_slowly_is_cut_by_the_total_timeout() -> None:
         listener.close()
     assert info.value.reason is Reason.PROVIDER_UNAVAILABLE and "took longer than 0.5s" in info.value.message
     assert time.monotonic() - started < 2  # cut at the total, not after 400 slow bytes
+
+
+def test_the_sandbox_speaks_powens_openapi_account_shape(sandbox_server) -> None:  # type: ignore[no-untyped-def]
+    """Required by Powens' OpenAPI (bank-accounts.yml): the sandbox must send what Powens sends."""
+    user = sandbox_server.state.create_user(accounts_per_connection=1)
+    body = requests.get(
+        sandbox_server.base_url + "users/me/accounts?all",
+        headers={"Authorization": f"Bearer {user.token}"},
+        timeout=5,
+    ).json()
+    required = {
+        "id",
+        "id_connection",
+        "id_user",
+        "id_source",
+        "name",
+        "original_name",
+        "type",
+        "id_type",
+        "usage",
+    }
+    required |= {"display", "bookmarked"}
+    for acc in body["accounts"]:
+        assert required <= set(acc)
+        assert {"id", "name", "symbol", "precision"} <= set(acc["currency"])
+    assert {"accounts", "balances"} <= set(body)

@@ -10,7 +10,7 @@ from app import pipeline
 from app.config import Settings
 from app.powens.sandbox import Sandbox
 from app.reports import jobs
-from app.store import runs
+from app.store import recovery, runs
 from app.store.db import session_scope
 from app.store.models import RefreshRun, RunItem, RunTenant
 from app.store.states import Trigger
@@ -152,7 +152,7 @@ def test_marking_items_stale_never_counts_an_item_a_refresh_finished_meanwhile(
     assert runs.record_item(refresh, run_id, t.account_ids[0], ItemStatus.SUCCEEDED, None)  # not committed
     marked: list[int] = []
     sweeper = threading.Thread(
-        target=lambda: marked.append(runs.mark_items_stale(settings, run_id, datetime.now(UTC)))
+        target=lambda: marked.append(recovery.mark_items_stale(settings, run_id, datetime.now(UTC)))
     )
     sweeper.start()
     sweeper.join(1.0)
@@ -187,3 +187,14 @@ def test_a_lost_summary_is_resent_a_bounded_number_of_times(settings: Settings, 
     for i in range(1, 5):
         rec.sweep(settings, now + i * stall)
     assert rec.summaries == [(run_id, "s-lost")] * 3  # the first send, then 2 re-sends, no more
+
+
+def test_a_lost_plan_is_sent_again_a_bounded_number_of_times(settings: Settings) -> None:
+    settings = settings.model_copy(update={"max_redrives": 2})
+    rec = Recorder()
+    run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")  # plan message lost
+    stall = timedelta(seconds=settings.run_stall_seconds + 1)
+    now = datetime.now(UTC)
+    for i in range(1, 6):
+        rec.sweep(settings, now + i * stall)
+    assert rec.plans == [run_id, run_id]

@@ -151,3 +151,39 @@ def test_the_base_task_retries_its_declared_exceptions_and_counts_each_execution
         metric("balances_task_executions_total", task="balances.test_undeclared", outcome="failed")
         == failed + 1
     )
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_json_output_keeps_money_exact_on_a_terminal_too(terminal: bool) -> None:
+    import io
+
+    from rich.console import Console
+
+    from app.cli.shell import print_json
+
+    buffer = io.StringIO()
+    print_json(
+        {"currentBalance": Decimal("12345678901234567.89")}, Console(file=buffer, force_terminal=terminal)
+    )
+    text = buffer.getvalue()
+    assert "12345678901234567.89" in text and "e+16" not in text
+
+
+def test_workers_drain_reports_before_the_nightly_flood() -> None:
+    import celeryconfig
+
+    assert [q.name for q in celeryconfig.task_queues] == ["interactive", "reports", "refresh"]
+    assert celeryconfig.broker_transport_options["queue_order_strategy"] == "priority"
+
+
+def test_every_task_of_the_service_retries_infrastructure_errors() -> None:
+    import kombu.exceptions
+    import sqlalchemy.exc
+
+    from app import tasks
+    from app.queues import REFRESH_TASK, ROUTES
+
+    for name in [REFRESH_TASK, *ROUTES]:
+        task = tasks.app.tasks[name]
+        assert sqlalchemy.exc.OperationalError in task.retry_on, name
+        assert kombu.exceptions.OperationalError in task.retry_on, name  # a fan-out cut half-way

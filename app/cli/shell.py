@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.syntax import Syntax
 
 from app.config import ConfigError, Settings, get_settings
 from app.contract import OperationMeta
@@ -85,7 +86,7 @@ def load() -> Settings:
 
 def fail(reason: Reason, message: str, code: int, *, as_json: bool) -> NoReturn:
     if as_json:
-        out.print_json(dumps({"error": {"reason": reason.value, "message": message}}))
+        print_json({"error": {"reason": reason.value, "message": message}})
     else:
         err.print(f"[red]{reason.value}:[/] {message}", highlight=False)
     raise typer.Exit(code)
@@ -141,8 +142,15 @@ def authorized(operation: OperationMeta, *, as_json: bool = False) -> tuple[Sett
     return settings, actor
 
 
-def print_json(obj: Any) -> None:
-    out.print_json(dumps(obj), highlight=False) if out.is_terminal else print(dumps(obj, indent=2))
+def print_json(obj: Any, console: Console | None = None) -> None:
+    """Our own JSON text, money digit for digit; on a terminal, colored as it is (rich's print_json
+    would parse it again, through float, and show 12345678901234567.89 as 1.2345678901234568e+16)."""
+    console = console or out
+    text = dumps(obj, indent=2)
+    if console.is_terminal:
+        console.print(Syntax(text, "json", background_color="default", word_wrap=True))
+    else:
+        console.file.write(text + "\n")
 
 
 def read_secret(prompt: str) -> str:

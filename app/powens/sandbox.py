@@ -180,9 +180,18 @@ class SandboxState:
         self.scripted_users: dict[int, deque[Step]] = {}
         self.scripted_syncs: dict[int, deque[Step]] = {}  # per connection, for forced syncs
         self.wire_overrides: dict[int, dict[str, Any]] = {}
+        self.hidden: set[int] = set()  # accounts a list leaves out (a list that shifted or was cut)
         self.request_seq = 0
         self.client_id = "sandbox-client"
         self.client_secret = "sandbox-secret"  # noqa: S105 - the sandbox's own fake credential
+
+    def clear_faults(self) -> None:
+        """Forget every scripted fault and payload override (knobs stay)."""
+        with self.lock:
+            for faults in (self.scripted, self.scripted_users, self.scripted_syncs, self.wire_overrides):
+                faults.clear()
+            self.malformed.clear()
+            self.hidden.clear()
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -561,7 +570,10 @@ class Handler(BaseHTTPRequestHandler):
             # `all` lists disabled and deleted accounts too (Powens: "use the all parameter to get the
             # full list"); without it, only active ones.
             accounts = [
-                a for a in user.accounts.values() if "all" in q or (a.deleted is None and a.disabled is None)
+                a
+                for a in user.accounts.values()
+                if a.id not in self.server.state.hidden
+                and ("all" in q or (a.deleted is None and a.disabled is None))
             ]
             wires = [self._account_wire(user, a) for a in accounts]
         page, links = self._cursor_page(wires, q, p["user"])

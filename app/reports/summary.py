@@ -41,6 +41,16 @@ def build_summary(
     totals: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"current": Decimal(0), "available": Decimal(0), "coming": Decimal(0), "accounts": 0}
     )
+    with_balance = {acc for acc, btype, *_ in latest if btype == "current"}
+    no_balance = [
+        {"accountId": acc, "name": name}
+        for acc, name in session.execute(
+            select(BankAccount.id, BankAccount.name)
+            .where(BankAccount.id.in_(active))
+            .order_by(BankAccount.id)
+        )
+        if acc not in with_balance
+    ]
     for _acc, btype, ccy, cur, avail in latest:
         t = totals[ccy]
         if btype == "current":
@@ -136,6 +146,8 @@ def build_summary(
         "accounts": {**counts, "failuresByReason": dict(sorted(by_reason.items()))},
         "failedAccounts": failed,
         "staleAccounts": stale,
+        # Accounts the bank has not reported a balance for yet: not in the totals, and not a failure.
+        "noBalanceYet": no_balance,
         "connectionsNeedingUser": needing,
     }
 

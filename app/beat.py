@@ -1,0 +1,60 @@
+"""The beat scheduler: RedBeat (schedule and leader lock in Redis), kept alive across Redis restarts.
+
+RedBeat installs the schedule entries once, at start-up, and extends its lock on every tick. When Redis
+restarts empty (this deployment's Redis keeps nothing on disk) the lock and the entries are gone: the
+leader's next extend raises and kills the beat, and a standby that takes over finds no entry, so the
+nightly run and the sweeper that re-drives lost work would never fire again. Here a beat that lost its
+lock tries to take it back (else it stands by), a leader re-installs missing entries, and a Redis error
+in a tick is a short wait, not a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import redis.lock
+from redbeat import RedBeatScheduler
+from redbeat.schedulers import get_redis
+
+log = logging.getLogger("celery.beat")
+
+
+class BalancesScheduler(RedBeatScheduler):
+    lock: redis.lock.Lock | None = None
+
+    def tick(self, min: Callable[..., float] = min, **kwargs: Any) -> float:
+        try:
+            if self.lock_key and not self._lead():
+                return float(self.max_interval)
+            self._reinstall_if_lost()
+            return float(super().tick(min=min, **kwargs))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.warning("beat: Redis unavailable (%s); trying again shortly", type(exc).__name__)
+            return 1.0
+
+    def _lead(self) -> bool:
+        """Whether this beat holds the leader lock, taking it back if it was lost and is free."""
+        if self.lock is not None:
+            try:
+                self.lock.extend(int(self.lock_timeout))
+                return True
+            except redis.exceptions.LockError:
+                log.warning("beat: the leader lock was lost (Redis restarted or it expired)")
+        lock = self.lock or get_redis(self.app).lock(self.lock_key, timeout=self.lock_timeout)
+        if lock.acquire(blocking=False):
+            log.info("beat: Acquired lock")
+            self.lock = lock
+            self.setup_schedule()  # Redis may have lost the entries with the lock
+            return True
+        self.lock = None
+        return False
+
+    def _reinstall_if_lost(self) -> None:
+        client = get_redis(self.app)
+        names = self.app.redbeat_conf.schedule.keys()
+        if any(not client.exists(self.Entry.generate_key(self.app, name)) for name in names):
+            log.warning("beat: schedule entries missing from Redis; installing them again")
+            self.setup_schedule()

@@ -1,0 +1,58 @@
+"""Coordination through real Redis: leases that outlive long work but not a dead holder, delivery
+counts, shared failures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from app.coordination import RedisCoordinator, Throttled
+from tests.e2e import ROOT
+
+
+@pytest.fixture
+def coord(redis_url: str) -> RedisCoordinator:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    return RedisCoordinator(client, rate_limit=0)
+
+
+def test_a_held_lock_outlives_its_lease_while_the_work_goes_on(coord: RedisCoordinator) -> None:
+    with coord.account_lock("acc-long", lease=1.0, wait=0.1):
+        time.sleep(2.5)  # work longer than two leases: the lock must still be ours
+        with pytest.raises(Throttled), coord.account_lock("acc-long", lease=1.0, wait=0.1):
+            pass
+    with coord.account_lock("acc-long", lease=1.0, wait=0.1):  # released at the end
+        pass
+
+
+def test_a_killed_holder_frees_its_lock_within_one_lease(coord: RedisCoordinator, redis_url: str) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import redis, sys, time\n"
+            "from app.coordination import RedisCoordinator\n"
+            f"c = RedisCoordinator(redis.Redis.from_url({redis_url!r}), rate_limit=0)\n"
+            "with c.account_lock('acc-dead', lease=2.0, wait=1):\n"
+            "    print('held', flush=True); time.sleep(60)\n",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
+    holder.kill()  # SIGKILL: no release, no more renewals
+    holder.wait()
+    killed = time.monotonic()
+    with coord.account_lock("acc-dead", lease=2.0, wait=5.0):
+        waited = time.monotonic() - killed
+    assert waited <= 2.5  # one lease, not the task's whole time limit
+
+
+def test_deliveries_are_counted_per_task_and_retry(coord: RedisCoordinator) -> None:
+    assert [coord.count_delivery("task-1:0", ttl=60) for _ in range(3)] == [1, 2, 3]
+    assert coord.count_delivery("task-1:1", ttl=60) == 1
