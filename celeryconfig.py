@@ -39,6 +39,11 @@ enable_utc = True
 
 task_acks_late = True
 task_reject_on_worker_lost = True
+# A task killed by its hard time limit goes back to the queue (a redelivery, counted: a message that
+# times out on every delivery ends as a recorded failure after BALANCES_MAX_DELIVERIES).
+task_acks_on_timeout = False
+# Publishing (a retry, a fan-out, a summary) outlasts a short broker outage instead of failing.
+task_publish_retry_policy = {"max_retries": 30, "interval_start": 0, "interval_step": 0.5, "interval_max": 3}
 worker_prefetch_multiplier = 1
 task_soft_time_limit = _s.task_soft_time_limit
 task_time_limit = _s.task_time_limit

@@ -1,4 +1,9 @@
-"""Tenants and actors: what the admin shell manages besides refreshes. One transaction per call."""
+"""Tenants and actors: what the admin shell manages besides refreshes. One transaction per call.
+
+Roles change only through ``grant`` and ``revoke``, each audited (who, whom, when, and a refusal too).
+The first admin is the bootstrap: while no actor holds ``admin``, anyone who can reach the database
+may grant it; from then on only an admin may grant or revoke, and the last admin cannot be revoked.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from app import operations as ops
 from app.config import Settings
 from app.contract import ID_MAX_LENGTH
-from app.errors import InvalidInput
+from app.errors import InvalidInput, PolicyDenied
+from app.policy import ADMIN, Actor, authorize
 from app.store import repo
 from app.store.db import session_scope
 
@@ -46,14 +53,56 @@ def list_tenants(settings: Settings) -> list[TenantView]:
         ]
 
 
-def grant(settings: Settings, name: str, role: str) -> bool:
+def grant(settings: Settings, acting: Actor, name: str, role: str) -> bool:
+    """Give ``name`` the role. Returns False when it already had it. Raises PolicyDenied (audited)."""
+    op = ops.ADMIN_GRANT.qualified_name
+    denied: PolicyDenied | None = None
+    changed = False
     with session_scope(settings) as session:
-        return repo.grant_role(session, name, role, datetime.now(UTC))
+        now = datetime.now(UTC)
+        bootstrap = not repo.admins(session)
+        try:
+            if not bootstrap:
+                authorize(ops.ADMIN_GRANT, acting)
+        except PolicyDenied as exc:
+            denied = exc
+            repo.audit(session, now, acting.name, op, name, "denied", {"role": role, "reason": exc.message})
+        else:
+            changed = repo.grant_role(session, name, role, now)
+            detail = {"role": role, "bootstrap": bootstrap, "changed": changed}
+            repo.audit(session, now, acting.name, op, name, "done", detail)
+    if denied is not None:
+        raise denied
+    return changed
 
 
-def revoke(settings: Settings, name: str, role: str) -> bool:
+def revoke(settings: Settings, acting: Actor, name: str, role: str) -> bool:
+    """Take the role from ``name``. Returns False when it did not have it."""
+    op = ops.ADMIN_REVOKE.qualified_name
+    denied: PolicyDenied | None = None
+    changed = False
     with session_scope(settings) as session:
-        return repo.revoke_role(session, name, role, datetime.now(UTC))
+        now = datetime.now(UTC)
+        holders = repo.admins(session)
+        try:
+            authorize(ops.ADMIN_REVOKE, acting)
+        except PolicyDenied as exc:
+            denied = exc
+            repo.audit(session, now, acting.name, op, name, "denied", {"role": role, "reason": exc.message})
+        else:
+            if role == ADMIN and holders == [name]:
+                raise InvalidInput(f"{name!r} is the last admin: grant another admin before revoking it")
+            changed = repo.revoke_role(session, name, role, now)
+            repo.audit(session, now, acting.name, op, name, "done", {"role": role, "changed": changed})
+    if denied is not None:
+        raise denied
+    return changed
+
+
+def record_denial(settings: Settings, actor: Actor, operation: str, reason: str) -> None:
+    """An admin-shell command refused by the policy leaves its trace too."""
+    with session_scope(settings) as session:
+        repo.audit(session, datetime.now(UTC), actor.name, operation, None, "denied", {"reason": reason})
 
 
 def list_actors(settings: Settings) -> Sequence[ActorView]:

@@ -20,6 +20,7 @@ from redbeat import RedBeatScheduler
 from redbeat.schedulers import get_redis
 
 log = logging.getLogger("celery.beat")
+NIGHTLY_TASK = "balances.start_nightly_run"
 
 
 class BalancesScheduler(RedBeatScheduler):
@@ -34,6 +35,17 @@ class BalancesScheduler(RedBeatScheduler):
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             log.warning("beat: Redis unavailable (%s); trying again shortly", type(exc).__name__)
             return 1.0
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
+        """The nightly tick carries the beat's own clock (``fired_at``): its run is keyed by the slot
+        the beat fired, whatever the clock of the worker that runs the task, and whenever it does."""
+        if entry.task != NIGHTLY_TASK:
+            return super().apply_async(entry, producer, advance, **kwargs)
+        if advance:
+            entry = self.reserve(entry)  # as Celery's own apply_async does, before sending
+        stamped = {**(entry.kwargs or {}), "fired_at": self.app.now().isoformat()}
+        options = {**entry.options, "headers": {**entry.options.get("headers", {}), "celery_beat_task": True}}
+        return self.send_task(entry.task, list(entry.args or ()), stamped, producer=producer, **options)
 
     def _lead(self) -> bool:
         """Whether this beat holds the leader lock, taking it back if it was lost and is free."""

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     powens_webview_lang: str = Field("en", validation_alias=_env("BALANCES_WEBVIEW_LANG"))
 
     encryption_key: SecretStr | None = Field(None, validation_alias=_env("BALANCES_ENCRYPTION_KEY"))
+    # HMAC key(s) of task messages (app.signing), comma-separated, newest first.
+    signing_key: SecretStr | None = Field(None, validation_alias=_env("BALANCES_SIGNING_KEY"))
     metrics_port: int = Field(9464, ge=0, le=65535, validation_alias=_env("BALANCES_METRICS_PORT"))
     metrics_dir: str | None = Field(None, validation_alias=_env("BALANCES_METRICS_DIR"))
 
@@ -145,6 +147,33 @@ class Settings(BaseSettings):
     def _cron(cls, v: str) -> str:
         if len(v.split()) != 5:
             raise ValueError("must be a 5-field crontab expression such as '0 2 * * *'")
+        return v
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _fernet_keys(cls, v: SecretStr | None) -> SecretStr | None:
+        """Checked when the process starts, not at 2 a.m. when the first token is read."""
+        if v is None or not v.get_secret_value().strip():
+            return None
+        import base64
+        import binascii
+
+        for key in (k.strip() for k in v.get_secret_value().split(",") if k.strip()):
+            try:
+                raw = base64.urlsafe_b64decode(key.encode())
+            except (binascii.Error, ValueError):
+                raw = b""
+            if len(raw) != 32:
+                raise ValueError("each key must be a url-safe base64 32-byte Fernet key (comma-separated)")
+        return v
+
+    @field_validator("signing_key")
+    @classmethod
+    def _signing_keys(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value().strip():
+            return None
+        if any(len(k.strip()) < 32 for k in v.get_secret_value().split(",") if k.strip()):
+            raise ValueError("each key must be at least 32 characters (e.g. `openssl rand -hex 32`)")
         return v
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ the window because the clock is Redis' while Powens sees arrival times a few mil
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ from app.config import Settings
 from app.errors import Reason, RefreshError
 from app.jsonio import dumps, loads
 
+log = logging.getLogger(__name__)
 WINDOW_MS = 1000
 GUARD_MS = 50
 
@@ -119,6 +121,7 @@ class Lease:
         self._renew, self._key, self._token, self._lease = renew, key, token, lease
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease:{key}", daemon=True)
+        self.lost = False  # the lock expired or was taken while held (logged)
 
     def __enter__(self) -> Lease:
         self._thread.start()
@@ -128,12 +131,20 @@ class Lease:
         self._stop.set()
 
     def _run(self) -> None:
+        renewed = time.monotonic()
         while not self._stop.wait(self._lease / 3):
             try:
-                if not self._renew(keys=[self._key], args=[self._token, int(self._lease * 1000)]):
-                    return  # lost (expired, or Redis restarted empty): nothing left to keep
+                if self._renew(keys=[self._key], args=[self._token, int(self._lease * 1000)]):
+                    renewed = time.monotonic()
+                    continue
             except redis.exceptions.RedisError:
-                return
+                if time.monotonic() - renewed < self._lease:
+                    continue  # a blip: try again while the lease still runs
+            # Expired, taken, or Redis restarted empty: the work goes on without the lock (it only
+            # spares a duplicate Powens read; the database keeps the outcome exactly-once).
+            self.lost = True
+            log.warning("lock %s lost while held", self._key)
+            return
 
 
 class RedisCoordinator:

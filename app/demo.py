@@ -55,13 +55,17 @@ def _demo_settings(sandbox: Sandbox) -> Settings:
         overrides["celery_broker_url"] = IN_MEMORY_BROKER
         overrides["coordination"] = "local"
         overrides["powens_rate_limit"] = 0
-    if base.encryption_key is None:
-        from pydantic import SecretStr
+    from pydantic import SecretStr
 
+    if base.encryption_key is None:
         from app.store.secrets import generate_key
 
         # Demo tokens are re-linked on every run, so a key of this run is enough.
         overrides["encryption_key"] = SecretStr(generate_key())
+    if base.signing_key is None:
+        import secrets
+
+        overrides["signing_key"] = SecretStr(secrets.token_hex(32))  # this run's messages only
     return base.model_copy(update=overrides)
 
 
@@ -132,8 +136,10 @@ def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console,
     where = settings.database_url.split("@")[-1] if not settings.is_sqlite else settings.database_url
     console.print(f"[bold]balances demo[/] — Powens sandbox at {sandbox.base_url}, database {where}")
     upgrade(settings)
-    grant(settings, DEMO_ACTOR, ADMIN)
     actor = Actor(DEMO_ACTOR, frozenset({ADMIN}))
+    # Granted by the demo itself: on its embedded database nobody else is there; on another one the
+    # admin shell made sure an admin runs it.
+    grant(settings, Actor("system:demo", frozenset({ADMIN})), DEMO_ACTOR, ADMIN)
     deps = Deps(settings)
     client = build_client(settings)
     now = datetime.now(UTC)

@@ -16,9 +16,12 @@ INFRA_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.InterfaceError,
     sqlalchemy.exc.DisconnectionError,
     sqlalchemy.exc.TimeoutError,  # no connection free in the pool in time
+    # PostgreSQL's class 25 and XX: a read-only replica after a failover, an idle transaction killed.
+    sqlalchemy.exc.InternalError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError,  # a replica after a failover
+    redis.exceptions.OutOfMemoryError,  # maxmemory reached: it clears as consumers catch up
     kombu.exceptions.OperationalError,  # the broker
     ConnectionError,  # the OS said so (refused, reset, aborted)
 )

@@ -60,6 +60,16 @@ class JsonFormatter(logging.Formatter):
         return dumps(doc)
 
 
+class TextFormatter(logging.Formatter):
+    """``BALANCES_LOG_FORMAT=text``: one human line per record, scrubbed like every other format."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(super().format(record))
+
+
 class RawFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return scrub(record.getMessage())
@@ -71,11 +81,7 @@ def configure(level: str = "INFO", fmt: str = "json", stream: Any = None) -> Non
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(
-        JsonFormatter()
-        if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(level.upper())
 

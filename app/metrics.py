@@ -24,6 +24,7 @@ class TaskOutcome(StrEnum):
     FAILED = "failed"
     RETRIED = "retried"
     GIVEN_UP = "given_up"  # a poison message: redelivered too often, ended without running
+    DENIED = "denied"  # its message was not signed by the service: not run
 
 
 REFRESHED = Counter(
@@ -77,7 +78,7 @@ TASK_DURATION = Histogram(
 )
 TASK_OUTCOMES = Counter(
     "balances_task_executions",
-    "Executions of Celery tasks by task name and outcome (succeeded, failed, retried, given_up).",
+    "Executions of Celery tasks by task name and outcome (succeeded, failed, retried, given_up, denied).",
     ["task", "outcome"],
 )
 

@@ -21,9 +21,10 @@ def _shell(key: str, description: str, auth: str, kind: str = "command") -> Oper
     )
 
 
-# Whoever can reach the database may migrate it and bootstrap the first admin (the shell is trusted).
+# Whoever can reach the database may migrate it (the shell is trusted with DATABASE_URL).
 DB_UPGRADE = _shell("db.upgrade", "Apply the schema migrations.", ANONYMOUS)
-ADMIN_GRANT = _shell("actors.grant", "Grant a role to an actor (the bootstrap).", ANONYMOUS)
+# Needs an admin — except once: while no admin exists, anyone may grant the first (app.admin.grant).
+ADMIN_GRANT = _shell("actors.grant", "Grant a role to an actor.", ADMIN)
 ADMIN_REVOKE = _shell("actors.revoke", "Revoke a role from an actor.", ADMIN)
 ADMIN_LIST = _shell("actors.list", "List actors and their roles.", USER, "query")
 TENANT_ADD = _shell("tenants.add", "Add a tenant.", ADMIN)
@@ -35,9 +36,14 @@ RUN_STATUS = _shell("runs.status", "Show a nightly run's progress.", USER, "quer
 RUN_SWEEP = _shell("runs.sweep", "Run the sweeper once now.", ADMIN)
 SUMMARY = _shell("summaries.get", "Show a tenant's stored summary.", USER, "query")
 FORECAST = _shell("forecasts.get", "Show a tenant's stored cashflow forecasts.", USER, "query")
-# Local tools: the sandbox touches no data of ours; the demo runs on its own tenants and actor.
+# The sandbox touches no data of ours. The demo needs nobody on its own embedded database, an admin on
+# any other (it writes demo tenants there).
 SANDBOX_SERVE = _shell("sandbox.serve", "Serve the local Powens sandbox.", ANONYMOUS)
-DEMO = _shell("demo", "Run the demo on its own tenants.", ANONYMOUS)
+DEMO = _shell("demo", "Run the demo on its own tenants.", ADMIN)
+KEYS_ROTATE = _shell("keys.rotate", "Re-encrypt every stored Powens token under the newest key.", ADMIN)
+RECONNECT_LINK = _shell(
+    "connections.reconnect_link", "Issue a Powens reconnect link for a connection that needs its user.", ADMIN
+)
 
 SHOW = GET_OPERATION
 ACCOUNTS_SYNC = ACCOUNTS_SYNC_OPERATION

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -51,6 +51,7 @@ class Attempt:
     task_id: str | None = None
     run_id: str | None = None
     infra_failures: int = 0  # re-queues so far because our database or Redis was unavailable
+    business_day: date | None = None  # a nightly run's own day (its snapshots are that day's)
 
     @property
     def final(self) -> bool:

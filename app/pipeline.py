@@ -115,15 +115,18 @@ def sweep(
     enqueue_plan: Callable[[str], None],
     enqueue_forecast: EnqueueReport,
     now: datetime | None = None,
+    queued: Callable[[], int] | None = None,
 ) -> SweepReport:
     """Put runs whose tasks were lost (worker killed, broker restarted) back on track, in minutes.
 
     A run that has made no progress for ``run_stall_seconds`` is re-driven: a lost plan is sent again;
     a running run's pending items are published again under their own task ids (whatever did run is
-    not refreshed twice: its audit row answers the replay), at most ``max_redrives`` times; a tenant
-    whose summary or forecast message was lost gets it again (bounded). ``run_deadline_seconds`` is the
-    last resort: items still pending then are marked stale and their tenants finalised, so no summary
-    waits forever; a run still open ``3 x run_grace_seconds`` later is marked stale.
+    not refreshed twice: its audit row answers the replay), at most ``max_redrives`` times — unless
+    ``queued()`` (the refresh queue's depth) shows they are all still waiting there, as when every
+    worker is down. A tenant whose summary or forecast message was lost gets it again (bounded).
+    ``run_deadline_seconds`` without any progress is the last resort: the items still pending are
+    marked stale and their tenants finalised, so no summary waits forever; a run still open
+    ``3 x run_grace_seconds`` later is marked stale. A run that keeps progressing is never given up.
     """
     now = now or datetime.now(UTC)
     stall = timedelta(seconds=settings.run_stall_seconds)
@@ -131,7 +134,7 @@ def sweep(
     grace = timedelta(seconds=settings.run_grace_seconds)
     report = SweepReport()
     for run in recovery.open_runs(settings):
-        age = now - run.created_at
+        idle = now - run.last_progress
         stalled = now - run.last_activity > stall
         if run.status in (RunStatus.PENDING, RunStatus.PLANNING):
             # The plan message was lost, or the planner died before the run was running.
@@ -139,10 +142,13 @@ def sweep(
                 enqueue_plan(run.id)
                 report.plans_reenqueued += 1
         elif run.status is RunStatus.RUNNING:
-            if age > deadline:
+            if idle > deadline:
                 report.stale += recovery.mark_items_stale(settings, run.id, now)
             elif run.pending and stalled and run.redrives < settings.max_redrives:
-                report.redispatched += _redrive(settings, run.id, publish, now)
+                if queued is not None and queued() >= run.pending:
+                    log.warning("run %s stalled with its refreshes still queued: no worker?", run.id)
+                elif recovery.claim_redrive(settings, run, now):
+                    report.redispatched += _redrive(settings, run.id, publish)
             report.summaries_reenqueued += _resume_reports(
                 settings, run.id, now - stall, now, enqueue_summary, enqueue_forecast
             )
@@ -151,18 +157,16 @@ def sweep(
                 report.finished_at.append(finished)
                 continue
         # Even the reports could not finish (no reports worker?): say so, where operators look.
-        too_late = age > deadline + 3 * grace
-        if too_late and recovery.give_up(
-            settings, run.id, run.status, now, "incomplete after the last deadline"
+        if idle > deadline + 3 * grace and recovery.give_up(
+            settings, run.id, run.status, now, "no progress until the last deadline"
         ):
             report.runs_marked_stale.append(run.id)
             log.error("run %s marked stale", run.id, extra={"run_id": run.id})
     return report
 
 
-def _redrive(settings: Settings, run_id: str, publish: Publish, now: datetime) -> int:
+def _redrive(settings: Settings, run_id: str, publish: Publish) -> int:
     count = publish_items(settings, run_id, publish, pending_only=True)
-    recovery.mark_redriven(settings, run_id, now)
     log.warning("run %s stalled: re-published %d pending refreshes", run_id, count, extra={"run_id": run_id})
     return count
 

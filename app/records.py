@@ -18,7 +18,6 @@ from app.powens.models import PowensAccount
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BankAccount, BankConnection, PowensUser
-from app.telemetry import mask_value
 
 
 def map_balances(pacc: PowensAccount, refreshed_at: datetime) -> list[repo.BalanceDraft]:
@@ -78,7 +77,7 @@ def to_record(row: AccountBalance) -> AccountBalanceRecord:
 
 
 def to_account_record(a: BankAccount, c: BankConnection, u: PowensUser) -> BankAccountRecord:
-    masked = mask_value(a.number or a.iban) if (a.number or a.iban) else None
+    masked = a.number_masked or a.iban_masked
     return BankAccountRecord(
         id=a.id,
         tenant_id=a.tenant_id,
@@ -93,7 +92,7 @@ def to_account_record(a: BankAccount, c: BankConnection, u: PowensUser) -> BankA
         last_synced_at=a.last_synced_at,
         created_at=a.created_at,
         updated_at=a.updated_at,
-        iban=a.iban,
+        iban=None,  # never stored in full
         bic=a.bic,
         account_number_masked=masked,
         balance=a.balance,

@@ -11,9 +11,10 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
 from app import metrics
@@ -26,10 +27,21 @@ from app.contract import (
 )
 from app.coordination import Throttled
 from app.deps import Deps
-from app.errors import NotFound, Reason, RefreshError
+from app.errors import NotFound, PolicyDenied, Reason, RefreshError
 from app.forced_sync import force_sync
 from app.infra import is_infrastructure
-from app.outcomes import Attempt, Outcome, Requeue, Retry, Subject, Terminal, record, replay, unwrap
+from app.outcomes import (
+    Attempt,
+    Failed,
+    Outcome,
+    Requeue,
+    Retry,
+    Subject,
+    Terminal,
+    record,
+    replay,
+    unwrap,
+)
 from app.policy import Actor, authorize
 from app.powens.errors import PowensError, classify_state, is_transient_state
 from app.powens.links import needs_user
@@ -89,6 +101,11 @@ def execute(
     trigger = Trigger(trigger)
     try:
         return _attempt(raw_input, actor, trigger, attempt, deps)
+    except SoftTimeLimitExceeded as exc:
+        # Reading or recording the outcome took too long (the Powens call itself is classified inside
+        # the attempt): come back later rather than be acknowledged with nothing recorded.
+        log.warning("refresh re-queued: soft time limit reached outside the Powens call")
+        return _infra_requeue(deps, attempt, exc)
     except Exception as exc:
         if not is_infrastructure(exc):
             raise
@@ -124,7 +141,7 @@ def _attempt(raw_input: Any, actor: Actor | str, trigger: Trigger, attempt: Atte
             attempts=attempt.number,
             started_at=read.refreshed_at,
             clock=deps.clock,
-            store=lambda session: _store(session, deps, inp, read),
+            store=lambda session: _store(session, deps, inp, read, attempt.business_day),
             request_id=read.request_id,
         )
     except Throttled as th:
@@ -269,10 +286,15 @@ def _drafts(
 
 
 def _store(
-    session: Session, deps: Deps, inp: OpenBankingRefreshBalancesInput, read: Read
+    session: Session,
+    deps: Deps,
+    inp: OpenBankingRefreshBalancesInput,
+    read: Read,
+    business_day: date | None,
 ) -> OpenBankingRefreshBalancesOutput:
-    """The success's own writes (inside the transaction of its audit row): latest records, today's
-    snapshot, account and connection state. Returns the output."""
+    """The success's own writes (inside the transaction of its audit row): latest records, the
+    snapshot of the business day (a nightly run's own, else today's), account and connection state.
+    Returns the output."""
     settings = deps.settings
     errors = list(read.errors)
     account = session.get(BankAccount, inp.account_id, with_for_update=True)
@@ -281,7 +303,7 @@ def _store(
     types = [d.balance_type for d in read.drafts] if pacc is not None else list(inp.balance_types or [])
     if pacc is not None:
         if read.drafts:
-            day = settings.business_day(read.refreshed_at)
+            day = business_day or settings.business_day(read.refreshed_at)
             repo.upsert_balances(session, account, read.drafts, refreshed_at=read.refreshed_at, day=day)
             if not inp.balance_types:
                 repo.drop_unsent_types(session, account.id, types, read.drafts[0].last_updated_at)
@@ -306,10 +328,10 @@ def _update_account(account: BankAccount, pacc: PowensAccount, now: datetime) ->
     )
     if newer:
         account.name = pacc.name
-        if pacc.currency is not None:
+        if pacc.balance is not None and pacc.currency is not None:  # "no balance yet" keeps the last
             account.currency = pacc.currency
-        account.balance = pacc.balance
-        account.coming = pacc.coming
+            account.balance = pacc.balance
+            account.coming = pacc.coming
         if pacc.last_update is not None:
             account.powens_last_update = pacc.last_update
     account.status = AccountStatus.ACTIVE
@@ -330,6 +352,23 @@ def _record_connection_state(deps: Deps, connection_id: str, state: str | None) 
         repo.set_connection_state(session, connection_id, state, deps.clock())
 
 
+def deny_refresh(
+    settings: Settings, claimed_task_id: str, raw_input: Any, actor: Any, trigger: Any
+) -> Failed:
+    """A refresh message the service did not sign: whoever wrote it to the broker is not an actor."""
+    deps = Deps(settings)
+    error = PolicyDenied(
+        f"refresh message {str(claimed_task_id)[:64]!r} is not signed by the service "
+        f"(it names actor {str(actor)[:64]!r}): not run"
+    )
+    named = Trigger(trigger) if trigger in tuple(Trigger) else Trigger.ON_DEMAND
+    subject = Subject.of(raw_input, str(actor)[:128] if actor is not None else "unknown", named)
+    now = deps.clock()
+    outcome = record(settings, subject, Attempt(), attempts=0, started_at=now, clock=deps.clock, error=error)
+    assert isinstance(outcome, Failed)
+    return outcome
+
+
 def give_up_refresh(
     settings: Settings,
     task_id: str,
@@ -337,13 +376,12 @@ def give_up_refresh(
     raw_input: Any,
     actor: str,
     trigger: str,
-    deliveries: int,
+    why: str,
 ) -> Terminal:
-    """A poison message (its worker died every time it ran it) ends as a recorded ``internal`` failure."""
+    """A refresh that cannot go on (a poison message: its worker died every time it ran it; or our
+    infrastructure down for too long) ends as a recorded ``internal`` failure."""
     deps = Deps(settings)
-    error = RefreshError(
-        Reason.INTERNAL, f"given up after {deliveries} deliveries: the worker running it died each time"
-    )
+    error = RefreshError(Reason.INTERNAL, why)
     subject = Subject.of(raw_input, actor, Trigger(trigger))
     attempt = Attempt(task_id=task_id, run_id=run_id)
     return record(

@@ -1,10 +1,13 @@
 """The nightly run's shared read: each Powens user's account list, read once and shared by the tasks
 of all its accounts (single flight through the coordinator).
 
-Only the task's own account is parsed from it, so one unreadable account fails alone. A failed read is
-shared too, by every task at the same attempt number, for the run's retry window: the tasks of one user
-make one Powens call per attempt, not one per account. The list also reveals accounts we do not know
-yet; they are registered (refreshed from the next run). Absence from the list never deletes an account.
+Only the task's own account is parsed from it, so one unreadable account fails alone. Redis keeps only
+the fields a refresh reads (no IBAN, account number or BIC) for ``BALANCES_SHARED_READ_TTL`` seconds.
+A failed read is shared too, by the tasks at the same attempt number within that attempt's backoff
+window (a user's accounts are published together, so they arrive within it): the tasks of one user
+make one Powens call per attempt, not one per account, and a later blip-free attempt reads afresh.
+The list also reveals accounts we do not know yet; they are registered (best effort: refreshed from
+the next run). Absence from the list never deletes an account.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def shared_account(
     def fetch() -> dict[str, Any]:
         raw, rid = deps.client.list_accounts_raw(token, powens_user_id)
         _register(deps, user_pk, powens_user_id, raw)
-        return {"accounts": raw, "request_id": rid}
+        # What goes to Redis is only what a refresh reads: no IBAN, account number or BIC.
+        return {"accounts": [_needed(item) for item in raw], "request_id": rid}
 
     shared = deps.coord.shared(
         key,
@@ -44,7 +48,7 @@ def shared_account(
         wait=settings.powens_call_budget,
         sharing=Sharing(
             failure_key=f"{key}:failed:{attempt.number}",
-            failure_ttl=settings.retry_cap_seconds + settings.task_time_limit,
+            failure_ttl=min(settings.retry_cap_seconds, settings.retry_base_seconds * 2**attempt.number) + 5,
             lease=settings.lock_lease_seconds,
         ),
     )
@@ -55,6 +59,36 @@ def shared_account(
     return None, rid
 
 
+SHARED_FIELDS = (
+    "id",
+    "id_connection",
+    "id_user",
+    "name",
+    "original_name",
+    "balance",
+    "coming",
+    "type",
+    "usage",
+    "last_update",
+    "disabled",
+    "deleted",
+    "error",
+)
+
+
+def _needed(item: Any) -> Any:
+    if not isinstance(item, dict):
+        return item  # left for the account's own parse to refuse
+    kept = {k: item[k] for k in SHARED_FIELDS if k in item}
+    currency = item.get("currency")
+    kept["currency"] = (
+        {k: currency[k] for k in ("id", "precision") if k in currency}
+        if isinstance(currency, dict)
+        else currency
+    )
+    return kept
+
+
 def _register(deps: Deps, user_pk: int, powens_user_id: int, raw: list[Any]) -> None:
     parsed: list[PowensAccount] = []
     for item in raw:
@@ -63,5 +97,8 @@ def _register(deps: Deps, user_pk: int, powens_user_id: int, raw: list[Any]) -> 
         except PowensError as err:
             ident = item.get("id") if isinstance(item, dict) else None
             log.warning("Powens user %s: account %s not registered: %s", powens_user_id, ident, err.message)
-    with session_scope(deps.settings) as session:
-        register_accounts(session, user_pk, [], parsed, deps.clock(), update_existing=False)
+    try:
+        with session_scope(deps.settings) as session:
+            register_accounts(session, user_pk, [], parsed, deps.clock(), update_existing=False)
+    except Exception:  # best effort: discovery or the next run registers them; siblings go on
+        log.warning("Powens user %s: new accounts not registered", powens_user_id, exc_info=True)

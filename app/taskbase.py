@@ -14,9 +14,10 @@ import random
 import time
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from celery import Task
+from celery.exceptions import Reject
 from celery.exceptions import Retry as CeleryRetry
 
 from app.backoff import backoff_seconds
@@ -79,9 +80,10 @@ class BalancesTask(Task):
 
     ``retry_on`` lists the exception classes that mean "try again later" for every task: by default
     our own infrastructure (database, Redis, broker) failing. The work is idempotent, so such a task is
-    re-published with backoff (up to ``BALANCES_INFRA_MAX_REQUEUES`` times), never acknowledged as
-    failed. A message redelivered ``BALANCES_MAX_DELIVERIES`` times (its worker died each time it ran
-    it) is a poison message: ``give_up`` ends it terminally instead of running it once more.
+    re-published with backoff (capped at ``BALANCES_INFRA_RETRY_CAP_SECONDS``) for as long as the
+    outage lasts, never acknowledged as failed. A message redelivered ``BALANCES_MAX_DELIVERIES``
+    times (its worker died each time it ran it) is a poison message: ``give_up`` ends it terminally
+    instead of running it once more. A message not signed by the service is not run (``deny``).
     """
 
     retry_on: ClassVar[tuple[type[BaseException], ...]] = INFRA_ERRORS
@@ -95,6 +97,9 @@ class BalancesTask(Task):
         started = time.perf_counter()
         outcome = TaskOutcome.FAILED
         try:
+            if not self._authentic():
+                outcome = TaskOutcome.DENIED
+                return self.deny(*args, **kwargs)
             deliveries = self._redeliveries()
             if deliveries >= get_settings().max_deliveries:
                 outcome = TaskOutcome.GIVEN_UP
@@ -106,17 +111,50 @@ class BalancesTask(Task):
             outcome = TaskOutcome.RETRIED
             raise
         except self.retry_on as exc:
-            settings = get_settings()
-            if self.request.retries >= settings.infra_max_requeues:
-                raise
+            # Our database, Redis or broker failed: not this task's fault. Never acknowledged as a
+            # failure: published again with backoff, for as long as it takes.
             outcome = TaskOutcome.RETRIED
-            ceiling = min(settings.infra_retry_cap_seconds, 2.0 ** (self.request.retries + 1))
-            raise self.retry(
-                exc=exc, countdown=_rng.uniform(ceiling / 2, ceiling), max_retries=None
-            ) from None
+            ceiling = min(get_settings().infra_retry_cap_seconds, 2.0 ** (self.request.retries + 1))
+            self.again(_rng.uniform(ceiling / 2, ceiling), self.infra_retry_kwargs(), exc=exc)
         finally:
             metrics.TASK_DURATION.labels(task=self.name).observe(time.perf_counter() - started)
             metrics.TASK_OUTCOMES.labels(task=self.name, outcome=outcome.value).inc()
+
+    def infra_retry_kwargs(self) -> dict[str, Any] | None:
+        """The keyword arguments of a re-publish after an infrastructure error (None: unchanged)."""
+        return None
+
+    def again(
+        self, countdown: float, kwargs: dict[str, Any] | None = None, exc: BaseException | None = None
+    ) -> NoReturn:
+        """Publish this task again in ``countdown`` seconds. When even that publish fails (the broker is
+        down), Celery would drop the message (``Reject(requeue=False)``): it goes back instead."""
+        try:
+            raise self.retry(countdown=countdown, kwargs=kwargs, exc=exc)
+        except Reject as rejected:
+            if rejected.requeue:
+                raise
+            log.warning("task %s[%s]: its retry could not be published; requeued", self.name, self.request.id)
+            raise Reject(rejected.reason, requeue=True) from None
+
+    def _authentic(self) -> bool:
+        """Whether the message carries a valid signature of the service (app.signing). An eager
+        call (``apply``, in this process) never crossed the broker."""
+        if self.request.is_eager:
+            return True
+        from app import signing
+
+        secret = get_settings().signing_key
+        keys = signing.keys_from(secret.get_secret_value() if secret is not None else None)
+        signature = getattr(self.request, signing.HEADER, None)
+        return signing.verify(
+            keys, signature, self.name, self.request.id, self.request.args, self.request.kwargs
+        )
+
+    def deny(self, *args: Any, **kwargs: Any) -> Any:
+        """A message without a valid signature: not run."""
+        log.error("task %s[%s] denied: its message is not signed by the service", self.name, self.request.id)
+        return None
 
     def _redeliveries(self) -> int:
         """How often this message (this task id, at this retry) came back because its worker died.

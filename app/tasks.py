@@ -10,9 +10,8 @@ import logging
 import random
 import uuid
 from collections.abc import Sequence
+from datetime import date, datetime
 from typing import Any
-
-from celery import Task
 
 from app import metrics, pipeline
 from app.celery import app
@@ -20,8 +19,8 @@ from app.config import Settings, get_settings
 from app.contract import OpenBankingRefreshBalancesInput
 from app.outcomes import Attempt
 from app.policy import SCHEDULER
-from app.queues import REFRESH_TASK, ROUTES
-from app.refresh import execute, give_up_refresh
+from app.queues import REFRESH_TASK, ROUTES, Queue
+from app.refresh import deny_refresh, execute, give_up_refresh
 from app.reports import jobs
 from app.store import runs
 from app.store.states import Trigger
@@ -32,29 +31,51 @@ _rng = random.SystemRandom()  # retry jitter
 
 
 class RefreshTask(BalancesTask):
+    def deny(self, *args: Any, **kwargs: Any) -> Any:
+        """A forged refresh (not signed by the service): denied, audited and counted, no Powens call.
+        Recorded without its claimed task id, so a forger cannot pre-empt a real task's outcome."""
+        input, actor, trigger = [*args, None, None, None][:3]
+        outcome = deny_refresh(get_settings(), self.request.id, input, actor, trigger)
+        log.error("refresh denied: %s", outcome.error.message)
+        return {"ok": False, **outcome.error.as_json()}
+
     def give_up(self, deliveries: int, *args: Any, **kwargs: Any) -> Any:
         """A refresh whose worker died every time it ran it ends as a recorded failure."""
+        why = f"given up after {deliveries} deliveries: the worker running it died each time"
+        return self.end_failed(why, *args, **kwargs)
+
+    def end_failed(self, why: str, *args: Any, **kwargs: Any) -> Any:
         input, actor, trigger = args[:3]
         run_id = kwargs.get("run_id")
-        outcome = give_up_refresh(get_settings(), self.request.id, run_id, input, actor, trigger, deliveries)
-        _after_terminal(get_settings(), run_id, input)
-        action = action_for(outcome, Attempt(), get_settings(), _rng)
+        settings = get_settings()
+        outcome = give_up_refresh(settings, self.request.id, run_id, input, actor, trigger, why)
+        _after_terminal(settings, run_id, input)
+        action = action_for(outcome, Attempt(), settings, _rng)
         assert isinstance(action, Finish)  # a recorded outcome is terminal
         return action.result
+
+    def infra_retry_kwargs(self) -> dict[str, Any]:
+        """An infrastructure error outside the handler re-queues without using up an attempt."""
+        kwargs = dict(self.request.kwargs or {})
+        kwargs["throttled"] = kwargs.get("throttled", 0) + 1
+        kwargs["infra"] = kwargs.get("infra", 0) + 1
+        return kwargs
 
 
 @app.task(bind=True, base=RefreshTask, name=REFRESH_TASK, max_retries=None, ignore_result=False)
 def refresh_account(
-    self: Task,
+    self: RefreshTask,
     input: dict[str, Any],
     actor: str,
     trigger: str,
     run_id: str | None = None,
     throttled: int = 0,
     infra: int = 0,
+    day: str | None = None,
 ) -> dict[str, Any]:
     """One refresh attempt. BALANCES_MAX_ATTEMPTS bounds the attempts; re-queues (``throttled``: the
-    rate limiter, a busy account, or our own infrastructure — ``infra`` of them) are not attempts."""
+    rate limiter, a busy account, or our own infrastructure — ``infra`` of them) are not attempts.
+    A nightly refresh carries its run's business ``day``: its snapshot is that day's."""
     settings = get_settings()
     attempt = Attempt(
         number=self.request.retries - throttled + 1,
@@ -62,13 +83,15 @@ def refresh_account(
         task_id=self.request.id,
         run_id=run_id,
         infra_failures=infra,
+        business_day=date.fromisoformat(day) if day else None,
     )
     extra = {"tenant_id": input.get("tenantId"), "account_id": input.get("accountId"), "run_id": run_id}
     action = action_for(execute(input, actor, trigger, attempt=attempt), attempt, settings, _rng)
     if isinstance(action, Again):
         if action.infrastructure and infra >= settings.infra_max_requeues:
-            log.critical("refresh dropped: infrastructure unavailable for too long", extra=extra)
-            return {"ok": False, "error": {"reason": "internal", "message": action.reason}}
+            log.error("refresh ends: infrastructure unavailable for too long", extra=extra)
+            why = f"infrastructure unavailable for {infra} re-queues ({action.reason})"
+            return self.end_failed(why, input, actor, trigger, run_id=run_id)  # re-queued if it cannot
         if action.counts_attempt:
             log.info(
                 "refresh attempt %d/%d failed (%s); retrying in %.1fs",
@@ -78,14 +101,13 @@ def refresh_account(
                 action.countdown,
                 extra={**extra, "reason": action.reason, "attempt": attempt.number},
             )
-        raise self.retry(
-            countdown=action.countdown,
-            kwargs={
-                "run_id": run_id,
-                "throttled": throttled + (0 if action.counts_attempt else 1),
-                "infra": infra + int(action.infrastructure),
-            },
-        )
+        kwargs = {
+            "run_id": run_id,
+            "throttled": throttled + (0 if action.counts_attempt else 1),
+            "infra": infra + int(action.infrastructure),
+            "day": day,
+        }
+        self.again(action.countdown, kwargs)
     result = action.result
     if result["ok"]:
         log.info("refresh succeeded (%d balances)", len(result["output"]["balances"]), extra=extra)
@@ -119,7 +141,9 @@ def dispatch_refresh(
 
 
 def publish_refreshes(run_id: str, items: Sequence[runs.Item]) -> None:
-    """A batch of scheduled refreshes over one broker connection."""
+    """A batch of scheduled refreshes over one broker connection, each carrying its run's day."""
+    day = runs.business_day_of(get_settings(), run_id)
+    kwargs = {"run_id": run_id, "day": day.isoformat() if day else None}
     with app.producer_or_acquire() as producer:
         for task_id, tenant_id, account_id in items:
             refresh_account.apply_async(
@@ -128,7 +152,7 @@ def publish_refreshes(run_id: str, items: Sequence[runs.Item]) -> None:
                     SCHEDULER.name,
                     Trigger.SCHEDULED.value,
                 ),
-                kwargs={"run_id": run_id},
+                kwargs=kwargs,
                 task_id=task_id,
                 producer=producer,
             )
@@ -146,6 +170,17 @@ def fanout_batch(run_id: str, items: list[list[str]]) -> int:
     return len(items)
 
 
+def refresh_queue_depth() -> int:
+    """Messages waiting in the ``refresh`` queue (every priority level); 0 when the broker does not
+    know the queue (a Redis restarted empty)."""
+    with app.connection_for_write() as conn:
+        try:
+            declared = conn.default_channel.queue_declare(queue=Queue.REFRESH.value, passive=True)
+        except conn.channel_errors:
+            return 0
+        return int(declared.message_count)
+
+
 def enqueue_summary(run_id: str, tenant_id: str) -> None:
     summarize_tenant.apply_async(args=(run_id, tenant_id))
 
@@ -159,11 +194,12 @@ def enqueue_plan(run_id: str) -> None:
 
 
 @app.task(name="balances.start_nightly_run")
-def start_nightly_run() -> str:
-    """Beat's entry point. The run is keyed by its schedule slot, so a redelivered tick or a second beat
-    firing the same slot is the same run, and the run's business day is the slot's."""
+def start_nightly_run(fired_at: str | None = None) -> str:
+    """Beat's entry point. The run is keyed by the schedule slot the beat fired (``fired_at``, its own
+    clock), so a redelivered tick, a late worker or a second beat firing the same slot is the same run,
+    and the run's business day is the slot's."""
     settings = get_settings()
-    tick, day = pipeline.schedule_slot(settings)
+    tick, day = pipeline.schedule_slot(settings, datetime.fromisoformat(fired_at) if fired_at else None)
     run_id, created = pipeline.start_run(
         settings, trigger=Trigger.SCHEDULED, actor=SCHEDULER.name, tick=tick, business_day=day
     )
@@ -211,6 +247,7 @@ def sweep_runs() -> dict[str, Any]:
         enqueue_summary=enqueue_summary,
         enqueue_plan=enqueue_plan,
         enqueue_forecast=enqueue_forecast,
+        queued=refresh_queue_depth,
     )
     for finished in report.finished_at:
         metrics.NIGHTLY_LAST_SUCCESS.set(finished.timestamp())

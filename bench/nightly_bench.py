@@ -39,6 +39,7 @@ from app.store.states import Trigger
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("BALANCES_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BALANCES_BENCH_REDIS", "redis://127.0.0.1:6379/12")
+SIGNING_KEY = uuid.uuid4().hex + uuid.uuid4().hex
 
 
 def seed(
@@ -134,6 +135,7 @@ def bench_planning(n_accounts: int) -> None:
             database_url=url,
             celery_broker_url=REDIS_URL,
             encryption_key=generate_key(),
+            signing_key=SIGNING_KEY,
             powens_base_url_override="http://127.0.0.1:9/2.0/",
         )
         use_settings(settings)
@@ -175,6 +177,7 @@ def bench_run(n_accounts: int, workers: int, concurrency: int) -> None:
                 database_url=url,
                 celery_broker_url=REDIS_URL,
                 encryption_key=key,
+                signing_key=SIGNING_KEY,
                 powens_base_url_override=sb.base_url,
                 powens_rate_limit=0,
             )
@@ -195,6 +198,7 @@ def bench_run(n_accounts: int, workers: int, concurrency: int) -> None:
                     "CELERY_BROKER_URL": REDIS_URL,
                     "POWENS_BASE_URL": sb.base_url,
                     "BALANCES_ENCRYPTION_KEY": key,
+                    "BALANCES_SIGNING_KEY": SIGNING_KEY,
                     "BALANCES_POWENS_RATE_LIMIT": "0",
                     "BALANCES_LOG_LEVEL": "WARNING",
                 }

@@ -25,6 +25,7 @@ PG_ADMIN_DSN = os.environ.get("BALANCES_TEST_PG_ADMIN", "postgresql://postgres@1
 REDIS_URL = os.environ.get("BALANCES_TEST_REDIS", "redis://127.0.0.1:6379/13")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ENCRYPTION_KEY = generate_key()
+SIGNING_KEY = "test-signing-" + uuid.uuid4().hex + uuid.uuid4().hex
 
 
 def unavailable(what: str, exc: BaseException) -> None:
@@ -80,6 +81,7 @@ def make_settings(database_url: str, sandbox: Sandbox, **extra: object) -> Setti
         powens_base_url_override=sandbox.base_url,
         powens_client_id="test-client",
         encryption_key=ENCRYPTION_KEY,
+        signing_key=SIGNING_KEY,
         retry_base_seconds=0.05,
         retry_cap_seconds=0.5,
         metrics_port=0,

@@ -18,10 +18,10 @@ import requests
 from app.celery import worker_argv
 from app.jsonio import loads
 from app.powens.sandbox import Sandbox
-from tests.conftest import ENCRYPTION_KEY
+from tests.conftest import ENCRYPTION_KEY, SIGNING_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRET_ENV = ("BALANCES_ENCRYPTION_KEY", "POWENS_CLIENT_SECRET")
+SECRET_ENV = ("BALANCES_ENCRYPTION_KEY", "BALANCES_SIGNING_KEY", "POWENS_CLIENT_SECRET")
 
 
 def free_port() -> int:
@@ -40,6 +40,7 @@ def service_env(pg_url: str, redis_url: str, sandbox: Sandbox, **extra: str) -> 
             "POWENS_BASE_URL": sandbox.base_url,
             "POWENS_CLIENT_ID": "test-client",
             "BALANCES_ENCRYPTION_KEY": ENCRYPTION_KEY,
+            "BALANCES_SIGNING_KEY": SIGNING_KEY,
             "BALANCES_RETRY_BASE_SECONDS": "0.05",
             "BALANCES_RETRY_CAP_SECONDS": "0.5",
             "BALANCES_MAX_ATTEMPTS": "3",

@@ -39,9 +39,13 @@ def test_retry_cap_must_fit_in_the_visibility_timeout() -> None:
 def test_missing_or_bad_encryption_key_names_the_variable_but_not_the_value() -> None:
     with pytest.raises(ConfigError, match="BALANCES_ENCRYPTION_KEY is not set"):
         TokenCipher.from_settings(load_settings(encryption_key=None))
-    with pytest.raises(ConfigError, match="BALANCES_ENCRYPTION_KEY is malformed") as info:
-        TokenCipher.from_settings(load_settings(encryption_key="hunter2-not-a-key"))
+    # A malformed key stops the process as it loads its settings, not at the first token it reads.
+    with pytest.raises(ConfigError, match="BALANCES_ENCRYPTION_KEY: each key must be") as info:
+        load_settings(encryption_key="hunter2-not-a-key")
     assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigError, match="BALANCES_SIGNING_KEY: each key must be at least 32") as info:
+        load_settings(signing_key="short-secret")
+    assert "short-secret" not in str(info.value)
 
 
 def test_token_round_trip_and_key_rotation() -> None:

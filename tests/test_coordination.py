@@ -1,5 +1,5 @@
 """Coordination through real Redis: leases that outlive long work but not a dead holder, delivery
-counts, shared failures."""
+counts, shared reads and their shared failures."""
 
 from __future__ import annotations
 
@@ -56,3 +56,25 @@ def test_a_killed_holder_frees_its_lock_within_one_lease(coord: RedisCoordinator
 def test_deliveries_are_counted_per_task_and_retry(coord: RedisCoordinator) -> None:
     assert [coord.count_delivery("task-1:0", ttl=60) for _ in range(3)] == [1, 2, 3]
     assert coord.count_delivery("task-1:1", ttl=60) == 1
+
+
+def test_a_shared_failure_is_shared_by_its_attempt_only(coord: RedisCoordinator) -> None:
+    from app.coordination import Sharing
+    from app.errors import Reason, RefreshError
+
+    calls: list[int] = []
+
+    def failing() -> object:
+        calls.append(1)
+        raise RefreshError(Reason.PROVIDER_UNAVAILABLE, "503")
+
+    def sharing(attempt: int) -> Sharing:
+        return Sharing(failure_key=f"k:failed:{attempt}", failure_ttl=30, lease=5)
+
+    for _ in range(3):  # three tasks at attempt 1: one call, the same failure
+        with pytest.raises(RefreshError):
+            coord.shared("k", failing, ttl=60, wait=1, sharing=sharing(1))
+    assert calls == [1]
+    assert coord.shared("k", lambda: {"ok": True}, ttl=60, wait=1, sharing=sharing(2)) == {"ok": True}
+    assert coord.shared("k", failing, ttl=60, wait=1, sharing=sharing(3)) == {"ok": True}  # cached answer
+    assert calls == [1]

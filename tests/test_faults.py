@@ -533,3 +533,20 @@ def test_a_message_that_kills_its_worker_every_time_ends_after_bounded_deliverie
         {"accounts": 0, "lost": 0, "duplicates": 0},
         recovered,
     )
+
+
+def test_a_refresh_that_kills_its_worker_every_time_ends_as_a_recorded_failure(rig: Rig) -> None:
+    [t] = seed(rig, "poison-refresh", tenants=1, accounts=1)
+    account = t.account_ids[0]
+    env = dict(rig.env, POISON_ACCOUNT=account)
+    worker = run_worker(env, rig.tmp / "w.log", concurrency=1, extra_args=("--include", "tests.poison_tasks"))
+    with worker:
+        proc = run_cli(
+            rig.env, "--as", "alice", "refresh", "--tenant", t.tenant_id, "--account", account, "--json"
+        )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    error = json.loads(proc.stdout)["error"]
+    assert error["reason"] == "internal" and "given up after" in error["message"]
+    with session_scope(rig.settings) as s:
+        [audit] = s.scalars(select(RefreshAttempt).where(RefreshAttempt.account_id == account)).all()
+        assert (audit.outcome, audit.reason) == ("failed", "internal")

@@ -161,7 +161,7 @@ def test_a_forced_sync_that_never_left_gives_its_slot_back(settings, sandbox) ->
         assert s.scalar(select(func.count()).select_from(ForcedSync)) == 0
 
 
-def test_a_409_on_forced_sync_reads_anyway_and_keeps_the_slot(settings, sandbox) -> None:
+def test_a_409_on_forced_sync_reads_anyway_and_gives_the_slot_back(settings, sandbox) -> None:
     t = seed_tenant(settings, sandbox, "f-409", accounts=1)
     conn = next(iter(t.user.connections))
     sandbox.state.scripted_syncs[conn] = deque([(409, None)])
@@ -259,7 +259,8 @@ def test_a_poison_refresh_ends_as_a_recorded_failure(settings, sandbox) -> None:
     runs.write_items(settings, run_id, generation)
     runs.open_tenants(settings, run_id, generation)
     raw = {"tenantId": "f-poison-msg", "accountId": acc}
-    outcome = give_up_refresh(settings, f"{run_id}:{acc}", run_id, raw, "system:scheduler", "scheduled", 6)
+    why = "given up after 6 deliveries: the worker running it died each time"
+    outcome = give_up_refresh(settings, f"{run_id}:{acc}", run_id, raw, "system:scheduler", "scheduled", why)
     assert isinstance(outcome, Failed) and "given up after 6 deliveries" in outcome.error.message
     with session_scope(settings) as s:
         [audit] = repo.attempts(s, "f-poison-msg", acc)

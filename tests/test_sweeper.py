@@ -198,3 +198,60 @@ def test_a_lost_plan_is_sent_again_a_bounded_number_of_times(settings: Settings)
     for i in range(1, 6):
         rec.sweep(settings, now + i * stall)
     assert rec.plans == [run_id, run_id]
+
+
+def test_a_run_that_keeps_progressing_is_never_given_up(settings: Settings, sandbox: Sandbox) -> None:
+    from app.store.states import ItemStatus
+
+    t = seed_tenant(settings, sandbox, "s-long", accounts=3)
+    rec = Recorder()
+    run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
+    pipeline.plan_run(settings, run_id, rec.publish, rec.summary)
+    long_after = datetime.now(UTC) + timedelta(seconds=settings.run_deadline_seconds * 2)
+    with session_scope(settings) as s:  # a slow but healthy run: an item finished a minute ago
+        runs.record_item(s, run_id, t.account_ids[0], ItemStatus.SUCCEEDED, None)
+        s.execute(
+            update(RunItem)
+            .where(RunItem.run_id == run_id, RunItem.account_id == t.account_ids[0])
+            .values(finished_at=long_after - timedelta(minutes=1))
+        )
+    report = rec.sweep(settings, long_after)
+    assert report.stale == 0 and report.runs_marked_stale == []
+    assert runs.run_status(settings, run_id)["accounts"]["pending"] == 2  # type: ignore[index]
+
+
+def test_a_stalled_run_whose_refreshes_are_all_still_queued_is_not_redriven(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    seed_tenant(settings, sandbox, "s-queued", accounts=2)
+    rec = Recorder()
+    run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
+    pipeline.plan_run(settings, run_id, rec.publish, rec.summary)
+    rec.published.clear()
+    stalled = datetime.now(UTC) + timedelta(seconds=settings.run_stall_seconds + 1)
+    waiting = pipeline.sweep(
+        settings, rec.publish, rec.summary, rec.plans.append, lambda r, t: None, now=stalled, queued=lambda: 2
+    )
+    assert waiting.redispatched == 0 and rec.published == []  # every worker down: nothing to re-send
+    lost = pipeline.sweep(
+        settings, rec.publish, rec.summary, rec.plans.append, lambda r, t: None, now=stalled, queued=lambda: 0
+    )
+    assert lost.redispatched == 2
+
+
+def test_a_nightly_tick_is_keyed_by_the_beats_clock_not_the_workers(settings: Settings) -> None:
+    from app import tasks
+    from app.store.models import RefreshRun
+
+    use = settings.model_copy(update={"nightly_cron": "0 4 * * *", "timezone": "Europe/Paris"})
+    from app.config import use_settings
+
+    use_settings(use)
+    # The beat fired 04:00:00.05 Paris; a worker whose clock is behind would have seen 03:59:59.
+    run_id = tasks.start_nightly_run.run(fired_at="2026-11-24T03:00:00.050000+00:00")
+    again = tasks.start_nightly_run.run(fired_at="2026-11-24T03:07:00+00:00")  # a redelivery, later
+    with session_scope(settings) as s:
+        run = s.get(RefreshRun, run_id)
+        assert run is not None and run.tick == "cron:2026-11-24T04:00"
+        assert str(run.business_day) == "2026-11-24"
+    assert again == run_id

@@ -120,14 +120,17 @@ def test_the_base_task_retries_its_declared_exceptions_and_counts_each_execution
 
     calls: list[int] = []
 
+    class Hiccup(Exception):
+        pass
+
     class Flaky(BalancesTask):
-        retry_on = (ConnectionError,)
+        retry_on = (Hiccup,)
 
     @app.task(base=Flaky, bind=True, name="balances.test_flaky")
     def flaky(self: Flaky) -> str:
         calls.append(self.request.retries)
         if len(calls) < 2:
-            raise ConnectionError("broker hiccup")
+            raise Hiccup("broker hiccup")
         return "done"
 
     def count(outcome: str) -> float:
@@ -140,13 +143,17 @@ def test_the_base_task_retries_its_declared_exceptions_and_counts_each_execution
     assert count("succeeded") == before["succeeded"] + 1
     assert count("failed") == before["failed"]
 
+    runs_of_undeclared: list[int] = []
+
     @app.task(base=BalancesTask, name="balances.test_undeclared")
     def undeclared() -> None:
-        raise ConnectionError("not declared: no retry")
+        runs_of_undeclared.append(1)
+        raise ValueError("a bug, not an outage: not retried")
 
     failed = metric("balances_task_executions_total", task="balances.test_undeclared", outcome="failed")
-    with pytest.raises(ConnectionError):
+    with pytest.raises(ValueError):
         undeclared.apply().get()
+    assert runs_of_undeclared == [1]
     assert (
         metric("balances_task_executions_total", task="balances.test_undeclared", outcome="failed")
         == failed + 1

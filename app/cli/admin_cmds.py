@@ -9,21 +9,21 @@ from rich.table import Table
 
 from app import operations as ops
 from app.cli.shell import (
-    EXIT_USAGE,
     JsonOpt,
+    acting,
     admin_cli,
     authorized,
     cli,
     db_cli,
     err,
-    fail,
     fail_from,
+    load,
     out,
     print_json,
     sandbox_cli,
     tenant_cli,
 )
-from app.errors import InvalidInput
+from app.errors import InvalidInput, PolicyDenied
 from app.policy import ADMIN, validate_actor_name
 
 
@@ -74,14 +74,16 @@ def admin_grant(
     name: Annotated[str, typer.Argument()],
     role: Annotated[str, typer.Option(help="Role to grant.")] = ADMIN,
 ) -> None:
+    """Grant a role. The first admin may be granted by anyone who can reach the database (the
+    bootstrap); from then on only an admin may grant. Audited either way."""
     from app.admin import grant
 
-    settings, _ = authorized(ops.ADMIN_GRANT)
+    settings = load()
     try:
         validate_actor_name(name)
-    except InvalidInput as exc:
-        fail(exc.reason, exc.message, EXIT_USAGE, as_json=False)
-    changed = grant(settings, name, role)
+        changed = grant(settings, acting(settings), name, role)
+    except (InvalidInput, PolicyDenied) as exc:
+        fail_from(exc, False)
     err.print(f"{name} {'now has' if changed else 'already has'} role {role}")
 
 
@@ -91,8 +93,11 @@ def admin_revoke(
 ) -> None:
     from app.admin import revoke
 
-    settings, _ = authorized(ops.ADMIN_REVOKE)
-    changed = revoke(settings, name, role)
+    settings, actor = authorized(ops.ADMIN_REVOKE)
+    try:
+        changed = revoke(settings, actor, name, role)
+    except (InvalidInput, PolicyDenied) as exc:
+        fail_from(exc, False)
     err.print(f"{name} {'no longer has' if changed else 'did not have'} role {role}")
 
 
@@ -156,5 +161,6 @@ def demo_cmd(
     """Seed demo tenants against a local sandbox and refresh every account (no services needed)."""
     from app.demo import run_demo
 
-    authorized(ops.DEMO)
+    if "database_url" in load().model_fields_set:  # not its own embedded database: an admin's call
+        authorized(ops.DEMO)
     raise typer.Exit(run_demo(tenants=tenants, console=out))

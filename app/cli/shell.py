@@ -133,6 +133,9 @@ def authorized(operation: OperationMeta, *, as_json: bool = False) -> tuple[Sett
     try:
         authorize(operation, actor)
     except PolicyDenied as exc:
+        from app.admin import record_denial
+
+        record_denial(settings, actor, operation.qualified_name, exc.message)
         fail(
             exc.reason,
             f"{exc.message}; an operator grants it with `balances admin grant {actor.name}`",

@@ -93,8 +93,17 @@ class PowensClient:
         started = time.perf_counter()
         status_label = "error"
         try:
+            timeout = urllib3.Timeout(connect=self.timeout[0], read=self.timeout[1], total=self.total_timeout)
+            # requests passes a urllib3 Timeout through (its stubs do not say so): ``total`` bounds the
+            # connect and the headers; the body loop below bounds the rest.
             resp = self.session.request(
-                method, url, params=params, data=data, headers=headers, timeout=self.timeout, stream=True
+                method,
+                url,
+                params=params,
+                data=data,
+                headers=headers,
+                timeout=timeout,  # type: ignore[arg-type]
+                stream=True,
             )
             try:
                 content = self._read_body(resp, template, started + self.total_timeout)

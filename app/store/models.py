@@ -182,9 +182,11 @@ class BankAccount(Base):
     account_type: Mapped[str] = mapped_column(String(64))
     usage: Mapped[str | None] = mapped_column(String(16), nullable=True)
     currency: Mapped[str | None] = mapped_column(String(3), nullable=True)  # null: Powens has none yet
-    iban: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Masked as ContractSpec masks them (all but the last 4 characters): no use here needs the full
+    # values, so they are never stored.
+    iban_masked: Mapped[str | None] = mapped_column(String(64), nullable=True)
     bic: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    number: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    number_masked: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[str] = mapped_column(String(16), default=AccountStatus.ACTIVE)
     balance: Mapped[Decimal | None] = mapped_column(Money(), nullable=True)
     coming: Mapped[Decimal | None] = mapped_column(Money(), nullable=True)
@@ -320,15 +322,33 @@ class RunItem(Base):
     __table_args__ = (
         Index("ix_run_items_run_status", "run_id", "status"),
         Index("ix_run_items_run_finished", "run_id", "finished_at"),
+        Index("ix_run_items_run_user", "run_id", "powens_user_pk", "account_id"),
         CheckConstraint(check_in("status", ItemStatus), name="status"),
     )
     run_id: Mapped[str] = mapped_column(ForeignKey("refresh_runs.id", ondelete="CASCADE"), primary_key=True)
     account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(128))
+    # Items are published grouped by Powens user, so a user's accounts meet at its shared read together.
+    powens_user_pk: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     task_id: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING)
     reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class AuditEvent(Base):
+    """Who did what to whom, and when, for what is not a refresh (those are ``refresh_attempts``):
+    role grants and revokes, the bootstrap, key rotations, reconnect links issued, forged messages."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_at", "at"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(128))
+    operation: Mapped[str] = mapped_column(String(128))
+    subject: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16))  # done | denied
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class TenantSummary(Base):

@@ -31,7 +31,9 @@ class OpenRun:
     id: str
     status: RunStatus
     created_at: datetime
-    last_activity: datetime  # the latest of: created, planned, re-driven, an item finished
+    last_progress: datetime  # the latest of: created, planned, an item finished
+    last_activity: datetime  # last_progress, or the sweeper's last re-drive / re-plan if later
+    redriven_at: datetime | None
     redrives: int
     replans: int
     pending: int
@@ -58,9 +60,20 @@ def open_runs(settings: Settings) -> list[OpenRun]:
                 .select_from(RunItem)
                 .where(RunItem.run_id == run_id, RunItem.status == ItemStatus.PENDING)
             )
-            last = max(t for t in (created, planned, redriven, progress) if t is not None)
+            last_progress = max(t for t in (created, planned, progress) if t is not None)
+            last_activity = max(last_progress, redriven) if redriven is not None else last_progress
             found.append(
-                OpenRun(run_id, RunStatus(status), created, last, redrives, replans, int(pending or 0))
+                OpenRun(
+                    run_id,
+                    RunStatus(status),
+                    created,
+                    last_progress,
+                    last_activity,
+                    redriven,
+                    redrives,
+                    replans,
+                    int(pending or 0),
+                )
             )
     return found
 
@@ -82,12 +95,22 @@ def replan(settings: Settings, run: OpenRun, now: datetime) -> bool:
         return move_run(session, run.id, run.status, RunStatus.PENDING, **values)
 
 
-def mark_redriven(settings: Settings, run_id: str, at: datetime) -> None:
+def claim_redrive(settings: Settings, run: OpenRun, at: datetime) -> bool:
+    """One sweeper wins the re-drive of a stalled run (two overlapping sweeps never both publish)."""
     with session_scope(settings) as session:
-        session.execute(
-            update(RefreshRun)
-            .where(RefreshRun.id == run_id)
-            .values(redispatched_at=at, redrives=RefreshRun.redrives + 1)
+        seen = (
+            RefreshRun.redispatched_at.is_(None)
+            if run.redriven_at is None
+            else RefreshRun.redispatched_at == run.redriven_at
+        )
+        return bool(
+            rowcount(
+                session.execute(
+                    update(RefreshRun)
+                    .where(RefreshRun.id == run.id, RefreshRun.status == RunStatus.RUNNING, seen)
+                    .values(redispatched_at=at, redrives=RefreshRun.redrives + 1)
+                )
+            )
         )
 
 

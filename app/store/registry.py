@@ -22,6 +22,13 @@ from app.powens.models import PowensAccount, PowensConnection
 from app.store.models import BankAccount, BankConnection, PowensUser
 from app.store.repo import new_id
 from app.store.states import AccountStatus
+from app.telemetry import mask_value
+
+
+def masked(value: str | None) -> str | None:
+    """ContractSpec's mask (all but the last 4 characters): the only form an IBAN or an account
+    number is ever stored in."""
+    return None if value is None else mask_value(value)
 
 
 def powens_status(a: PowensAccount) -> AccountStatus:
@@ -38,9 +45,9 @@ def account_fields(a: PowensAccount) -> dict[str, Any]:
         "account_type": a.type,
         "usage": a.usage,
         "currency": a.currency,
-        "iban": a.iban,
+        "iban_masked": masked(a.iban),
         "bic": a.bic,
-        "number": a.number,
+        "number_masked": masked(a.number),
         "status": powens_status(a),
         "balance": a.balance,
         "coming": a.coming,

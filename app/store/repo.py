@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from app.store.models import (
     AccountBalance,
     Actor,
+    AuditEvent,
     BalanceSnapshot,
     BankAccount,
     BankConnection,
@@ -26,6 +27,7 @@ from app.store.models import (
 )
 
 RECORD_NAMESPACE = uuid.UUID("6f1c1a52-94f3-4c44-9d4e-0b1d2c1f7a10")
+ADMIN_LOCK = 0x62616C61  # pg_advisory_xact_lock key of role changes ("bala")
 
 
 def new_id(prefix: str) -> str:
@@ -94,6 +96,35 @@ def revoke_role(session: Session, name: str, role: str, now: datetime) -> bool:
     row.roles = sorted(set(row.roles) - {role})
     row.updated_at = now
     return True
+
+
+def admins(session: Session) -> list[str]:
+    """Actors holding ``admin``, read under a lock that serialises bootstraps (PostgreSQL: an advisory
+    lock, as there may be no row to lock yet; SQLite serialises writers anyway)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(ADMIN_LOCK)))
+    return [a.name for a in session.scalars(select(Actor)) if "admin" in a.roles]
+
+
+def audit(
+    session: Session,
+    now: datetime,
+    actor: str,
+    operation: str,
+    subject: str | None,
+    outcome: str,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    session.add(
+        AuditEvent(at=now, actor=actor, operation=operation, subject=subject, outcome=outcome, detail=detail)
+    )
+
+
+def audit_events(session: Session, operation: str | None = None) -> Sequence[AuditEvent]:
+    stmt = select(AuditEvent).order_by(AuditEvent.id)
+    if operation is not None:
+        stmt = stmt.where(AuditEvent.operation == operation)
+    return session.scalars(stmt).all()
 
 
 def list_actors(session: Session) -> Sequence[Actor]:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import String, delete, func, insert, literal, select, update
+from sqlalchemy import String, delete, func, insert, literal, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -125,7 +125,7 @@ def claim_planning(settings: Settings, run_id: str) -> int | None:
         return session.scalar(
             update(RefreshRun)
             .where(RefreshRun.id == run_id, RefreshRun.status == RunStatus.PENDING)
-            .values(status=RunStatus.PLANNING)
+            .values(status=RunStatus.PLANNING, planned_at=_now())  # a live planner is progress
             .returning(RefreshRun.replans)
         )
 
@@ -155,13 +155,14 @@ def write_items(settings: Settings, run_id: str, generation: int) -> None:
         session.execute(delete(RunItem).where(RunItem.run_id == run_id))
         session.execute(
             insert(RunItem).from_select(
-                ["run_id", "tenant_id", "account_id", "task_id", "status"],
+                ["run_id", "tenant_id", "account_id", "task_id", "status", "powens_user_pk"],
                 select(
                     run_lit,
                     BankAccount.tenant_id,
                     BankAccount.id,
                     (run_lit + literal(":", String) + BankAccount.id),
                     literal(ItemStatus.PENDING.value, String),
+                    BankAccount.powens_user_pk,
                 )
                 .join(Tenant, Tenant.id == BankAccount.tenant_id)
                 .where(Tenant.active.is_(True), BankAccount.status == AccountStatus.ACTIVE),
@@ -211,23 +212,27 @@ def open_tenants(settings: Settings, run_id: str, generation: int) -> tuple[int,
 
 
 def item_pages(settings: Settings, run_id: str, size: int, *, pending_only: bool) -> Iterator[list[Item]]:
-    """The run's items in pages of ``size`` (keyset on account id), each page read in its own short
-    transaction so that publishing 100,000 items never holds one open."""
-    last_key = ""
+    """The run's items in pages of ``size``, grouped by Powens user (keyset on user, account), each
+    page read in its own short transaction so that publishing 100,000 items never holds one open."""
+    last: tuple[int, str] = (-1, "")
     while True:
-        stmt = select(RunItem.task_id, RunItem.tenant_id, RunItem.account_id).where(
-            RunItem.run_id == run_id, RunItem.account_id > last_key
+        stmt = select(RunItem.task_id, RunItem.tenant_id, RunItem.account_id, RunItem.powens_user_pk).where(
+            RunItem.run_id == run_id, tuple_(RunItem.powens_user_pk, RunItem.account_id) > last
         )
         if pending_only:
             stmt = stmt.where(RunItem.status == ItemStatus.PENDING)
+        stmt = stmt.order_by(RunItem.powens_user_pk, RunItem.account_id).limit(size)
         with session_scope(settings) as session:
-            page = [
-                (r[0], r[1], r[2]) for r in session.execute(stmt.order_by(RunItem.account_id).limit(size))
-            ]
-        if not page:
+            rows = session.execute(stmt).all()
+        if not rows:
             return
-        yield page
-        last_key = page[-1][2]
+        yield [(r[0], r[1], r[2]) for r in rows]
+        last = (rows[-1][3], rows[-1][2])
+
+
+def business_day_of(settings: Settings, run_id: str) -> date | None:
+    with session_scope(settings) as session:
+        return session.scalar(select(RefreshRun.business_day).where(RefreshRun.id == run_id))
 
 
 # -- completion ----------------------------------------------------------------------------------------
