@@ -16,17 +16,20 @@ from datetime import datetime
 from functools import partial
 from typing import TypeVar
 
-from app import telemetry
+from app import telemetry, tokens
 from app.backoff import backoff_seconds
 from app.config import Settings
 from app.contract import ACCOUNTS_SYNC_OPERATION, TelemetryEvents
 from app.deps import Deps
 from app.errors import NotFound, RefreshError
 from app.policy import Actor, authorize
+from app.powens.client import PowensClient
+from app.powens.models import Answer, PowensAccount, PowensConnection
 from app.store import repo
 from app.store.db import session_scope
 from app.store.registry import register_accounts
 from app.store.secrets import TokenCipher
+from app.tokens import UserToken
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +48,14 @@ class SyncResult:
         if self.errors:
             out["errors"] = self.errors
         return out
+
+
+def _connections(client: PowensClient, user: UserToken, token: str) -> Answer[list[PowensConnection]]:
+    return client.list_connections(token, user.powens_user_id)
+
+
+def _accounts(client: PowensClient, user: UserToken, token: str) -> Answer[list[PowensAccount]]:
+    return client.list_accounts(token, user.powens_user_id)
 
 
 def _with_retries(deps: Deps, call: Callable[[], T]) -> T:
@@ -82,20 +93,17 @@ def link_powens_user(
 def sync_accounts(tenant_id: str, actor: Actor, deps: Deps) -> SyncResult:
     authorize(ACCOUNTS_SYNC_OPERATION, actor)
     settings = deps.settings
-    cipher = TokenCipher.from_settings(settings)
     with session_scope(settings) as session:
         if repo.get_tenant(session, tenant_id) is None:
             raise NotFound(f"tenant {tenant_id!r} does not exist")
-        users = [
-            (u.id, u.powens_user_id, cipher.decrypt(u.token_encrypted))
-            for u in repo.powens_users(session, tenant_id)
-        ]
+        users = [UserToken.of(deps, u) for u in repo.powens_users(session, tenant_id)]
     result = SyncResult()
     client = deps.client
-    for user_pk, powens_user_id, token in users:
+    for user in users:
+        powens_user_id, user_pk = user.powens_user_id, user.user_pk
         try:
-            conns = _with_retries(deps, partial(client.list_connections, token, powens_user_id)).value
-            accounts = _with_retries(deps, partial(client.list_accounts, token, powens_user_id)).value
+            conns = _with_retries(deps, partial(tokens.call, deps, user, partial(_connections, client, user)))
+            accounts = _with_retries(deps, partial(tokens.call, deps, user, partial(_accounts, client, user)))
         except RefreshError as err:
             result.failed += 1
             result.errors.append(f"Powens user {powens_user_id}: {err.reason.value}: {err.message}")
@@ -107,12 +115,14 @@ def sync_accounts(tenant_id: str, actor: Actor, deps: Deps) -> SyncResult:
             )
             continue
         with session_scope(settings) as session:
-            created = register_accounts(session, user_pk, conns, accounts, deps.clock(), update_existing=True)
-        result.synced += len(accounts)
+            created = register_accounts(
+                session, user_pk, conns.value, accounts.value, deps.clock(), update_existing=True
+            )
+        result.synced += len(accounts.value)
         result.created += created
         telemetry.emit(
             TelemetryEvents.ACCOUNTS_SYNCED,
-            {"tenantId": tenant_id, "userId": str(powens_user_id), "synced": len(accounts)},
+            {"tenantId": tenant_id, "userId": str(powens_user_id), "synced": len(accounts.value)},
             actor=actor.name,
         )
     return result

@@ -99,6 +99,47 @@ def revoke(settings: Settings, acting: Actor, name: str, role: str) -> bool:
     return changed
 
 
+def rotate_keys(settings: Settings, acting: Actor, batch: int = 500) -> int:
+    """Re-encrypt every stored Powens token under the newest key of BALANCES_ENCRYPTION_KEY.
+
+    With no downtime: workers run with "new,old" (they decrypt both) while this runs, batch by batch in
+    short transactions; afterwards the old key can be removed everywhere. Returns the tokens rotated."""
+    from sqlalchemy import select
+
+    from app.store.models import PowensUser
+    from app.store.secrets import TokenCipher
+
+    authorize(ops.KEYS_ROTATE, acting)
+    cipher = TokenCipher.from_settings(settings)
+    rotated, last = 0, 0
+    while True:
+        with session_scope(settings) as session:
+            rows = session.scalars(
+                select(PowensUser)
+                .where(PowensUser.id > last)
+                .order_by(PowensUser.id)
+                .limit(batch)
+                .with_for_update()
+            ).all()
+            if not rows:
+                break
+            for row in rows:
+                row.token_encrypted = cipher.rotate(row.token_encrypted)
+            rotated += len(rows)
+            last = rows[-1].id
+    with session_scope(settings) as session:
+        repo.audit(
+            session,
+            datetime.now(UTC),
+            acting.name,
+            ops.KEYS_ROTATE.qualified_name,
+            None,
+            "done",
+            {"tokens": rotated},
+        )
+    return rotated
+
+
 def record_denial(settings: Settings, actor: Actor, operation: str, reason: str) -> None:
     """An admin-shell command refused by the policy leaves its trace too."""
     with session_scope(settings) as session:

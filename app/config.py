@@ -48,6 +48,7 @@ class Settings(BaseSettings):
         20 * 2**20, ge=1024, validation_alias=_env("BALANCES_POWENS_MAX_BODY_BYTES")
     )
     powens_webview_lang: str = Field("en", validation_alias=_env("BALANCES_WEBVIEW_LANG"))
+    powens_redirect_uri: str | None = Field(None, validation_alias=_env("BALANCES_WEBVIEW_REDIRECT_URI"))
 
     encryption_key: SecretStr | None = Field(None, validation_alias=_env("BALANCES_ENCRYPTION_KEY"))
     # HMAC key(s) of task messages (app.signing), comma-separated, newest first.

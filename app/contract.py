@@ -14,7 +14,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic.alias_generators import to_camel
 
 from app.errors import InvalidInput
@@ -86,8 +86,23 @@ class TelemetryEvents:
 ID_MAX_LENGTH = 128
 CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 
-Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=ID_MAX_LENGTH)]
-BalanceType = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+
+def _printable(value: str) -> str:
+    """Ids and balance types are printable text: a control character (a newline in an id) would forge
+    log lines and break the admin shell's one-line errors."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+Id = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=ID_MAX_LENGTH),
+    AfterValidator(_printable),
+]
+BalanceType = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), AfterValidator(_printable)
+]
 Currency = Annotated[str, StringConstraints(pattern=CURRENCY_RE.pattern)]
 
 
@@ -185,7 +200,7 @@ def parse_input(raw: object) -> OpenBankingRefreshBalancesInput:
         parts = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err.get("loc", ())) or "input"
-            parts.append(f"{field}: {err.get('msg', 'invalid')}")
+            parts.append(f"{field}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}")
         raise InvalidInput("invalid input: " + "; ".join(parts)) from None
 
 

@@ -161,18 +161,22 @@ def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console,
     # Faults, so the demo shows what operators will see: one transient 503 (retried, then fine) and one
     # connection that needs its user (no retry, previous balances kept).
     faults: dict[str, str] = {}
+    token = sandbox.state.admin_token
     with session_scope(settings) as session:
         if len(accounts) >= 2:
             ctx = repo.find_account(session, accounts[1][0], accounts[1][1])
             assert ctx is not None
-            admin_call(sandbox.admin_url, f"accounts/{ctx.account.external_id}", {"fail": [503]})
+            admin_call(sandbox.admin_url, token, f"accounts/{ctx.account.external_id}", {"fail": [503]})
             faults[accounts[1][1]] = "one 503, then retried"
         if n_tenants >= 3:
             last = [a for a in accounts if a[0] == TENANTS[n_tenants - 1]][-1]
             ctx = repo.find_account(session, last[0], last[1])
             assert ctx is not None
             admin_call(
-                sandbox.admin_url, f"connections/{ctx.connection.external_id}", {"state": "SCARequired"}
+                sandbox.admin_url,
+                token,
+                f"connections/{ctx.connection.external_id}",
+                {"state": "SCARequired"},
             )
             faults[last[1]] = "bank asks for SCA"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from app import tokens
 from app.coordination import Throttled
 from app.deps import Deps
 from app.errors import Reason
@@ -19,14 +20,14 @@ from app.powens.errors import PowensError, classify_state
 from app.powens.links import needs_user
 from app.store import repo
 from app.store.db import session_scope
+from app.tokens import UserToken
 
 
 def force_sync(
     deps: Deps,
     actor: Actor,
     attempt: Attempt,
-    token: str,
-    powens_user_id: int,
+    user: UserToken,
     connection_id: str,
     connection_external_id: int,
 ) -> list[str]:
@@ -45,7 +46,9 @@ def force_sync(
             ]
         slot = repo.record_forced_sync(session, connection_id, now, actor.name, attempt.task_id).id
     try:
-        answer = deps.client.sync_connection(token, powens_user_id, connection_external_id)
+        answer = tokens.call(
+            deps, user, lambda t: deps.client.sync_connection(t, user.powens_user_id, connection_external_id)
+        )
     except Throttled:
         _release(deps, slot)
         raise
@@ -58,7 +61,8 @@ def force_sync(
     with session_scope(settings) as session:
         repo.set_connection_state(session, connection_id, conn.state, deps.clock())
     if classify_state(conn.state) is Reason.NEEDS_USER_ACTION:
-        raise needs_user(settings, connection_external_id, conn.state, answer.request_id)
+        tenant_id = user.tenant_id
+        raise needs_user(tenant_id, connection_id, connection_external_id, conn.state, answer.request_id)
     return []
 
 

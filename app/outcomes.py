@@ -89,12 +89,19 @@ class Subject:
             _clip(getattr(actor, "name", actor)) or "",
             trigger,
             bool(raw.get("forceRefresh")),
-            tuple(str(t) for t in types) if isinstance(types, list) and types else None,
+            tuple(_clip(t) or "" for t in types) if isinstance(types, list) and types else None,
         )
 
 
 def _clip(value: Any) -> str | None:
-    return None if value is None else str(value)[:ID_MAX_LENGTH]
+    """An identity field as given, made safe to store: control characters escaped (PostgreSQL text
+    cannot hold NUL, and a raw newline would forge a line in a text log), then clipped."""
+    if value is None:
+        return None
+    text = str(value)[: ID_MAX_LENGTH * 4]
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return text[:ID_MAX_LENGTH]
 
 
 @dataclass(frozen=True)

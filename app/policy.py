@@ -17,7 +17,7 @@ from app.errors import InvalidInput, PolicyDenied
 ADMIN = "admin"
 ANONYMOUS = "anonymous"  # the operation checks nobody (e.g. applying migrations)
 USER = "user"  # any known actor, whatever its role
-ACTOR_NAME_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.@-]{{0,{ID_MAX_LENGTH - 1}}}$")
+ACTOR_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.@-]{{0,{ID_MAX_LENGTH - 1}}}")
 SYSTEM_PREFIX = "system:"
 
 
@@ -38,7 +38,7 @@ BUILTIN_ACTORS = {SCHEDULER.name: SCHEDULER}
 
 def validate_actor_name(name: str) -> str:
     """Names a person can use with ``--as`` (``system:*`` is reserved for built-in actors)."""
-    if not ACTOR_NAME_RE.match(name):
+    if not ACTOR_NAME_RE.fullmatch(name):  # fullmatch: "$" would let a trailing newline through
         raise InvalidInput(
             f"actor name {name[:40]!r} is invalid: use letters, digits and _ . @ - "
             f"(at most {ID_MAX_LENGTH} characters)"

@@ -17,7 +17,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
-from app import metrics
+from app import metrics, tokens
 from app.config import Settings
 from app.contract import (
     REFRESH_OPERATION,
@@ -52,6 +52,7 @@ from app.store import repo
 from app.store.db import session_scope
 from app.store.models import BankAccount, BankConnection
 from app.store.states import AccountStatus, Trigger
+from app.tokens import UserToken
 
 log = logging.getLogger(__name__)
 _rng = random.SystemRandom()
@@ -60,13 +61,18 @@ _rng = random.SystemRandom()
 def check_policy(
     raw_input: Any, actor: Actor | str, trigger: Trigger, *, deps: Deps | None = None
 ) -> tuple[OpenBankingRefreshBalancesInput, Actor]:
-    """Validate and authorize before dispatch. A refusal is terminal: it is recorded, then raised."""
+    """Validate, authorize and resolve the account before dispatch, so nothing is published for an
+    invalid input, a denied actor or an unknown account. A refusal is terminal: recorded, then raised."""
     deps = deps or Deps.default()
     started = deps.clock()
     try:
         inp = parse_input(raw_input)
         who = deps.actor(actor)
         authorize(REFRESH_OPERATION, who)
+        with session_scope(deps.settings) as session:
+            ctx = repo.find_account(session, inp.tenant_id, inp.account_id)
+            if ctx is None or (inp.connection_id is not None and inp.connection_id != ctx.connection.id):
+                raise NotFound(f"account {inp.account_id!r} not found for tenant {inp.tenant_id!r}")
         return inp, who
     except RefreshError as err:
         subject = Subject.of(raw_input, actor, trigger)
@@ -205,9 +211,7 @@ def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, 
                 raise NotFound(f"account {inp.account_id!r} not found in connection {inp.connection_id!r}")
             if ctx.account.status == AccountStatus.DELETED:
                 raise NotFound(f"account {inp.account_id!r} was deleted at Powens")
-            token = deps.cipher.decrypt(ctx.user.token_encrypted)
-            powens_user_id = ctx.user.powens_user_id
-            user_pk = ctx.user.id
+            user = UserToken.of(deps, ctx.user)
             account_external_id = ctx.account.external_id
             connection_id = ctx.connection.id
             connection_external_id = ctx.connection.external_id
@@ -219,20 +223,18 @@ def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, 
 
         errors: list[str] = []
         if inp.force_refresh:
-            errors.extend(
-                force_sync(deps, actor, attempt, token, powens_user_id, connection_id, connection_external_id)
-            )
+            errors.extend(force_sync(deps, actor, attempt, user, connection_id, connection_external_id))
         pacc: PowensAccount | None = None
         request_id: str | None = None
         if attempt.run_id is not None and not inp.force_refresh:
-            pacc, request_id = shared_account(
-                deps, attempt, user_pk, powens_user_id, token, account_external_id
-            )
+            pacc, request_id = shared_account(deps, attempt, user, account_external_id)
         if pacc is None:
             # Read the account itself (on demand; or absent from the user's list, which alone never
             # means deleted: only Powens' own answer about this account does).
             try:
-                answer = deps.client.get_account(token, powens_user_id, account_external_id)
+                answer = tokens.call(
+                    deps, user, lambda t: deps.client.get_account(t, user.powens_user_id, account_external_id)
+                )
             except PowensError as err:
                 if err.status == 404 and err.reason is Reason.NOT_FOUND:
                     _set_status(deps, inp.account_id, AccountStatus.DELETED)
@@ -246,7 +248,7 @@ def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, 
             raise NotFound(f"account {inp.account_id!r} is disabled at Powens (not synced)")
         if classify_state(pacc.error) is Reason.NEEDS_USER_ACTION:
             _record_connection_state(deps, connection_id, pacc.error)
-            raise needs_user(settings, connection_external_id, pacc.error, request_id)
+            raise needs_user(inp.tenant_id, connection_id, connection_external_id, pacc.error, request_id)
         if is_transient_state(pacc.error):
             errors.append(
                 f"connection state {pacc.error}: Powens will retry; "

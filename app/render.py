@@ -137,7 +137,7 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
         console.print(f"  no balance yet: {n['name']} ({n['accountId']})", highlight=False)
     for c in summary["connectionsNeedingUser"]:
         console.print(
-            f"  needs the user: connection {c['powensConnectionId']} ({c['state']}): {c['reconnectUrl']}",
+            f"  needs the user: connection {c['powensConnectionId']} ({c['state']}): {c['reconnectCommand']}",
             highlight=False,
         )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from app import tokens
 from app.coordination import Sharing
 from app.deps import Deps
 from app.outcomes import Attempt
@@ -23,21 +24,22 @@ from app.powens.errors import PowensError
 from app.powens.models import PowensAccount
 from app.store.db import session_scope
 from app.store.registry import register_accounts
+from app.tokens import UserToken
 
 log = logging.getLogger(__name__)
 
 
 def shared_account(
-    deps: Deps, attempt: Attempt, user_pk: int, powens_user_id: int, token: str, account_external_id: int
+    deps: Deps, attempt: Attempt, user: UserToken, account_external_id: int
 ) -> tuple[PowensAccount | None, str | None]:
     """The account's entry in its user's shared list (None when the list does not have it)."""
     settings = deps.settings
     assert attempt.run_id is not None
-    key = f"accounts:{attempt.run_id}:{powens_user_id}"
+    key = f"accounts:{attempt.run_id}:{user.powens_user_id}"
 
     def fetch() -> dict[str, Any]:
-        raw, rid = deps.client.list_accounts_raw(token, powens_user_id)
-        _register(deps, user_pk, powens_user_id, raw)
+        raw, rid = tokens.call(deps, user, lambda t: deps.client.list_accounts_raw(t, user.powens_user_id))
+        _register(deps, user.user_pk, user.powens_user_id, raw)
         # What goes to Redis is only what a refresh reads: no IBAN, account number or BIC.
         return {"accounts": [_needed(item) for item in raw], "request_id": rid}
 

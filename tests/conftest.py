@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 import redis
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import text
 
 from app.config import Settings, load_settings, use_settings
@@ -24,6 +25,12 @@ from app.store.secrets import generate_key
 PG_ADMIN_DSN = os.environ.get("BALANCES_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BALANCES_TEST_REDIS", "redis://127.0.0.1:6379/13")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Fuzzing explores new inputs on every developer run (and remembers what failed in .hypothesis/); CI
+# replays a fixed sequence, so a build's result depends on the code, not on the draw.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if IN_CI:
+    hypothesis_settings.load_profile("ci")
 ENCRYPTION_KEY = generate_key()
 SIGNING_KEY = "test-signing-" + uuid.uuid4().hex + uuid.uuid4().hex
 

@@ -178,7 +178,7 @@ def known_env() -> set[str]:
 
 def test_every_variable_the_deployment_sets_is_one_settings_knows() -> None:
     known = known_env()
-    third_party = re.compile(r"^(POSTGRES_|GF_|PYTHON|PIP_)")
+    third_party = re.compile(r"^(POSTGRES_|GF_|PYTHON|PIP_|REDIS_PASSWORD$)")
     seen: set[str] = set()
     for path in (DEPLOY / "k8s").glob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
@@ -202,7 +202,30 @@ def test_every_variable_the_deployment_sets_is_one_settings_knows() -> None:
     seen = {s.split("=", 1)[0] for s in seen if s and not s.startswith("<<")}
     unknown = sorted(s for s in seen if s not in known and not third_party.match(s))
     assert unknown == [], f"variables Settings does not know: {unknown}"
-    assert {"DATABASE_URL", "BALANCES_ENCRYPTION_KEY", "POWENS_CLIENT_SECRET"} <= seen
+    assert {"DATABASE_URL", "BALANCES_ENCRYPTION_KEY", "BALANCES_SIGNING_KEY", "POWENS_CLIENT_SECRET"} <= seen
+
+
+def test_redis_needs_a_password_and_tls_where_traffic_crosses_hosts() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    redis = compose["services"]["redis"]
+    assert "--requirepass" in redis["command"]
+    assert compose["x-balances-env"]["CELERY_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD")
+    docs = [d for p in (DEPLOY / "k8s").glob("*.yaml") for d in yaml.safe_load_all(p.read_text())]
+    [secret] = [d for d in docs if d["kind"] == "Secret"]
+    assert secret["stringData"]["CELERY_BROKER_URL"].startswith("rediss://:")  # TLS, with a password
+    for config in (d for d in docs if d["kind"] == "ConfigMap"):
+        assert "CELERY_BROKER_URL" not in config["data"]  # a URL with a password is a secret
+
+
+def test_every_schedule_the_deployment_sets_exists_once_a_day() -> None:
+    from app.config import load_settings
+
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    docs = [d for p in (DEPLOY / "k8s").glob("*.yaml") for d in yaml.safe_load_all(p.read_text())]
+    crons = [compose["x-balances-env"]["BALANCES_NIGHTLY_CRON"]]
+    crons += [d["data"]["BALANCES_NIGHTLY_CRON"] for d in docs if d["kind"] == "ConfigMap"]
+    for cron in crons:
+        load_settings(nightly_cron=cron, timezone="Europe/Paris")  # raises on a DST-unsafe time
 
 
 def test_dockerfile_is_multi_stage_slim_and_non_root() -> None:

@@ -1,7 +1,7 @@
 """Fault injection on real processes: workers and beats over a private Redis, PostgreSQL behind a
 proxy that can be cut, Powens' faults from the sandbox. After each fault the nightly run must finish
 with nothing lost and nothing written twice; the seconds from the end of the fault to the run's
-completion are recorded. Results go to build/faults.json; `python -m tests.faults_report` renders the
+completion are recorded. Results go to build/faults.json; `python -m tests.report` renders the
 README's "Faults survived" table from them.
 """
 

@@ -126,7 +126,8 @@ def test_a_run_with_failures_still_summarises_and_forecasts_every_tenant_exactly
         assert sca_summary is not None
         assert {f["accountId"] for f in sca_summary["failedAccounts"]} == set(sca.account_ids)
         assert sca_summary["connectionsNeedingUser"][0]["state"] == "SCARequired"
-        assert "reconnect" in sca_summary["connectionsNeedingUser"][0]["reconnectUrl"]
+        needing = sca_summary["connectionsNeedingUser"][0]
+        assert needing["reconnectCommand"].startswith("balances connections reconnect-link --tenant p-sca")
         # Summary totals equal the sum of the canonical records, to the cent.
         ok_summary = s.scalar(
             select(TenantSummary.payload).where(

@@ -217,7 +217,7 @@ def test_the_scheduler_is_a_builtin_admin(settings: Settings, sandbox: Sandbox) 
     assert refreshed_total("scheduled") == before + 1
 
 
-def test_sca_required_fails_with_needs_user_action_and_a_reconnect_link(
+def test_sca_required_fails_with_needs_user_action_naming_the_reconnect_command(
     settings: Settings, sandbox: Sandbox
 ) -> None:
     t = seed_tenant(settings, sandbox, "t-sca")
@@ -227,10 +227,13 @@ def test_sca_required_fails_with_needs_user_action_and_a_reconnect_link(
     with pytest.raises(RefreshError) as info:
         refresh_balances(_inp("t-sca", acc_id), "alice", "on_demand", attempt=Attempt(1, 3, "task-sca"))
     assert info.value.reason is Reason.NEEDS_USER_ACTION  # raised, not RetryLater: never retried
-    assert f"connection_id={conn.id}" in info.value.message
+    assert f"connection {conn.id} needs the user (state SCARequired)" in info.value.message
     with session_scope(settings) as s:
         [c] = [c for _a, c, _u in repo.list_accounts(s, "t-sca")][:1]
         assert c.state == "SCARequired"
+        # the command that makes a link, never a link (its temporary code must not sit in a message)
+        assert f"balances connections reconnect-link --tenant t-sca --connection {c.id}" in info.value.message
+        assert "code=" not in info.value.message
 
 
 def test_transient_connection_state_keeps_data_with_a_note(settings: Settings, sandbox: Sandbox) -> None:

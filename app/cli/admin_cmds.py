@@ -17,6 +17,7 @@ from app.cli.shell import (
     db_cli,
     err,
     fail_from,
+    keys_cli,
     load,
     out,
     print_json,
@@ -146,6 +147,8 @@ def sandbox_serve(
         sstate.create_user()
     server = SandboxHTTPServer((host, port), sstate)
     err.print(f"Powens sandbox on http://{host}:{server.server_address[1]}/2.0/ (seed {seed}, {users} users)")
+    # The sandbox's own control token (its admin routes), not a secret of the service.
+    err.print(f"admin routes under /_sandbox/ need the header X-Sandbox-Admin-Token: {sstate.admin_token}")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -164,3 +167,15 @@ def demo_cmd(
     if "database_url" in load().model_fields_set:  # not its own embedded database: an admin's call
         authorized(ops.DEMO)
     raise typer.Exit(run_demo(tenants=tenants, console=out))
+
+
+@keys_cli.command("rotate")
+def keys_rotate() -> None:
+    """Re-encrypt every stored Powens token under the newest key (the first of BALANCES_ENCRYPTION_KEY).
+
+    Rotation without downtime: 1) put the new key first, the old one second, everywhere, and restart;
+    2) run this; 3) remove the old key everywhere."""
+    from app.admin import rotate_keys
+
+    settings, actor = authorized(ops.KEYS_ROTATE)
+    err.print(f"{rotate_keys(settings, actor)} Powens tokens re-encrypted under the newest key")

@@ -17,6 +17,7 @@ from app.cli.shell import (
     accounts_cli,
     authorized,
     cli,
+    connections_cli,
     err,
     fail,
     fail_from,
@@ -174,3 +175,22 @@ def accounts_list(tenant: TenantOpt, json_: JsonOpt = False) -> None:
         print_json(records)
         return
     accounts_table(out, records)
+
+
+@connections_cli.command("reconnect-link")
+def reconnect_link_cmd(
+    tenant: TenantOpt,
+    connection: Annotated[str, typer.Option("--connection", help="Canonical connection id.")],
+    json_: JsonOpt = False,
+) -> None:
+    """A Powens reconnect link for a connection that needs its user, with a fresh temporary code.
+    Made now, shown once, never stored: send it to the end user."""
+    from app.connections import reconnect_link
+    from app.deps import Deps
+
+    settings, actor = authorized(ops.RECONNECT_LINK, as_json=json_)
+    try:
+        url = reconnect_link(Deps(settings), actor, tenant, connection)
+    except (RefreshError, ConfigError) as exc:
+        fail_from(exc, json_)
+    print_json({"reconnectUrl": url}) if json_ else print(url)

@@ -19,7 +19,12 @@ from app.errors import InvalidInput, PolicyDenied, Reason, RefreshError
 from app.jsonio import dumps
 from app.policy import ANONYMOUS, Actor, authorize, default_actor_name, validate_actor_name
 
-cli = typer.Typer(no_args_is_help=True, add_completion=False, help="Balance refresh admin shell (Powens).")
+cli = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Balance refresh admin shell (Powens).",
+    pretty_exceptions_show_locals=False,  # a crash must never print a token read from stdin
+)
 db_cli = typer.Typer(no_args_is_help=True, help="Database schema.")
 tenant_cli = typer.Typer(no_args_is_help=True, help="Tenants.")
 powens_cli = typer.Typer(no_args_is_help=True, help="Powens users.")
@@ -27,6 +32,8 @@ accounts_cli = typer.Typer(no_args_is_help=True, help="Bank accounts (openbankin
 admin_cli = typer.Typer(no_args_is_help=True, help="Roles of actors (bootstrap: whoever reaches the DB).")
 sandbox_cli = typer.Typer(no_args_is_help=True, help="The local Powens-compatible sandbox server.")
 run_cli = typer.Typer(no_args_is_help=True, help="Nightly runs (the pipeline beat starts).")
+connections_cli = typer.Typer(no_args_is_help=True, help="Bank connections (reconnect links).")
+keys_cli = typer.Typer(no_args_is_help=True, help="Encryption keys of stored Powens tokens.")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(tenant_cli, name="tenant")
 cli.add_typer(powens_cli, name="powens")
@@ -34,11 +41,13 @@ cli.add_typer(accounts_cli, name="accounts")
 cli.add_typer(admin_cli, name="admin")
 cli.add_typer(sandbox_cli, name="sandbox")
 cli.add_typer(run_cli, name="run")
+cli.add_typer(connections_cli, name="connections")
+cli.add_typer(keys_cli, name="keys")
 
 T = TypeVar("T")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error, one line: never wrapped at 80 columns
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

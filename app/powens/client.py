@@ -34,6 +34,7 @@ EP_CONNECTIONS = "/users/{id_user}/connections"
 EP_CONNECTION = "/users/{id_user}/connections/{id_connection}"
 EP_AUTH_INIT = "/auth/init"
 EP_AUTH_RENEW = "/auth/renew"
+EP_AUTH_CODE = "/auth/token/code"
 MAX_PAGES = 1000
 
 
@@ -261,6 +262,13 @@ class PowensClient:
         if not isinstance(body, dict) or not body.get("auth_token") or body.get("id_user") is None:
             raise invalid("auth_token or id_user missing", EP_AUTH_INIT)
         return int(body["id_user"]), str(body["auth_token"])
+
+    def temporary_code(self, token: str) -> str:
+        """A short-lived code for the user's webview (reconnect links). Never logged, never stored."""
+        body, _ = self.request("GET", EP_AUTH_CODE, token=token)
+        if not isinstance(body, dict) or not isinstance(body.get("code"), str) or not body["code"]:
+            raise invalid("code missing", EP_AUTH_CODE)
+        return str(body["code"])
 
     def renew_token(self, client_id: str, client_secret: str, id_user: int, *, revoke_previous: bool) -> str:
         body, _ = self.request(

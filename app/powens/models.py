@@ -49,6 +49,9 @@ def parse_powens_datetime(value: Any, zone: ZoneInfo, *, field: str, endpoint: s
     return parsed.astimezone(UTC)
 
 
+# The columns that keep these fields (app.store.models).
+LIMITS = {"name": 300}
+
 # No bank balance reaches a quintillion in any currency: beyond this, the payload is wrong. The bound
 # also keeps sums and forecasts (which go through float for the trend) far from overflow.
 MAX_AMOUNT = Decimal(10) ** 18
@@ -94,10 +97,18 @@ def _int(value: Any, *, field: str, endpoint: str, required: bool = True) -> int
         raise invalid(f"{field} is not an integer id", endpoint) from None
 
 
-def _str(value: Any) -> str | None:
+def _str(value: Any, *, field: str = "", endpoint: str = "", limit: int = 0) -> str | None:
+    """A text field, refused when longer than the column that keeps it or holding a NUL character,
+    which PostgreSQL text cannot store (a clean invalid_response, never a database error half-way
+    through a write)."""
     if value is None:
         return None
-    return str(value)
+    text = str(value)
+    if limit and len(text) > limit:
+        raise invalid(f"{field} is longer than {limit} characters", endpoint)
+    if "\x00" in text:
+        raise invalid(f"{field} contains a NUL character", endpoint)
+    return text
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,7 @@ class PowensAccount:
         name = raw.get("name") or raw.get("original_name")
         if not isinstance(name, str) or not name.strip():
             raise invalid("account name is missing", endpoint)
+        _str(name.strip(), field="name", endpoint=endpoint, limit=LIMITS["name"])
         acc_id = _int(raw.get("id"), field="id", endpoint=endpoint)
         conn_id = _int(raw.get("id_connection"), field="id_connection", endpoint=endpoint)
         assert acc_id is not None and conn_id is not None
@@ -144,24 +156,24 @@ class PowensAccount:
             id_connection=conn_id,
             id_user=_int(raw.get("id_user"), field="id_user", endpoint=endpoint, required=False),
             name=name.strip(),
-            original_name=_str(raw.get("original_name")),
-            number=_str(raw.get("number")),
-            iban=_str(raw.get("iban")),
-            bic=_str(raw.get("bic")),
+            original_name=_str(raw.get("original_name"), field="original_name", endpoint=endpoint, limit=300),
+            number=_str(raw.get("number"), field="number", endpoint=endpoint, limit=64),
+            iban=_str(raw.get("iban"), field="iban", endpoint=endpoint, limit=64),
+            bic=_str(raw.get("bic"), field="bic", endpoint=endpoint, limit=16),
             balance=balance,
             coming=parse_amount(raw.get("coming"), field="coming", endpoint=endpoint),
             currency=code,
             currency_precision=precision
             if isinstance(precision, int) and not isinstance(precision, bool)
             else None,
-            type=str(raw.get("type") or "unknown"),
-            usage=_str(raw.get("usage")),
+            type=_str(raw.get("type") or "unknown", field="type", endpoint=endpoint, limit=64) or "unknown",
+            usage=_str(raw.get("usage"), field="usage", endpoint=endpoint, limit=16),
             last_update=parse_powens_datetime(
                 raw.get("last_update"), zone, field="last_update", endpoint=endpoint
             ),
             disabled=parse_powens_datetime(raw.get("disabled"), zone, field="disabled", endpoint=endpoint),
             deleted=parse_powens_datetime(raw.get("deleted"), zone, field="deleted", endpoint=endpoint),
-            error=_str(raw.get("error")),
+            error=_str(raw.get("error"), field="error", endpoint=endpoint, limit=64),
         )
 
 
@@ -190,8 +202,10 @@ class PowensConnection:
             id_connector=_int(
                 raw.get("id_connector"), field="id_connector", endpoint=endpoint, required=False
             ),
-            state=_str(state),
-            error_message=_str(raw.get("error_message")),
+            state=_str(state, field="state", endpoint=endpoint, limit=64),
+            error_message=_str(
+                raw.get("error_message"), field="error_message", endpoint=endpoint, limit=2000
+            ),
             last_update=parse_powens_datetime(
                 raw.get("last_update"), zone, field="last_update", endpoint=endpoint
             ),

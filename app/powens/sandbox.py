@@ -24,6 +24,7 @@ import json
 import logging
 import random
 import re
+import secrets
 import socket
 import struct
 import threading
@@ -150,6 +151,7 @@ class Knobs:
 # One scripted answer: (HTTP status, Retry-After) or (a named fault, its argument).
 Step = tuple[int | str, float | None]
 MISSING = "__missing__"
+ADMIN_HEADER = "X-Sandbox-Admin-Token"
 CURRENCY_NAMES = {
     "EUR": "Euro",
     "USD": "US Dollar",
@@ -184,6 +186,8 @@ class SandboxState:
         self.request_seq = 0
         self.client_id = "sandbox-client"
         self.client_secret = "sandbox-secret"  # noqa: S105 - the sandbox's own fake credential
+        self.admin_token = secrets.token_hex(16)
+        self.token_generation: dict[int, int] = {}
 
     def clear_faults(self) -> None:
         """Forget every scripted fault and payload override (knobs stay)."""
@@ -196,8 +200,20 @@ class SandboxState:
     # -- data ----------------------------------------------------------------------------------
 
     def token_for(self, user_id: int) -> str:
-        mac = hmac.new(str(self.seed).encode(), f"user:{user_id}".encode(), hashlib.sha256).hexdigest()
-        return f"sbx_{mac[:40]}"
+        generation = self.token_generation.get(user_id, 0)
+        mac = hmac.new(str(self.seed).encode(), f"user:{user_id}:{generation}".encode(), hashlib.sha256)
+        return f"sbx_{mac.hexdigest()[:40]}"
+
+    def revoke_token(self, user_id: int) -> bool:
+        with self.lock:
+            user = self.users.get(user_id)
+            if user is None:
+                return False
+            self.by_token.pop(user.token, None)
+            self.token_generation[user_id] = self.token_generation.get(user_id, 0) + 1
+            user.token = self.token_for(user_id)
+            self.by_token[user.token] = user
+            return True
 
     def create_user(
         self, *, connections: int | None = None, accounts_per_connection: int | None = None
@@ -299,6 +315,7 @@ class SandboxState:
 ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(r"^/2\.0/auth/init$"), "auth_init"),
     ("POST", re.compile(r"^/2\.0/auth/renew$"), "auth_renew"),
+    ("GET", re.compile(r"^/2\.0/auth/token/code$"), "auth_code"),
     ("GET", re.compile(r"^/2\.0/users/(?P<user>me|\d+)/accounts$"), "accounts"),
     ("GET", re.compile(r"^/2\.0/users/(?P<user>me|\d+)/accounts/(?P<account>\d+)$"), "account"),
     ("GET", re.compile(r"^/2\.0/users/(?P<user>me|\d+)/connections$"), "connections"),
@@ -314,6 +331,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(r"^/_sandbox/users$"), "admin_user"),
     ("POST", re.compile(r"^/_sandbox/config$"), "admin_config"),
     ("POST", re.compile(r"^/_sandbox/users/(?P<user>\d+)/faults$"), "admin_user_faults"),
+    ("POST", re.compile(r"^/_sandbox/users/(?P<user>\d+)/revoke$"), "admin_revoke"),
     ("POST", re.compile(r"^/_sandbox/connections/(?P<conn>\d+)$"), "admin_connection"),
     ("POST", re.compile(r"^/_sandbox/accounts/(?P<account>\d+)$"), "admin_account"),
 ]
@@ -395,6 +413,12 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             if name.startswith("admin_"):
+                # The sandbox's own controls: only for whoever holds its admin token (printed by
+                # `balances sandbox serve`, known to the Sandbox object in tests and the demo).
+                given = self.headers.get(ADMIN_HEADER) or ""
+                if not hmac.compare_digest(given.encode(), state.admin_token.encode()):
+                    self._send(401, {"code": "unauthorized", "description": "sandbox admin token required"})
+                    return
                 body = loads(raw_body) if raw_body else {}
                 result = getattr(self, name)(match.groupdict(), body)
                 self._send(200, result)
@@ -563,6 +587,11 @@ class Handler(BaseHTTPRequestHandler):
             raise PowensError(404, "userNotFound", "No such user")
         return {"access_token": user.token, "token_type": "Bearer"}
 
+    def powens_auth_code(self, p: dict[str, str], q: Any, body: bytes, rid: str) -> Any:
+        user = self._auth("me")
+        self.server.state.count("GET /auth/token/code", user.id)
+        return {"code": f"sbxcode_{secrets.token_hex(12)}", "type": "temporary", "access": "single"}
+
     def powens_accounts(self, p: dict[str, str], q: dict[str, list[str]], body: bytes, rid: str) -> Any:
         user = self._auth(p["user"])
         self._faults("GET /users/{id_user}/accounts", user)
@@ -669,6 +698,10 @@ class Handler(BaseHTTPRequestHandler):
             setattr(knobs, key, type(getattr(knobs, key))(value))
         return vars(knobs)
 
+    def admin_revoke(self, p: dict[str, str], body: Any) -> Any:
+        """Revoke a user's token (as Powens would): the old one answers 401, /auth/renew gives the new."""
+        return {"revoked": self.server.state.revoke_token(int(p["user"]))}
+
     def admin_user_faults(self, p: dict[str, str], body: Any) -> Any:
         steps = _steps(body.get("fail", []))
         with self.server.state.lock:
@@ -768,15 +801,16 @@ class Sandbox:
         self.server.server_close()
 
 
-def admin_call(admin_url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def admin_call(admin_url: str, token: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """Drive a running sandbox's admin routes (from the CLI, tests, the benchmark)."""
     import requests
 
     url = admin_url.rstrip("/") + "/" + path.lstrip("/")
+    headers = {ADMIN_HEADER: token}
     resp = (
-        requests.post(url, data=json.dumps(body or {}), timeout=10)
+        requests.post(url, data=json.dumps(body or {}), headers=headers, timeout=10)
         if body is not None
-        else requests.get(url, timeout=10)
+        else requests.get(url, headers=headers, timeout=10)
     )
     resp.raise_for_status()
     return loads(resp.content)

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.errors import Reason
 from app.powens.errors import classify_state
-from app.powens.links import reconnect_url
+from app.powens.links import reconnect_command
 from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, BankConnection, RunItem
 from app.store.states import AccountStatus, ItemStatus
 
@@ -117,7 +117,8 @@ def build_summary(
             "connectionId": cid,
             "powensConnectionId": ext,
             "state": state,
-            "reconnectUrl": reconnect_url(settings, ext),
+            # A link needs a fresh temporary code: made when a person asks, never stored here.
+            "reconnectCommand": reconnect_command(tenant_id, cid),
         }
         for cid, ext, state in conns
         if classify_state(state) is Reason.NEEDS_USER_ACTION

@@ -182,6 +182,18 @@ def find_account(session: Session, tenant_id: str, account_id: str) -> AccountCo
     return AccountContext(row[0], row[1], row[2])
 
 
+def find_connection(
+    session: Session, tenant_id: str, connection_id: str
+) -> tuple[BankConnection, PowensUser] | None:
+    """The connection *within the tenant*, with its Powens user."""
+    row = session.execute(
+        select(BankConnection, PowensUser)
+        .join(PowensUser, PowensUser.id == BankConnection.powens_user_pk)
+        .where(BankConnection.id == connection_id, BankConnection.tenant_id == tenant_id)
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
 def list_accounts(
     session: Session, tenant_id: str
 ) -> Sequence[tuple[BankAccount, BankConnection, PowensUser]]:

@@ -31,6 +31,17 @@ class TokenCipher:
     def encrypt(self, token: str) -> bytes:
         return self._fernet.encrypt(token.encode())
 
+    def rotate(self, blob: bytes) -> bytes:
+        """The same token encrypted under the newest key (MultiFernet: decrypt with any, encrypt with
+        the first)."""
+        try:
+            return self._fernet.rotate(bytes(blob))
+        except InvalidToken:
+            raise ConfigError(
+                "a stored Powens token cannot be decrypted with BALANCES_ENCRYPTION_KEY "
+                "(wrong or rotated-out key)"
+            ) from None
+
     def decrypt(self, blob: bytes) -> str:
         try:
             return self._fernet.decrypt(bytes(blob)).decode()

@@ -1,0 +1,79 @@
+"""A Powens user's permanent token in use: decrypted only in memory, renewed once when Powens refuses it.
+
+Permanent tokens do not expire, but they can be revoked. When Powens answers 401 to a user token, the
+service asks for a new one with its client credentials (``POST /auth/renew``, ``POWENS_CLIENT_ID`` /
+``POWENS_CLIENT_SECRET``), stores it encrypted and tries the call once more; a second refusal is
+``unauthorized``. The renewal runs under a row lock on the user: of several tasks refused at once, one
+renews and the others take the token it stored. The token never leaves this process unencrypted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from app.deps import Deps
+from app.powens.errors import PowensError
+from app.store import repo
+from app.store.db import session_scope
+from app.store.models import PowensUser
+
+T = TypeVar("T")
+RENEW_OPERATION = "powens.token.renew"
+
+
+@dataclass(frozen=True)
+class UserToken:
+    user_pk: int
+    powens_user_id: int
+    tenant_id: str
+    token: str
+    blob: bytes  # as stored: tells whether another task renewed it meanwhile
+
+    @classmethod
+    def of(cls, deps: Deps, user: PowensUser) -> UserToken:
+        return cls(
+            user.id,
+            user.powens_user_id,
+            user.tenant_id,
+            deps.cipher.decrypt(user.token_encrypted),
+            bytes(user.token_encrypted),
+        )
+
+
+def call(deps: Deps, user: UserToken, powens_call: Callable[[str], T]) -> T:
+    """``powens_call(token)``, renewing the token once if Powens refuses it (401)."""
+    try:
+        return powens_call(user.token)
+    except PowensError as err:
+        if err.status != 401 or not renewable(deps):
+            raise
+    return powens_call(renew(deps, user))
+
+
+def renewable(deps: Deps) -> bool:
+    s = deps.settings
+    return bool(s.powens_client_id and s.powens_client_secret)
+
+
+def renew(deps: Deps, user: UserToken) -> str:
+    settings = deps.settings
+    assert settings.powens_client_id and settings.powens_client_secret
+    with session_scope(settings) as session:
+        row = session.get(PowensUser, user.user_pk, with_for_update=True)
+        if row is None:
+            return user.token
+        if bytes(row.token_encrypted) != user.blob:  # renewed by another task while we waited
+            return deps.cipher.decrypt(row.token_encrypted)
+        token = deps.client.renew_token(
+            settings.powens_client_id,
+            settings.powens_client_secret.get_secret_value(),
+            user.powens_user_id,
+            revoke_previous=False,  # tasks still holding the old one finish with it
+        )
+        now = deps.clock()
+        row.token_encrypted = deps.cipher.encrypt(token)
+        row.updated_at = now
+        repo.audit(session, now, "system:service", RENEW_OPERATION, str(user.powens_user_id), "done")
+    return token
