@@ -115,6 +115,25 @@ class Settings(BaseSettings):
     )
     forecast_min_points: int = Field(7, ge=2, validation_alias=_env("BALANCES_FORECAST_MIN_POINTS"))
 
+    # The push path (app.webhooks): Powens' HMAC secret(s), comma-separated, newest first.
+    webhook_secret: SecretStr | None = Field(None, validation_alias=_env("POWENS_WEBHOOK_SECRET"))
+    webhook_tolerance_seconds: float = Field(
+        300.0, gt=0, validation_alias=_env("BALANCES_WEBHOOK_TOLERANCE_SECONDS")
+    )  # how far BI-Signature-Date may be from now (a replay window)
+    webhook_max_body_bytes: int = Field(
+        10 * 2**20, ge=1024, validation_alias=_env("BALANCES_WEBHOOK_MAX_BODY_BYTES")
+    )
+    # A nightly run does not read again an account whose balances a push stored this recently (0: always
+    # read). A day: since about the previous nightly run.
+    push_freshness_seconds: float = Field(
+        86_400.0, ge=0, validation_alias=_env("BALANCES_PUSH_FRESHNESS_SECONDS")
+    )
+    # What an operator is shown: accounts whose Powens data is older than this, consents ending within
+    # this, transient connection states lasting longer than this.
+    stale_after_days: float = Field(3.0, gt=0, validation_alias=_env("BALANCES_STALE_AFTER_DAYS"))
+    consent_warning_days: float = Field(7.0, gt=0, validation_alias=_env("BALANCES_CONSENT_WARNING_DAYS"))
+    transient_state_days: float = Field(3.0, gt=0, validation_alias=_env("BALANCES_TRANSIENT_STATE_DAYS"))
+
     log_format: str = Field("json", pattern="^(json|text)$", validation_alias=_env("BALANCES_LOG_FORMAT"))
     log_level: str = Field("INFO", validation_alias=_env("BALANCES_LOG_LEVEL"))
 
@@ -211,6 +230,12 @@ class Settings(BaseSettings):
         """How long one Powens read may take, waiting for the rate limiter included: how long a task
         waits for another's shared read before giving up on this attempt."""
         return self.powens_total_timeout + self.rate_limit_max_wait + 5
+
+    @property
+    def webhook_secrets(self) -> list[bytes]:
+        """POWENS_WEBHOOK_SECRET's secrets, newest first (any of them verifies a push)."""
+        secret = self.webhook_secret.get_secret_value() if self.webhook_secret is not None else ""
+        return [k.strip().encode() for k in secret.split(",") if k.strip()]
 
     @property
     def redis_url(self) -> str:

@@ -7,6 +7,7 @@ string. Neither is what the contract's consumers expect (``"currentBalance": 123
 from __future__ import annotations
 
 import json
+import secrets
 import uuid
 from collections.abc import Mapping
 from datetime import date, datetime
@@ -45,10 +46,13 @@ def dumps(obj: Any, *, indent: int | None = None, drop_none: bool = False) -> st
     if drop_none:
         plain = _drop_none(plain)
     marks: dict[str, str] = {}
+    # A placeholder nobody can spell in advance: a string from outside equal to one would otherwise be
+    # replaced by a number (and the amount it stood for left as a string).
+    nonce = secrets.token_hex(8)
 
     def default(o: Any) -> Any:
         if isinstance(o, Decimal):
-            key = f"\x00dec{len(marks)}\x00"
+            key = f"\x00dec{nonce}:{len(marks)}\x00"
             marks[json.dumps(key)] = decimal_text(o)
             return key
         raise TypeError(f"{type(o).__name__} is not JSON serializable")

@@ -27,6 +27,36 @@ class TaskOutcome(StrEnum):
     DENIED = "denied"  # its message was not signed by the service: not run
 
 
+class PushOutcome(StrEnum):
+    """The ``outcome`` label of ``powens_webhooks_received_total``. The receiver counts requests (the
+    first seven); the worker counts each account a queued event carries (the rest)."""
+
+    QUEUED = "queued"  # verified and durably on the broker: answered 202
+    REJECTED_SIGNATURE = "rejected_signature"  # 401
+    REJECTED_STALE = "rejected_stale"  # 401: authentic but dated outside the window (a replay)
+    REJECTED_SIZE = "rejected_size"  # 413
+    INVALID_PAYLOAD = "invalid_payload"  # 400 at the receiver; an unreadable account at the worker
+    UNKNOWN_EVENT = "unknown_event"  # 202, ignored
+    UNAVAILABLE = "unavailable"  # 503: the broker could not take it (Powens retries)
+    STORED = "stored"  # balances written through the refresh's write path
+    DUPLICATE = "duplicate"  # this account at this last_update and state was already applied
+    OUT_OF_ORDER = "out_of_order"  # older than what is stored: nothing written
+    NEEDS_USER = "needs_user"  # the connection needs its user: recorded as a refresh would
+    FAILED = "failed"  # recorded as a failed refresh (e.g. the account is deleted at Powens)
+    STATUS_UPDATED = "status_updated"  # ACCOUNT_DISABLED/ENABLED, CONNECTION_DELETED
+    UNKNOWN_USER = "unknown_user"  # a Powens user no tenant has linked
+    UNKNOWN_ACCOUNT = "unknown_account"  # an account or connection we have not registered
+
+
+PUSH_EVENTS = (
+    "CONNECTION_SYNCED",
+    "ACCOUNT_SYNCED",
+    "ACCOUNT_DISABLED",
+    "ACCOUNT_ENABLED",
+    "CONNECTION_DELETED",
+    "unknown",
+)
+
 REFRESHED = Counter(
     "openbanking_balances_refreshed",
     "Balance refreshes that succeeded (terminal outcome, after retries).",
@@ -83,6 +113,23 @@ TASK_OUTCOMES = Counter(
 )
 
 
+WEBHOOKS = Counter(
+    "powens_webhooks_received",
+    "Powens webhooks by event and outcome: requests at the receiver, accounts at the worker.",
+    ["event", "outcome"],
+)
+WEBHOOK_DURATION = Histogram(
+    "powens_webhook_receive_duration_seconds",
+    "Time from a webhook request's arrival to its answer, broker write included.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+WEBHOOK_ENQUEUE = Histogram(
+    "powens_webhook_enqueue_duration_seconds",
+    "Time the receiver spent putting a verified event on the broker.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+
 def preinitialise_tasks(names: Iterable[str]) -> None:
     for name in names:
         TASK_DURATION.labels(task=name)
@@ -99,6 +146,9 @@ def _preinitialise() -> None:
     for reason in Reason:
         if reason.retryable:
             RETRIES.labels(provider=PROVIDER, reason=reason.value)
+    for event in PUSH_EVENTS:
+        for push in (PushOutcome.QUEUED, PushOutcome.STORED, PushOutcome.REJECTED_SIGNATURE):
+            WEBHOOKS.labels(event=event, outcome=push.value)
 
 
 _preinitialise()

@@ -40,6 +40,9 @@ FORECAST = _shell("forecasts.get", "Show a tenant's stored cashflow forecasts.",
 # any other (it writes demo tenants there).
 SANDBOX_SERVE = _shell("sandbox.serve", "Serve the local Powens sandbox.", ANONYMOUS)
 DEMO = _shell("demo", "Run the demo on its own tenants.", ADMIN)
+# A service process like `celery worker`: it runs with the service's secrets and acts for nobody
+# (what it accepts is authenticated by Powens' signature).
+WEBHOOKS_SERVE = _shell("webhooks.serve", "Serve the receiver of Powens webhooks.", ANONYMOUS)
 KEYS_ROTATE = _shell("keys.rotate", "Re-encrypt every stored Powens token under the newest key.", ADMIN)
 RECONNECT_LINK = _shell(
     "connections.reconnect_link", "Issue a Powens reconnect link for a connection that needs its user.", ADMIN

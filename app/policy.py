@@ -33,7 +33,10 @@ class Actor:
 
 # The scheduler (beat, the nightly pipeline) acts as this built-in admin; no row, no grant needed.
 SCHEDULER = Actor(f"{SYSTEM_PREFIX}scheduler", frozenset({ADMIN}))
-BUILTIN_ACTORS = {SCHEDULER.name: SCHEDULER}
+# Powens' pushes are recorded as this actor. It holds no role: a push is not a command anyone gave,
+# its authority is Powens' signature (checked by the receiver) and the service's own on the message.
+POWENS_PUSH = Actor(f"{SYSTEM_PREFIX}powens-webhook")
+BUILTIN_ACTORS = {SCHEDULER.name: SCHEDULER, POWENS_PUSH.name: POWENS_PUSH}
 
 
 def validate_actor_name(name: str) -> str:

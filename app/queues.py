@@ -2,7 +2,8 @@
 
 No call site names a queue: ``celeryconfig.task_routes`` points here. On-demand refreshes go to
 ``interactive`` (drained first by every worker, so the nightly flood never starves an operator),
-planning, reports and the sweeper to ``reports`` (drained next), scheduled refreshes and their fan-out
+Powens pushes to ``push`` (next: a push is as fresh as data gets, and cheap to apply),
+planning, reports and the sweeper to ``reports``, scheduled refreshes and their fan-out
 to ``refresh``. Imports nothing heavy: ``celeryconfig`` and the beat's exporter use it.
 """
 
@@ -20,12 +21,15 @@ class Queue(StrEnum):
     sweeper never wait behind 100,000 refreshes."""
 
     INTERACTIVE = "interactive"
+    PUSH = "push"
     REPORTS = "reports"
     REFRESH = "refresh"
 
 
 REFRESH_TASK = "balances.refresh_account"
+PUSH_TASK = "balances.apply_push"
 ROUTES: dict[str, Queue] = {
+    PUSH_TASK: Queue.PUSH,
     "balances.fanout_batch": Queue.REFRESH,
     "balances.start_nightly_run": Queue.REPORTS,
     "balances.plan_nightly_run": Queue.REPORTS,

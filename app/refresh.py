@@ -10,12 +10,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import datetime
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.orm import Session
 
 from app import metrics, tokens
 from app.config import Settings
@@ -43,16 +41,14 @@ from app.outcomes import (
     unwrap,
 )
 from app.policy import Actor, authorize
-from app.powens.errors import PowensError, classify_state, is_transient_state
-from app.powens.links import needs_user
-from app.powens.models import PowensAccount, decimal_places
-from app.records import map_balances, to_record
+from app.powens.errors import PowensError
+from app.powens.models import PowensAccount
 from app.shared_read import shared_account
 from app.store import repo
 from app.store.db import session_scope
-from app.store.models import BankAccount, BankConnection
 from app.store.states import AccountStatus, Trigger
 from app.tokens import UserToken
+from app.write_path import Read, Where, judge, set_status, store
 
 log = logging.getLogger(__name__)
 _rng = random.SystemRandom()
@@ -147,7 +143,7 @@ def _attempt(raw_input: Any, actor: Actor | str, trigger: Trigger, attempt: Atte
             attempts=attempt.number,
             started_at=read.refreshed_at,
             clock=deps.clock,
-            store=lambda session: _store(session, deps, inp, read, attempt.business_day),
+            store=lambda session: store(session, deps, inp, read, attempt.business_day),
             request_id=read.request_id,
         )
     except Throttled as th:
@@ -183,15 +179,19 @@ def _observe(trigger: Trigger, t0: float) -> None:
     )
 
 
-@dataclass
-class Read:
-    """What one attempt learnt from Powens, before it is stored."""
-
-    refreshed_at: datetime
-    pacc: PowensAccount | None = None  # None: a concurrent refresh already stored fresh data
-    drafts: list[repo.BalanceDraft] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    request_id: str | None = None
+def _pushed_recently(
+    settings: Settings,
+    attempt: Attempt,
+    inp: OpenBankingRefreshBalancesInput,
+    pushed_at: datetime | None,
+    now: datetime,
+) -> datetime | None:
+    """When a push stored this account's balances recently enough that a nightly run need not read it
+    (on demand, or forcing a sync, an operator always gets a read)."""
+    if attempt.run_id is None or inp.force_refresh or pushed_at is None:
+        return None
+    window = settings.push_freshness_seconds
+    return pushed_at if window > 0 and (now - pushed_at).total_seconds() <= window else None
 
 
 def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, deps: Deps) -> Read:
@@ -217,8 +217,13 @@ def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, 
             connection_external_id = ctx.connection.external_id
             last = ctx.account.last_refreshed_at
             fresh = last is not None and last >= started
+            pushed = _pushed_recently(settings, attempt, inp, ctx.account.pushed_at, started)
         if fresh:
             note = "coalesced with a concurrent refresh of this account; its result is returned"
+            return Read(refreshed_at=started, errors=[note])
+        if pushed is not None:
+            # The push path made it fresh: the nightly run is the reconciliation, not a second read.
+            note = f"refreshed from a Powens push at {pushed.isoformat()}; not read again"
             return Read(refreshed_at=started, errors=[note])
 
         errors: list[str] = []
@@ -237,121 +242,10 @@ def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, 
                 )
             except PowensError as err:
                 if err.status == 404 and err.reason is Reason.NOT_FOUND:
-                    _set_status(deps, inp.account_id, AccountStatus.DELETED)
+                    set_status(deps, inp.account_id, AccountStatus.DELETED)
                 raise
             pacc, request_id = answer.value, answer.request_id
-        if pacc.deleted is not None:
-            _set_status(deps, inp.account_id, AccountStatus.DELETED)
-            raise NotFound(f"account {inp.account_id!r} was deleted at Powens")
-        if pacc.disabled is not None:
-            _set_status(deps, inp.account_id, AccountStatus.DISABLED)
-            raise NotFound(f"account {inp.account_id!r} is disabled at Powens (not synced)")
-        if classify_state(pacc.error) is Reason.NEEDS_USER_ACTION:
-            _record_connection_state(deps, connection_id, pacc.error)
-            raise needs_user(inp.tenant_id, connection_id, connection_external_id, pacc.error, request_id)
-        if is_transient_state(pacc.error):
-            errors.append(
-                f"connection state {pacc.error}: Powens will retry; "
-                "balances are from its last successful sync"
-            )
-        return _drafts(inp, pacc, request_id, errors, deps.clock())
-
-
-def _drafts(
-    inp: OpenBankingRefreshBalancesInput,
-    pacc: PowensAccount,
-    request_id: str | None,
-    errors: list[str],
-    refreshed_at: datetime,
-) -> Read:
-    if pacc.balance is None or pacc.currency is None:
-        # Powens (its OpenAPI) may have no balance or currency yet: the bank has not reported. That is
-        # "no balance yet", kept visible as such; the stored records, if any, stay as they are.
-        errors.append("no balance yet: Powens has no balance for this account (the bank has not reported)")
-        return Read(refreshed_at, pacc, [], errors, request_id)
-    drafts = map_balances(pacc, refreshed_at)
-    wanted = inp.balance_types
-    if wanted:
-        for missing in [t for t in wanted if t not in {d.balance_type for d in drafts}]:
-            errors.append(f"balance type {missing!r} is not provided by Powens for this account")
-        drafts = [d for d in drafts if d.balance_type in wanted]
-    if pacc.last_update is None:
-        errors.append("Powens reports no successful bank sync yet; lastUpdatedAt is the refresh time")
-    if pacc.currency_precision is not None and any(
-        decimal_places(d.current_balance) > pacc.currency_precision for d in drafts
-    ):
-        errors.append(
-            f"an amount has more decimal places than {pacc.currency}'s precision "
-            f"({pacc.currency_precision}); kept exactly as Powens sent it"
-        )
-    return Read(refreshed_at, pacc, drafts, errors, request_id)
-
-
-def _store(
-    session: Session,
-    deps: Deps,
-    inp: OpenBankingRefreshBalancesInput,
-    read: Read,
-    business_day: date | None,
-) -> OpenBankingRefreshBalancesOutput:
-    """The success's own writes (inside the transaction of its audit row): latest records, the
-    snapshot of the business day (a nightly run's own, else today's), account and connection state.
-    Returns the output."""
-    settings = deps.settings
-    errors = list(read.errors)
-    account = session.get(BankAccount, inp.account_id, with_for_update=True)
-    assert account is not None
-    pacc = read.pacc
-    types = [d.balance_type for d in read.drafts] if pacc is not None else list(inp.balance_types or [])
-    if pacc is not None:
-        if read.drafts:
-            day = business_day or settings.business_day(read.refreshed_at)
-            repo.upsert_balances(session, account, read.drafts, refreshed_at=read.refreshed_at, day=day)
-            if not inp.balance_types:
-                repo.drop_unsent_types(session, account.id, types, read.drafts[0].last_updated_at)
-        _update_account(account, pacc, read.refreshed_at)
-        conn = session.get(BankConnection, account.connection_id)
-        if conn is not None and conn.state != (pacc.error or None):
-            conn.state = pacc.error or None
-            conn.updated_at = read.refreshed_at
-    stored = repo.latest_balances(session, inp.tenant_id, inp.account_id, types or inp.balance_types or None)
-    for row, draft in ((r, d) for r in stored for d in read.drafts if d.balance_type == r.balance_type):
-        if row.last_updated_at > draft.last_updated_at:
-            errors.append(f"Powens returned {draft.balance_type} data older than the stored record; kept it")
-    return OpenBankingRefreshBalancesOutput(
-        balances=[to_record(r) for r in stored], refreshed_at=read.refreshed_at, errors=errors or None
-    )
-
-
-def _update_account(account: BankAccount, pacc: PowensAccount, now: datetime) -> None:
-    """The account row follows Powens, but never back to an older answer than the one it holds."""
-    newer = account.powens_last_update is None or (
-        pacc.last_update is not None and pacc.last_update >= account.powens_last_update
-    )
-    if newer:
-        account.name = pacc.name
-        if pacc.balance is not None and pacc.currency is not None:  # "no balance yet" keeps the last
-            account.currency = pacc.currency
-            account.balance = pacc.balance
-            account.coming = pacc.coming
-        if pacc.last_update is not None:
-            account.powens_last_update = pacc.last_update
-    account.status = AccountStatus.ACTIVE
-    account.last_refreshed_at = now
-    account.updated_at = now
-
-
-def _set_status(deps: Deps, account_id: str, status: AccountStatus) -> None:
-    """On Powens' word (its answer about this very account): deleted or disabled accounts leave the
-    nightly runs until Powens lists them again."""
-    with session_scope(deps.settings) as session:
-        repo.set_account_status(session, account_id, status, deps.clock())
-
-
-def _record_connection_state(deps: Deps, connection_id: str, state: str | None) -> None:
-    """Keep the connection's state current even when the refresh fails (summaries list it)."""
-    with session_scope(deps.settings) as session:
-        repo.set_connection_state(session, connection_id, state, deps.clock())
+        return judge(deps, inp, Where(connection_id, connection_external_id), pacc, request_id, errors)
 
 
 def deny_refresh(

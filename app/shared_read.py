@@ -21,7 +21,7 @@ from app.deps import Deps
 from app.outcomes import Attempt
 from app.powens.client import EP_ACCOUNTS
 from app.powens.errors import PowensError
-from app.powens.models import PowensAccount
+from app.powens.models import PowensAccount, essential
 from app.store.db import session_scope
 from app.store.registry import register_accounts
 from app.tokens import UserToken
@@ -41,7 +41,7 @@ def shared_account(
         raw, rid = tokens.call(deps, user, lambda t: deps.client.list_accounts_raw(t, user.powens_user_id))
         _register(deps, user.user_pk, user.powens_user_id, raw)
         # What goes to Redis is only what a refresh reads: no IBAN, account number or BIC.
-        return {"accounts": [_needed(item) for item in raw], "request_id": rid}
+        return {"accounts": [essential(item) for item in raw], "request_id": rid}
 
     shared = deps.coord.shared(
         key,
@@ -59,36 +59,6 @@ def shared_account(
         if isinstance(item, dict) and str(item.get("id")) == str(account_external_id):
             return PowensAccount.parse(item, settings.powens_zone, EP_ACCOUNTS), rid
     return None, rid
-
-
-SHARED_FIELDS = (
-    "id",
-    "id_connection",
-    "id_user",
-    "name",
-    "original_name",
-    "balance",
-    "coming",
-    "type",
-    "usage",
-    "last_update",
-    "disabled",
-    "deleted",
-    "error",
-)
-
-
-def _needed(item: Any) -> Any:
-    if not isinstance(item, dict):
-        return item  # left for the account's own parse to refuse
-    kept = {k: item[k] for k in SHARED_FIELDS if k in item}
-    currency = item.get("currency")
-    kept["currency"] = (
-        {k: currency[k] for k in ("id", "precision") if k in currency}
-        if isinstance(currency, dict)
-        else currency
-    )
-    return kept
 
 
 def _register(deps: Deps, user_pk: int, powens_user_id: int, raw: list[Any]) -> None:

@@ -19,7 +19,7 @@ from app.config import Settings, get_settings
 from app.contract import OpenBankingRefreshBalancesInput
 from app.outcomes import Attempt
 from app.policy import SCHEDULER
-from app.queues import REFRESH_TASK, ROUTES, Queue
+from app.queues import PUSH_TASK, REFRESH_TASK, ROUTES, Queue
 from app.refresh import deny_refresh, execute, give_up_refresh
 from app.reports import jobs
 from app.store import runs
@@ -252,6 +252,19 @@ def sweep_runs() -> dict[str, Any]:
     for finished in report.finished_at:
         metrics.NIGHTLY_LAST_SUCCESS.set(finished.timestamp())
     return {k: v for k, v in vars(report).items() if k != "finished_at"}
+
+
+@app.task(name=PUSH_TASK)
+def apply_push(payload: str, received_at: str) -> dict[str, int]:
+    """A Powens push the receiver verified and queued (app.webhooks.receiver): applied to the store.
+    Idempotent per account, so a redelivery (or Powens sending it twice) writes nothing twice."""
+    from collections import Counter
+
+    from app.deps import Deps
+    from app.webhooks.apply import apply
+
+    applied = apply(Deps.default(), payload, datetime.fromisoformat(received_at))
+    return dict(Counter(a.outcome.value for a in applied))
 
 
 metrics.preinitialise_tasks([REFRESH_TASK, *ROUTES])

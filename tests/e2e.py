@@ -78,7 +78,7 @@ def run_worker(
     env: dict[str, str],
     log: Path,
     *,
-    queues: str = "interactive,refresh,reports",
+    queues: str = "interactive,push,refresh,reports",
     concurrency: int = 2,
     name: str = "e2e",
     extra_args: tuple[str, ...] = (),
@@ -131,3 +131,62 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+@dataclass
+class Receiver:
+    proc: subprocess.Popen[bytes]
+    url: str  # .../webhooks/powens
+    log: Path
+    metrics_port: int
+
+    def scrape(self) -> str:
+        return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+
+
+@contextmanager
+def run_receiver(env: dict[str, str], log: Path, **extra: str) -> Iterator[Receiver]:
+    """``balances webhooks serve`` (uvicorn) on a free port, ready once /healthz answers."""
+    port, metrics_port = free_port(), free_port()
+    renv = dict(env, BALANCES_METRICS_PORT=str(metrics_port), **extra)
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "webhooks",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env=renv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    receiver = Receiver(proc, f"http://127.0.0.1:{port}/webhooks/powens", log, metrics_port)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"receiver exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code in (200, 503):
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"receiver not up in 30s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.1)
+        yield receiver
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -139,3 +139,15 @@ def test_output_json_has_the_exact_contract_shape_and_exact_numbers() -> None:
 def test_large_amounts_survive_json_digit_for_digit() -> None:
     big = Decimal("123456789012345678.99")
     assert dumps({"x": big}) == '{"x": 123456789012345678.99}'
+
+
+def test_a_string_that_looks_like_the_encoders_placeholder_stays_a_string() -> None:
+    # Decimals are written through placeholders replaced in the text: a string from outside (a Powens
+    # name) spelled like one must neither become a number nor push the real amount out.
+    from decimal import Decimal
+
+    from app import jsonio
+
+    doc = {"name": "\x00dec0\x00", "balance": Decimal("12.30")}
+    text = jsonio.dumps(doc)
+    assert jsonio.loads(text) == doc

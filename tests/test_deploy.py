@@ -88,7 +88,7 @@ def exported_metric_names() -> set[str]:
         else:
             names.add(family.name)
     names |= {"balances_celery_queue_length", "openbanking_connections_needing_user"}
-    assert tuple(q.value for q in Queue) == ("interactive", "reports", "refresh")  # priority order
+    assert tuple(q.value for q in Queue) == ("interactive", "push", "reports", "refresh")  # priority order
     # Gauges with no value yet (no sample) still exist as families.
     names |= {
         "openbanking_balances_last_success_timestamp_seconds",

@@ -108,6 +108,7 @@ def test_outcomes_become_celery_actions() -> None:
         ("balances.plan_nightly_run", ("run",), Queue.REPORTS),
         ("balances.summarize_tenant", ("run", "t"), Queue.REPORTS),
         ("balances.sweep_runs", (), Queue.REPORTS),
+        ("balances.apply_push", ("{}", "2026-11-24T04:00:00+00:00"), Queue.PUSH),
     ],
 )
 def test_one_router_places_every_task(name: str, args: tuple[object, ...], queue: Queue) -> None:
@@ -176,10 +177,10 @@ def test_json_output_keeps_money_exact_on_a_terminal_too(terminal: bool) -> None
     assert "12345678901234567.89" in text and "e+16" not in text
 
 
-def test_workers_drain_reports_before_the_nightly_flood() -> None:
+def test_workers_drain_pushes_and_reports_before_the_nightly_flood() -> None:
     import celeryconfig
 
-    assert [q.name for q in celeryconfig.task_queues] == ["interactive", "reports", "refresh"]
+    assert [q.name for q in celeryconfig.task_queues] == ["interactive", "push", "reports", "refresh"]
     assert celeryconfig.broker_transport_options["queue_order_strategy"] == "priority"
 
 

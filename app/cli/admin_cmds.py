@@ -1,4 +1,5 @@
-"""Administering the service: ``db upgrade``, ``tenant``, ``admin``, ``sandbox serve``, ``demo``."""
+"""Administering the service: ``db upgrade``, ``tenant``, ``admin``, ``sandbox serve``, ``demo``,
+``keys rotate``, ``webhooks serve``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from app.cli.shell import (
     cli,
     db_cli,
     err,
+    fail,
     fail_from,
     keys_cli,
     load,
@@ -23,8 +25,9 @@ from app.cli.shell import (
     print_json,
     sandbox_cli,
     tenant_cli,
+    webhooks_cli,
 )
-from app.errors import InvalidInput, PolicyDenied
+from app.errors import InvalidInput, PolicyDenied, Reason
 from app.policy import ADMIN, validate_actor_name
 
 
@@ -129,8 +132,20 @@ def sandbox_serve(
     retry_after: Annotated[float, typer.Option(help="Retry-After seconds sent with a 429.")] = 1.0,
     accounts_per_connection: int = 2,
     connections_per_user: int = 1,
+    webhook_url: Annotated[
+        str | None, typer.Option(help="Push CONNECTION_SYNCED to <URL>/<EVENT> after each sync.")
+    ] = None,
+    webhook_secret: Annotated[
+        str | None,
+        typer.Option(envvar="POWENS_WEBHOOK_SECRET", help="HMAC secret of the pushes (or the env var)."),
+    ] = None,
+    sync_every: Annotated[
+        float, typer.Option(help="Seconds between background syncs of one connection (0: none).")
+    ] = 0.0,
 ) -> None:
     """Serve the Powens-compatible sandbox until interrupted (admin routes under /_sandbox/)."""
+    import threading
+
     from app.powens.sandbox import Knobs, SandboxHTTPServer, SandboxState
 
     authorized(ops.SANDBOX_SERVE)
@@ -145,8 +160,15 @@ def sandbox_serve(
     sstate = SandboxState(seed=seed, knobs=knobs)
     for _ in range(users):
         sstate.create_user()
+    if webhook_url and not webhook_secret:
+        fail(Reason.INVALID_INPUT, "--webhook-url needs a secret (POWENS_WEBHOOK_SECRET)", 2, as_json=False)
+    sstate.configure_webhooks(webhook_url, webhook_secret)
     server = SandboxHTTPServer((host, port), sstate)
     err.print(f"Powens sandbox on http://{host}:{server.server_address[1]}/2.0/ (seed {seed}, {users} users)")
+    if webhook_url:
+        err.print(f"pushing webhooks to {webhook_url}/<EVENT> after each sync")
+    if sync_every > 0:
+        threading.Thread(target=sstate.keep_syncing, args=(sync_every,), daemon=True).start()
     # The sandbox's own control token (its admin routes), not a secret of the service.
     err.print(f"admin routes under /_sandbox/ need the header X-Sandbox-Admin-Token: {sstate.admin_token}")
     try:
@@ -179,3 +201,25 @@ def keys_rotate() -> None:
 
     settings, actor = authorized(ops.KEYS_ROTATE)
     err.print(f"{rotate_keys(settings, actor)} Powens tokens re-encrypted under the newest key")
+
+
+@webhooks_cli.command("serve")
+def webhooks_serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """Receive Powens webhooks: POST /webhooks/powens/{EVENT}, GET /healthz (uvicorn, until stopped)."""
+    from app.webhooks.receiver import serve
+
+    settings, _ = authorized(ops.WEBHOOKS_SERVE)
+    missing = [
+        name
+        for name, value in (
+            ("POWENS_WEBHOOK_SECRET", settings.webhook_secrets),
+            ("BALANCES_SIGNING_KEY", settings.signing_key),
+        )
+        if not value
+    ]
+    if missing:
+        fail(Reason.INVALID_INPUT, f"the webhook receiver needs {' and '.join(missing)}", 2, as_json=False)
+    serve(settings, host, port)

@@ -34,6 +34,7 @@ sandbox_cli = typer.Typer(no_args_is_help=True, help="The local Powens-compatibl
 run_cli = typer.Typer(no_args_is_help=True, help="Nightly runs (the pipeline beat starts).")
 connections_cli = typer.Typer(no_args_is_help=True, help="Bank connections (reconnect links).")
 keys_cli = typer.Typer(no_args_is_help=True, help="Encryption keys of stored Powens tokens.")
+webhooks_cli = typer.Typer(no_args_is_help=True, help="The receiver of Powens' pushes (webhooks).")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(tenant_cli, name="tenant")
 cli.add_typer(powens_cli, name="powens")
@@ -43,6 +44,7 @@ cli.add_typer(sandbox_cli, name="sandbox")
 cli.add_typer(run_cli, name="run")
 cli.add_typer(connections_cli, name="connections")
 cli.add_typer(keys_cli, name="keys")
+cli.add_typer(webhooks_cli, name="webhooks")
 
 T = TypeVar("T")
 

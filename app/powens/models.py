@@ -187,6 +187,8 @@ class PowensConnection:
     last_update: datetime | None
     next_try: datetime | None
     active: bool
+    # The PSD2 consent's end: the earliest of ``expire`` and ``sources[].access_expire``.
+    consent_expires_at: datetime | None = None
 
     @classmethod
     def parse(cls, raw: Any, zone: ZoneInfo, endpoint: str) -> PowensConnection:
@@ -211,7 +213,56 @@ class PowensConnection:
             ),
             next_try=parse_powens_datetime(raw.get("next_try"), zone, field="next_try", endpoint=endpoint),
             active=bool(raw.get("active", True)),
+            consent_expires_at=_consent_end(raw, zone, endpoint),
         )
+
+
+def _consent_end(raw: dict[str, Any], zone: ZoneInfo, endpoint: str) -> datetime | None:
+    ends = [parse_powens_datetime(raw.get("expire"), zone, field="expire", endpoint=endpoint)]
+    sources = raw.get("sources")
+    if isinstance(sources, list):
+        for source in sources[:50]:
+            if isinstance(source, dict):
+                ends.append(
+                    parse_powens_datetime(
+                        source.get("access_expire"), zone, field="sources.access_expire", endpoint=endpoint
+                    )
+                )
+    known = [e for e in ends if e is not None]
+    return min(known) if known else None
+
+
+# What a refresh reads of a Powens account: what the nightly shared read keeps in Redis and what a
+# push carries onto the broker. No IBAN, account number or BIC, and no transactions.
+READ_FIELDS = (
+    "id",
+    "id_connection",
+    "id_user",
+    "name",
+    "original_name",
+    "balance",
+    "coming",
+    "type",
+    "usage",
+    "last_update",
+    "disabled",
+    "deleted",
+    "error",
+)
+
+
+def essential(item: Any) -> Any:
+    """A Powens account payload reduced to ``READ_FIELDS`` (and its currency's id and precision)."""
+    if not isinstance(item, dict):
+        return item  # left for the account's own parse to refuse
+    kept = {k: item[k] for k in READ_FIELDS if k in item}
+    currency = item.get("currency")
+    kept["currency"] = (
+        {k: currency[k] for k in ("id", "precision") if k in currency}
+        if isinstance(currency, dict)
+        else currency
+    )
+    return kept
 
 
 T = TypeVar("T")

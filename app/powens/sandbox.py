@@ -39,6 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
 from app.jsonio import dumps, loads
+from app.powens.sandbox_push import Pusher, connection_synced, transactions
 
 log = logging.getLogger(__name__)
 PARIS = ZoneInfo("Europe/Paris")
@@ -60,8 +61,10 @@ class SConnection:
     last_update: datetime | None = None
     next_try: datetime | None = None
     active: bool = True
+    expire: datetime | None = None  # the PSD2 consent's end
 
     def wire(self) -> dict[str, Any]:
+        expire = powens_time(self.expire) if self.expire else None
         return {
             "id": self.id,
             "id_user": self.id_user,
@@ -73,6 +76,8 @@ class SConnection:
             "created": powens_time(self.last_update) if self.last_update else None,
             "next_try": powens_time(self.next_try) if self.next_try else None,
             "active": self.active,
+            "expire": expire,
+            "sources": [{"id": self.id, "access_expire": expire}],
         }
 
 
@@ -188,6 +193,10 @@ class SandboxState:
         self.client_secret = "sandbox-secret"  # noqa: S105 - the sandbox's own fake credential
         self.admin_token = secrets.token_hex(16)
         self.token_generation: dict[int, int] = {}
+        self.pusher: Pusher | None = None  # webhooks after each sync (configure_webhooks)
+
+    def configure_webhooks(self, url: str | None, secret: str | None) -> None:
+        self.pusher = Pusher(url, secret) if url and secret else None
 
     def clear_faults(self) -> None:
         """Forget every scripted fault and payload override (knobs stay)."""
@@ -235,7 +244,11 @@ class SandboxState:
                 self._next_connection += 1
                 updated = now - timedelta(minutes=rng.randint(5, 600))
                 user.connections[cid] = SConnection(
-                    id=cid, id_user=uid, id_connector=rng.choice((40, 59, 338, 1204)), last_update=updated
+                    id=cid,
+                    id_user=uid,
+                    id_connector=rng.choice((40, 59, 338, 1204)),
+                    last_update=updated,
+                    expire=now + timedelta(days=rng.randint(30, 180)),
                 )
                 for k in range(n_acc):
                     aid = self._next_account
@@ -277,15 +290,44 @@ class SandboxState:
                     return user, user.connections[connection_id]
         return None
 
-    def sync_connection(self, user: SUser, conn: SConnection) -> None:
-        """What a bank sync does here: new balances (a deterministic drift) and a fresh last_update."""
-        now = datetime.now(UTC).replace(microsecond=0)
-        conn.last_update = now
-        for acc in user.accounts.values():
-            if acc.id_connection == conn.id and acc.disabled is None and acc.deleted is None:
-                rng = random.Random(f"{self.seed}:{acc.id}:{int(now.timestamp())}")
-                acc.balance += Decimal(rng.randint(-20_000, 20_000)) / 100
-                acc.last_update = now
+    def sync_connection(self, user: SUser, conn: SConnection, *, push: bool = True) -> int | None:
+        """What a bank sync does here: new balances (a deterministic drift) and a fresh last_update;
+        then, as Powens does, a CONNECTION_SYNCED push when webhooks are configured. Returns the
+        receiver's HTTP status (None: no webhooks)."""
+        with self.lock:
+            now = datetime.now(UTC).replace(microsecond=0)
+            conn.last_update = now
+            for acc in user.accounts.values():
+                if acc.id_connection == conn.id and acc.disabled is None and acc.deleted is None:
+                    rng = random.Random(f"{self.seed}:{acc.id}:{int(now.timestamp())}")
+                    acc.balance += Decimal(rng.randint(-20_000, 20_000)) / 100
+                    acc.last_update = now
+            body = self.connection_synced_body(user, conn)
+        if not push or self.pusher is None:
+            return None
+        return self.pusher.send("CONNECTION_SYNCED", body)
+
+    def keep_syncing(self, every: float, stop: threading.Event | None = None) -> None:
+        """Powens syncing connections by itself: one connection every ``every`` seconds, in turn."""
+        stop = stop or threading.Event()
+        turn = 0
+        while not stop.wait(every):
+            with self.lock:
+                pairs = [(u, c) for u in self.users.values() for c in u.connections.values()]
+            if pairs:
+                user, conn = pairs[turn % len(pairs)]
+                turn += 1
+                if conn.state is None:
+                    self.sync_connection(user, conn)
+
+    def connection_synced_body(self, user: SUser, conn: SConnection) -> dict[str, Any]:
+        with self.lock:
+            wires = [
+                {**a.wire(conn.state), "transactions": transactions(a.id, a.last_update)}
+                for a in user.accounts.values()
+                if a.id_connection == conn.id
+            ]
+            return connection_synced(user.id, conn.wire(), wires)
 
     # -- accounting ----------------------------------------------------------------------------
 
@@ -334,6 +376,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(r"^/_sandbox/users/(?P<user>\d+)/revoke$"), "admin_revoke"),
     ("POST", re.compile(r"^/_sandbox/connections/(?P<conn>\d+)$"), "admin_connection"),
     ("POST", re.compile(r"^/_sandbox/accounts/(?P<account>\d+)$"), "admin_account"),
+    ("POST", re.compile(r"^/_sandbox/connections/(?P<conn>\d+)/sync$"), "admin_sync"),
 ]
 
 
@@ -658,7 +701,13 @@ class Handler(BaseHTTPRequestHandler):
                 "ratelimiting",
                 "websiteunavailable",
             ):
-                state.sync_connection(user, conn)
+                state.sync_connection(user, conn, push=False)
+                if state.pusher is not None:  # Powens pushes after its answer, not within it
+                    pushed = state.connection_synced_body(user, conn)
+                    pusher = state.pusher
+                    threading.Thread(
+                        target=pusher.send, args=("CONNECTION_SYNCED", pushed), daemon=True
+                    ).start()
             return conn.wire()
 
     def powens_conn_accounts(self, p: dict[str, str], q: dict[str, list[str]], body: bytes, rid: str) -> Any:
@@ -717,7 +766,18 @@ class Handler(BaseHTTPRequestHandler):
             if "state" in body:
                 conn.state = body["state"] or None
                 conn.error_message = body.get("error_message")
+            if "expire" in body:
+                conn.expire = datetime.fromisoformat(body["expire"]) if body["expire"] else None
         return conn.wire()
+
+    def admin_sync(self, p: dict[str, str], body: Any) -> Any:
+        """Powens syncing a connection by itself (no forced sync), then pushing it when configured."""
+        state = self.server.state
+        found = state.find_connection(int(p["conn"]))
+        if found is None:
+            raise PowensError(404, "connectionNotFound", "Connection not found")
+        user, conn = found
+        return {"webhook_status": state.sync_connection(user, conn)}
 
     def admin_account(self, p: dict[str, str], body: Any) -> Any:
         state = self.server.state

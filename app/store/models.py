@@ -145,8 +145,21 @@ class BankConnection(Base):
     last_update: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     next_try: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Since when the connection is in its current state (a transient state that lasts is escalated).
+    state_since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # When its PSD2 consent ends (Powens ``expire`` / ``sources[].access_expire``, the earliest).
+    consent_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    def set_state(self, state: str | None, now: datetime) -> bool:
+        """The one way a connection's state changes: ``state_since`` follows. True when it changed."""
+        if state == self.state:
+            return False
+        self.state = state
+        self.state_since = now if state is not None else None
+        self.updated_at = now
+        return True
 
 
 class ForcedSync(Base):
@@ -192,6 +205,8 @@ class BankAccount(Base):
     coming: Mapped[Decimal | None] = mapped_column(Money(), nullable=True)
     powens_last_update: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     last_refreshed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # When a Powens push last stored this account's balances (the nightly run may then skip it).
+    pushed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     last_synced_at: Mapped[datetime] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -63,6 +63,7 @@ def connection_fields(c: PowensConnection) -> dict[str, Any]:
         "last_update": c.last_update,
         "next_try": c.next_try,
         "active": c.active,
+        "consent_expires_at": c.consent_expires_at,
     }
 
 
@@ -99,6 +100,7 @@ def register_accounts(
                 external_id=external_id,
                 created_at=now,
                 updated_at=now,
+                state_since=now if fields.get("state") else None,
                 **{"active": True, **fields},
             )
             session.add(row)
@@ -106,7 +108,10 @@ def register_accounts(
             conns[external_id] = row
         elif update_existing and fields:
             for key, value in fields.items():
-                setattr(row, key, value)
+                if key == "state":
+                    row.set_state(value, now)
+                else:
+                    setattr(row, key, value)
             row.updated_at = now
         return row
 

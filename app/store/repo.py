@@ -258,9 +258,9 @@ def release_forced_sync(session: Session, forced_sync_id: int) -> None:
 
 
 def set_connection_state(session: Session, connection_id: str, state: str | None, now: datetime) -> None:
-    session.execute(
-        update(BankConnection).where(BankConnection.id == connection_id).values(state=state, updated_at=now)
-    )
+    conn = session.get(BankConnection, connection_id, with_for_update=True)
+    if conn is not None:
+        conn.set_state(state, now)
 
 
 def set_account_status(session: Session, account_id: str, status: str, now: datetime) -> None:

@@ -1,0 +1,42 @@
+"""Rows found by Powens' ids (a push names Powens' user, connection and account ids, not ours).
+
+A Powens user id is linked to one tenant (unique); its connections and accounts are found within
+that user only, so a push can never reach another tenant's rows, and nothing here creates a row.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.store.models import BankAccount, BankConnection, PowensUser
+
+
+def user(session: Session, powens_user_id: int) -> PowensUser | None:
+    return session.scalar(select(PowensUser).where(PowensUser.powens_user_id == powens_user_id))
+
+
+def connection(session: Session, user_pk: int, external_id: int) -> BankConnection | None:
+    return session.scalar(
+        select(BankConnection).where(
+            BankConnection.powens_user_pk == user_pk, BankConnection.external_id == external_id
+        )
+    )
+
+
+def account(session: Session, user_pk: int, external_id: int) -> tuple[BankAccount, BankConnection] | None:
+    row = session.execute(
+        select(BankAccount, BankConnection)
+        .join(BankConnection, BankConnection.id == BankAccount.connection_id)
+        .where(BankAccount.powens_user_pk == user_pk, BankAccount.external_id == external_id)
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+def set_connection_accounts_status(session: Session, connection_id: str, status: str, now: object) -> int:
+    result = session.execute(
+        update(BankAccount)
+        .where(BankAccount.connection_id == connection_id, BankAccount.status != status)
+        .values(status=status, updated_at=now)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
