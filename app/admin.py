@@ -15,7 +15,7 @@ from app import operations as ops
 from app.config import Settings
 from app.contract import ID_MAX_LENGTH
 from app.errors import InvalidInput, PolicyDenied
-from app.policy import ADMIN, Actor, authorize
+from app.policy import ADMIN, ROLES, Actor, authorize
 from app.store import repo
 from app.store.db import session_scope
 
@@ -35,11 +35,16 @@ class ActorView:
     updated_at: datetime
 
 
+TENANT_NAME_MAX_LENGTH = 200  # its column
+
+
 def add_tenant(settings: Settings, tenant_id: str, name: str | None) -> bool:
     """Returns True when the tenant is new."""
     tenant_id = tenant_id.strip()
-    if not 1 <= len(tenant_id) <= ID_MAX_LENGTH:
-        raise InvalidInput(f"tenant id must be 1 to {ID_MAX_LENGTH} characters")
+    if not 1 <= len(tenant_id) <= ID_MAX_LENGTH or not tenant_id.isprintable():
+        raise InvalidInput(f"tenant id must be 1 to {ID_MAX_LENGTH} printable characters")
+    if name is not None and (len(name) > TENANT_NAME_MAX_LENGTH or not name.isprintable()):
+        raise InvalidInput(f"tenant name must be at most {TENANT_NAME_MAX_LENGTH} printable characters")
     with session_scope(settings) as session:
         _, created = repo.add_tenant(session, tenant_id, name or tenant_id, datetime.now(UTC))
     return created
@@ -58,7 +63,10 @@ def grant(settings: Settings, acting: Actor, name: str, role: str) -> bool:
     op = ops.ADMIN_GRANT.qualified_name
     denied: PolicyDenied | None = None
     changed = False
+    if role not in ROLES:
+        raise InvalidInput(f"unknown role {role[:40]!r}: the roles are {', '.join(ROLES)}")
     with session_scope(settings) as session:
+        repo.lock_roles(session)  # two bootstraps at once make one admin, not two
         now = datetime.now(UTC)
         bootstrap = not repo.admins(session)
         try:
@@ -81,7 +89,11 @@ def revoke(settings: Settings, acting: Actor, name: str, role: str) -> bool:
     op = ops.ADMIN_REVOKE.qualified_name
     denied: PolicyDenied | None = None
     changed = False
+    if role not in ROLES:
+        raise InvalidInput(f"unknown role {role[:40]!r}: the roles are {', '.join(ROLES)}")
+    refused: InvalidInput | None = None
     with session_scope(settings) as session:
+        repo.lock_roles(session)  # two revokes at once cannot leave no admin
         now = datetime.now(UTC)
         holders = repo.admins(session)
         try:
@@ -91,11 +103,17 @@ def revoke(settings: Settings, acting: Actor, name: str, role: str) -> bool:
             repo.audit(session, now, acting.name, op, name, "denied", {"role": role, "reason": exc.message})
         else:
             if role == ADMIN and holders == [name]:
-                raise InvalidInput(f"{name!r} is the last admin: grant another admin before revoking it")
-            changed = repo.revoke_role(session, name, role, now)
-            repo.audit(session, now, acting.name, op, name, "done", {"role": role, "changed": changed})
+                refused = InvalidInput(f"{name!r} is the last admin: grant another admin before revoking it")
+                repo.audit(
+                    session, now, acting.name, op, name, "refused", {"role": role, "reason": refused.message}
+                )
+            else:
+                changed = repo.revoke_role(session, name, role, now)
+                repo.audit(session, now, acting.name, op, name, "done", {"role": role, "changed": changed})
     if denied is not None:
         raise denied
+    if refused is not None:
+        raise refused
     return changed
 
 
@@ -140,10 +158,15 @@ def rotate_keys(settings: Settings, acting: Actor, batch: int = 500) -> int:
     return rotated
 
 
-def record_denial(settings: Settings, actor: Actor, operation: str, reason: str) -> None:
-    """An admin-shell command refused by the policy leaves its trace too."""
+UNSIGNED = "(unsigned message)"
+
+
+def record_denial(settings: Settings, actor: Actor | None, operation: str, reason: str) -> None:
+    """A refused admin-shell command, or a task message the service did not sign (``actor`` None),
+    leaves its trace too."""
     with session_scope(settings) as session:
-        repo.audit(session, datetime.now(UTC), actor.name, operation, None, "denied", {"reason": reason})
+        name = actor.name if actor is not None else UNSIGNED
+        repo.audit(session, datetime.now(UTC), name, operation, None, "denied", {"reason": reason})
 
 
 def list_actors(settings: Settings) -> Sequence[ActorView]:

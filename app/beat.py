@@ -10,6 +10,7 @@ in a tick is a short wait, not a crash.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -37,15 +38,30 @@ class BalancesScheduler(RedBeatScheduler):
             return 1.0
 
     def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
-        """The nightly tick carries the beat's own clock (``fired_at``): its run is keyed by the slot
-        the beat fired, whatever the clock of the worker that runs the task, and whenever it does."""
-        if entry.task != NIGHTLY_TASK:
-            return super().apply_async(entry, producer, advance, **kwargs)
+        """Send a due entry — only as the service configured it. The schedule lives in Redis, which
+        anyone with broker access can write: an entry this service did not configure is deleted, not
+        sent, and a configured one is sent with its configured task, arguments and options (Redis only
+        says *when*), since this beat signs what it sends. The nightly tick carries the beat's own
+        clock (``fired_at``): its run is keyed by the slot the beat fired, whoever runs it, whenever."""
+        configured = (self.app.conf.beat_schedule or {}).get(entry.name)
+        if configured is None or configured.get("task") != entry.task:
+            log.error(
+                "beat: schedule entry %r (task %r) is not the service's: deleted, not sent",
+                entry.name,
+                entry.task,
+            )
+            with contextlib.suppress(Exception):
+                entry.delete()
+            return None
         if advance:
             entry = self.reserve(entry)  # as Celery's own apply_async does, before sending
-        stamped = {**(entry.kwargs or {}), "fired_at": self.app.now().isoformat()}
-        options = {**entry.options, "headers": {**entry.options.get("headers", {}), "celery_beat_task": True}}
-        return self.send_task(entry.task, list(entry.args or ()), stamped, producer=producer, **options)
+        args = list(configured.get("args") or ())
+        kw = dict(configured.get("kwargs") or {})
+        if entry.task == NIGHTLY_TASK:
+            kw["fired_at"] = self.app.now().isoformat()
+        options = dict(configured.get("options") or {})
+        options["headers"] = {"celery_beat_task": True}
+        return self.send_task(entry.task, args, kw, producer=producer, **options)
 
     def _lead(self) -> bool:
         """Whether this beat holds the leader lock, taking it back if it was lost and is free."""

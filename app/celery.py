@@ -55,6 +55,20 @@ def require_keys(role: str) -> None:
     if missing:
         print(f"configuration error: the {role} needs {' and '.join(missing)}", file=sys.stderr)
         raise SystemExit(2)  # a signal receiver's Exception would only be logged
+    from app.store.secrets import key_opens_stored_tokens
+
+    try:
+        opens = key_opens_stored_tokens(settings)
+    except Exception as exc:  # the database may be down at start: the check waits for the next start
+        log.warning("BALANCES_ENCRYPTION_KEY not checked against the stored tokens (%s)", type(exc).__name__)
+        return
+    if opens is False:
+        print(
+            f"configuration error: the {role}'s BALANCES_ENCRYPTION_KEY does not decrypt the stored Powens "
+            "tokens (a wrong key, or the key they were encrypted with was removed)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
 
 
 @signals.before_task_publish.connect
@@ -67,7 +81,7 @@ def _sign(sender: str | None = None, body: Any = None, headers: Any = None, **_:
     args, kwargs = body[0], body[1]
     keys = signing.keys_from(_secret(get_settings().signing_key))
     headers[signing.HEADER] = signing.sign(
-        keys, headers.get("task") or sender or "", headers["id"], args, kwargs
+        keys, headers.get("task") or sender or "", headers["id"], args, kwargs, headers.get("retries") or 0
     )
 
 

@@ -27,6 +27,7 @@ import redis
 from app.config import Settings
 from app.errors import Reason, RefreshError
 from app.jsonio import dumps, loads
+from app.signing import keys_from, seal, unseal
 
 log = logging.getLogger(__name__)
 WINDOW_MS = 1000
@@ -148,10 +149,14 @@ class Lease:
 
 
 class RedisCoordinator:
-    def __init__(self, client: redis.Redis, *, rate_limit: float, prefix: str = "balances") -> None:
+    def __init__(
+        self, client: redis.Redis, *, rate_limit: float, seal_keys: list[bytes], prefix: str = "balances"
+    ) -> None:
         self.r = client
         self.rate_limit = rate_limit
         self.prefix = prefix
+        # Shared reads and failures are sealed (app.signing.seal): Redis is writable by more than us.
+        self.seal_keys = seal_keys
         self._acquire = self.r.register_script(_ACQUIRE)
         self._renew = self.r.register_script(_RENEW)
 
@@ -179,10 +184,12 @@ class RedisCoordinator:
         deadline = time.monotonic() + wait
         while True:
             raw, failed = self.r.mget(data_key, fail_key)
-            if raw is not None:
-                return loads(raw)
-            if failed is not None:
-                raise _unpack_error(failed)
+            value = self._unseal(data_key, raw)
+            if value is not None:
+                return loads(value)
+            error = self._unseal(fail_key, failed)
+            if error is not None:
+                raise _unpack_error(error)
             me = uuid.uuid4().hex
             if self.r.set(lock_key, me, nx=True, px=int(sharing.lease * 1000)):
                 # The answer is stored before the lock goes, or a waiter could find neither and
@@ -190,10 +197,11 @@ class RedisCoordinator:
                 try:
                     with Lease(self._renew, lock_key, me, sharing.lease):
                         value = fetch()
-                    self.r.set(data_key, dumps(value), ex=ttl)
+                    self.r.set(data_key, seal(self.seal_keys, data_key, dumps(value)), ex=ttl)
                     return value
                 except RefreshError as err:
-                    self.r.set(fail_key, _pack_error(err), px=int(sharing.failure_ttl * 1000))
+                    sealed = seal(self.seal_keys, fail_key, _pack_error(err))
+                    self.r.set(fail_key, sealed, px=int(sharing.failure_ttl * 1000))
                     raise
                 finally:
                     if self.r.get(lock_key) == me.encode():
@@ -201,6 +209,16 @@ class RedisCoordinator:
             if time.monotonic() > deadline:
                 raise RefreshError(Reason.PROVIDER_UNAVAILABLE, "timed out waiting for a shared Powens read")
             time.sleep(0.02)
+
+    def _unseal(self, key: str, raw: bytes | str | None) -> str | None:
+        if raw is None:
+            return None
+        text = unseal(self.seal_keys, key, raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw)
+        if text is None:
+            # Not ours: planted by someone who can write to Redis (or sealed under a retired key).
+            log.error("shared value %s is not sealed by the service: ignored and removed", key)
+            self.r.delete(key)
+        return text
 
     def count_delivery(self, key: str, ttl: int) -> int:
         full = f"{self.prefix}:deliveries:{key}"
@@ -306,7 +324,10 @@ def get_coordinator(settings: Settings) -> Coordinator:
                 coord = LocalCoordinator(rate_limit=settings.powens_rate_limit)
             else:
                 client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-                coord = RedisCoordinator(client, rate_limit=settings.powens_rate_limit)
+                secret = settings.signing_key.get_secret_value() if settings.signing_key is not None else None
+                coord = RedisCoordinator(
+                    client, rate_limit=settings.powens_rate_limit, seal_keys=keys_from(secret)
+                )
             _coordinators[key] = coord
         return coord
 

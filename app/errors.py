@@ -6,6 +6,7 @@ validation), and passed on as values; no layer re-interprets them.
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 
 
@@ -40,6 +41,7 @@ class RefreshError(Exception):
         request_id: str | None = None,
         status: int | None = None,
         code: str | None = None,
+        next_attempt_at: datetime | None = None,
     ) -> None:
         super().__init__(message)
         self.reason = reason
@@ -48,6 +50,8 @@ class RefreshError(Exception):
         self.request_id = request_id
         self.status = status
         self.code = code
+        # When trying again makes sense (a rate limit's end), for whoever reads the failure.
+        self.next_attempt_at = next_attempt_at
 
     @property
     def retryable(self) -> bool:
@@ -57,7 +61,10 @@ class RefreshError(Exception):
         return f"{type(self).__name__}(reason={self.reason.value!r}, message={self.message!r})"
 
     def as_json(self) -> dict[str, dict[str, str]]:
-        return {"error": {"reason": self.reason.value, "message": self.message}}
+        body = {"reason": self.reason.value, "message": self.message}
+        if self.next_attempt_at is not None:
+            body["nextAttemptAt"] = self.next_attempt_at.isoformat().replace("+00:00", "Z")
+        return {"error": body}
 
 
 class PolicyDenied(RefreshError):

@@ -40,9 +40,12 @@ def force_sync(
             return ["forced sync already made by an earlier attempt of this refresh; read its result"]
         used = repo.forced_syncs_since(session, connection_id, now - timedelta(hours=24))
         if used >= settings.force_sync_quota:
+            oldest = repo.oldest_forced_sync_since(session, connection_id, now - timedelta(hours=24))
+            when = (oldest or now) + timedelta(hours=24)
             return [
                 f"forced sync skipped: quota of {settings.force_sync_quota} background syncs per 24 h "
-                f"reached for connection {connection_external_id}; read the last synced data"
+                f"reached for connection {connection_external_id}; next forced sync allowed at "
+                f"{when.replace(microsecond=0).isoformat().replace('+00:00', 'Z')}; read the last synced data"
             ]
         slot = repo.record_forced_sync(session, connection_id, now, actor.name, attempt.task_id).id
     try:

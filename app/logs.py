@@ -24,7 +24,9 @@ _SCRUB = [
         re.compile(r"(?i)(client_secret|auth_token|access_token|token)(['\"]?\s*[:=]\s*['\"]?)[^'\"\s&,}]+"),
         r"\1\2[redacted]",
     ),
-    (re.compile(r"\b([A-Z]{2}\d{2})[A-Z0-9]{6,26}([A-Z0-9]{4})\b"), r"\1****\2"),
+    (re.compile(r"(?i)\b([A-Z]{2}\d{2})[A-Z0-9]{6,26}([A-Z0-9]{4})\b"), r"\1****\2"),
+    # An IBAN written in groups of four ("FR76 3000 4000 ...").
+    (re.compile(r"(?i)\b([A-Z]{2}\d{2})(?: [A-Z0-9]{4}){2,6} ?([A-Z0-9]{1,4})\b"), r"\1 **** \2"),
 ]
 
 
@@ -40,12 +42,12 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": scrub(record.getMessage()),
+            "msg": record.getMessage(),
             "pid": record.process,
         }
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_") and value is not None:
-                doc[key] = scrub(value) if isinstance(value, str) else value
+                doc[key] = value
         try:
             from celery._state import get_current_task
 
@@ -56,8 +58,10 @@ class JsonFormatter(logging.Formatter):
         except ImportError:  # pragma: no cover
             pass
         if record.exc_info:
-            doc["exc"] = scrub(self.formatException(record.exc_info))
-        return dumps(doc)
+            doc["exc"] = self.formatException(record.exc_info)
+        # The whole line, once serialised: values that are not strings (a task's arguments in a
+        # dict, a result) are scrubbed too.
+        return scrub(dumps(doc))
 
 
 class TextFormatter(logging.Formatter):

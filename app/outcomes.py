@@ -196,6 +196,7 @@ def record(
                 force_refresh=subject.force_refresh,
                 powens_request_id=error.request_id if error else request_id,
                 errors=output.errors if output else None,
+                next_attempt_at=error.next_attempt_at if error else None,
                 started_at=started_at,
                 finished_at=clock(),
             )
@@ -274,7 +275,11 @@ def replay(settings: Settings, task_id: str, balance_types: Sequence[str] | None
         if row is None:
             return None
         if row.outcome != AttemptOutcome.SUCCEEDED:
-            error = RefreshError(Reason(row.reason or Reason.INTERNAL), row.message or "failed")
+            error = RefreshError(
+                Reason(row.reason or Reason.INTERNAL),
+                row.message or "failed",
+                next_attempt_at=row.next_attempt_at,
+            )
             return Failed(error, replayed=True)
         stored = repo.latest_balances(session, row.tenant_id or "", row.account_id)
         records = [to_record(r) for r in stored if not balance_types or r.balance_type in balance_types]

@@ -15,6 +15,8 @@ from app.contract import ID_MAX_LENGTH, OperationMeta
 from app.errors import InvalidInput, PolicyDenied
 
 ADMIN = "admin"
+VIEWER = "viewer"  # reads only (the `user` level: any role)
+ROLES = (ADMIN, VIEWER)
 ANONYMOUS = "anonymous"  # the operation checks nobody (e.g. applying migrations)
 USER = "user"  # any known actor, whatever its role
 ACTOR_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.@-]{{0,{ID_MAX_LENGTH - 1}}}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -162,6 +162,8 @@ def _attempt(raw_input: Any, actor: Actor | str, trigger: Trigger, attempt: Atte
     if error.retryable and not attempt.final:
         metrics.RETRIES.labels(provider=metrics.PROVIDER, reason=error.reason.value).inc()
         return Retry(error)
+    if error.reason is Reason.RATE_LIMITED:
+        _say_when(deps.settings, error, attempt, deps.clock())
     return record(
         deps.settings,
         subject,
@@ -171,6 +173,16 @@ def _attempt(raw_input: Any, actor: Actor | str, trigger: Trigger, attempt: Atte
         clock=deps.clock,
         error=error,
     )
+
+
+def _say_when(settings: Settings, error: RefreshError, attempt: Attempt, now: datetime) -> None:
+    """A rate-limited refresh says when trying again is allowed: Powens' Retry-After when it sent one,
+    else what our next backoff step would have waited."""
+    wait = error.retry_after
+    if wait is None:
+        wait = min(settings.retry_cap_seconds, settings.retry_base_seconds * 2**attempt.number)
+    error.next_attempt_at = (now + timedelta(seconds=wait)).replace(microsecond=0)
+    error.message += f"; next attempt allowed at {error.next_attempt_at.isoformat().replace('+00:00', 'Z')}"
 
 
 def _observe(trigger: Trigger, t0: float) -> None:

@@ -9,15 +9,17 @@ See docs/design.md "Tasks".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 from celery.exceptions import Retry as CeleryRetry
 
 from app.backoff import backoff_seconds
@@ -30,6 +32,23 @@ if TYPE_CHECKING:  # imported lazily: this module loads with the Celery app, bef
 
 log = logging.getLogger(__name__)
 _rng = random.SystemRandom()
+# What a message may carry beyond its signed name, id and arguments: Celery canvas, which the service
+# never uses. A message carrying any of these is refused.
+CANVAS = ("callbacks", "errbacks", "chain", "chord", "group", "group_index")
+_eager = threading.local()
+DENIALS_RECORDED_PER_MINUTE = 100  # beyond, a flood of forgeries is only counted and logged
+
+
+def _denial_budget() -> bool:
+    """Whether this denial may still be recorded: a forger must not fill the audit tables."""
+    from app.coordination import get_coordinator
+
+    try:
+        minute = int(time.time() // 60)
+        count = get_coordinator(get_settings()).count_delivery(f"denied:{minute}", ttl=120)
+    except Exception:
+        return True
+    return count <= DENIALS_RECORDED_PER_MINUTE
 
 
 @dataclass(frozen=True)
@@ -95,11 +114,13 @@ class BalancesTask(Task):
         from app.metrics import TaskOutcome
 
         started = time.perf_counter()
+        if not self._authentic(args, kwargs):
+            # Outside the retry handling below: an error while recording the denial must never
+            # re-publish the message (the worker would sign it, and a forgery would become authentic).
+            metrics.TASK_OUTCOMES.labels(task=self.name, outcome=TaskOutcome.DENIED.value).inc()
+            self._refuse(*args, **kwargs)
         outcome = TaskOutcome.FAILED
         try:
-            if not self._authentic():
-                outcome = TaskOutcome.DENIED
-                return self.deny(*args, **kwargs)
             deliveries = self._redeliveries()
             if deliveries >= get_settings().max_deliveries:
                 outcome = TaskOutcome.GIVEN_UP
@@ -128,7 +149,10 @@ class BalancesTask(Task):
         self, countdown: float, kwargs: dict[str, Any] | None = None, exc: BaseException | None = None
     ) -> NoReturn:
         """Publish this task again in ``countdown`` seconds. When even that publish fails (the broker is
-        down), Celery would drop the message (``Reject(requeue=False)``): it goes back instead."""
+        down), Celery would drop the message (``Reject(requeue=False)``): it goes back instead. Only a
+        message the service signed is ever re-published (this worker signs what it publishes)."""
+        if not self._authentic(self.request.args, self.request.kwargs):  # what a retry re-publishes
+            raise Ignore()
         try:
             raise self.retry(countdown=countdown, kwargs=kwargs, exc=exc)
         except Reject as rejected:
@@ -137,23 +161,66 @@ class BalancesTask(Task):
             log.warning("task %s[%s]: its retry could not be published; requeued", self.name, self.request.id)
             raise Reject(rejected.reason, requeue=True) from None
 
-    def _authentic(self) -> bool:
-        """Whether the message carries a valid signature of the service (app.signing). An eager
-        call (``apply``, in this process) never crossed the broker."""
-        if self.request.is_eager:
+    def apply(self, *args: Any, **kwargs: Any) -> Any:
+        """An eager call, in this process: it never crossed the broker, so it carries no signature.
+        Known by a thread-local flag, never by the request (whose fields a message can set)."""
+        depth = getattr(_eager, "depth", 0)
+        _eager.depth = depth + 1
+        try:
+            return super().apply(*args, **kwargs)
+        finally:
+            _eager.depth = depth
+
+    def _authentic(self, args: Any, kwargs: Any) -> bool:
+        """Whether the message carries a valid signature of the service (app.signing) over what will
+        actually run (``args``/``kwargs`` as called, not the request's copy: a message can set request
+        fields), and nothing the signature does not cover. The service publishes no canvas (links,
+        chains, chords, groups): a message that carries one is refused, or its callbacks would run,
+        signed by this worker."""
+        if getattr(_eager, "depth", 0):
             return True
+        request = self.request
+        if any(getattr(request, part, None) for part in CANVAS):
+            return False
         from app import signing
 
         secret = get_settings().signing_key
         keys = signing.keys_from(secret.get_secret_value() if secret is not None else None)
-        signature = getattr(self.request, signing.HEADER, None)
+        signature = getattr(request, signing.HEADER, None)
         return signing.verify(
-            keys, signature, self.name, self.request.id, self.request.args, self.request.kwargs
+            keys, signature, self.name, request.id, list(args or ()), dict(kwargs or {}), request.retries or 0
         )
 
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Not run: recorded (``deny``), then ignored — acknowledged with no result, no callback, no
+        retry, whatever happens while recording."""
+        for part in CANVAS:
+            with contextlib.suppress(AttributeError):
+                setattr(self.request, part, None)
+        try:
+            if _denial_budget():
+                self.deny(*args, **kwargs)
+            else:
+                log.error(
+                    "task %s[%s] denied (not recorded: too many denials this minute)",
+                    self.name,
+                    self.request.id,
+                )
+        except Exception:
+            log.exception("task %s[%s] denied; the denial could not be recorded", self.name, self.request.id)
+        raise Ignore()
+
     def deny(self, *args: Any, **kwargs: Any) -> Any:
-        """A message without a valid signature: not run."""
+        """A message without a valid signature: not run, audited (operation = the task's name)."""
+        from app.admin import record_denial
+
         log.error("task %s[%s] denied: its message is not signed by the service", self.name, self.request.id)
+        record_denial(
+            get_settings(),
+            None,
+            self.name,
+            f"message {str(self.request.id)[:64]!r} not signed by the service: not run",
+        )
         return None
 
     def _redeliveries(self) -> int:

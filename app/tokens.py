@@ -64,13 +64,15 @@ def renew(deps: Deps, user: UserToken) -> str:
         row = session.get(PowensUser, user.user_pk, with_for_update=True)
         if row is None:
             return user.token
-        if bytes(row.token_encrypted) != user.blob:  # renewed by another task while we waited
-            return deps.cipher.decrypt(row.token_encrypted)
+        stored = deps.cipher.decrypt(row.token_encrypted)
+        if stored != user.token:  # renewed by another task while we waited (compared in clear: a key
+            return stored  # rotation re-encrypts the same token into another ciphertext)
         token = deps.client.renew_token(
             settings.powens_client_id,
             settings.powens_client_secret.get_secret_value(),
             user.powens_user_id,
-            revoke_previous=False,  # tasks still holding the old one finish with it
+            # The refused token is dead already; any other holder renews through the row we lock.
+            revoke_previous=True,
         )
         now = deps.clock()
         row.token_encrypted = deps.cipher.encrypt(token)

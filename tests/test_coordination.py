@@ -18,7 +18,39 @@ from tests.e2e import ROOT
 def coord(redis_url: str) -> RedisCoordinator:
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
-    return RedisCoordinator(client, rate_limit=0)
+    return RedisCoordinator(client, rate_limit=0, seal_keys=[b"k" * 40])
+
+
+def test_a_shared_read_or_failure_planted_in_redis_is_not_believed(coord: RedisCoordinator) -> None:
+    # Anyone who can write to Redis knows the keys (run and Powens user ids are visible there): a value
+    # they plant must not become an account's balances, nor a failure its recorded reason.
+    from app.coordination import Sharing
+    from app.errors import RefreshError
+
+    sharing = Sharing(failure_key="planted:failed:1", failure_ttl=5, lease=2)
+    coord.r.set("balances:shared:planted", '{"accounts": [{"id": 1, "balance": 99999999}]}')
+    coord.r.set("balances:shared:planted:failed:1", '{"reason": "not_found", "message": "forged"}')
+    fetched: list[int] = []
+
+    def fetch() -> dict[str, object]:
+        fetched.append(1)
+        return {"accounts": [{"id": 1, "balance": 12}]}
+
+    assert coord.shared("planted", fetch, ttl=60, wait=5, sharing=sharing) == {
+        "accounts": [{"id": 1, "balance": 12}]
+    }
+    assert fetched == [1]  # the planted value was ignored and Powens read
+    assert coord.shared("planted", fetch, ttl=60, wait=5, sharing=sharing)["accounts"][0]["balance"] == 12
+    assert fetched == [1]  # our own sealed value is shared
+
+    def failing() -> dict[str, object]:
+        raise RefreshError(__import__("app.errors").errors.Reason.PROVIDER_UNAVAILABLE, "down")
+
+    other = Sharing(failure_key="planted2:failed:1", failure_ttl=5, lease=2)
+    coord.r.set("balances:shared:planted2:failed:1", '{"reason": "not_found", "message": "forged"}')
+    with pytest.raises(RefreshError) as info:
+        coord.shared("planted2", failing, ttl=60, wait=5, sharing=other)
+    assert info.value.message == "down"  # our failure, not the planted one
 
 
 def test_a_held_lock_outlives_its_lease_while_the_work_goes_on(coord: RedisCoordinator) -> None:
@@ -37,7 +69,8 @@ def test_a_killed_holder_frees_its_lock_within_one_lease(coord: RedisCoordinator
             "-c",
             "import redis, sys, time\n"
             "from app.coordination import RedisCoordinator\n"
-            f"c = RedisCoordinator(redis.Redis.from_url({redis_url!r}), rate_limit=0)\n"
+            f"c = RedisCoordinator(redis.Redis.from_url({redis_url!r}), rate_limit=0,"
+            " seal_keys=[b'k' * 40])\n"
             "with c.account_lock('acc-dead', lease=2.0, wait=1):\n"
             "    print('held', flush=True); time.sleep(60)\n",
         ],

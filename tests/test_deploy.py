@@ -208,13 +208,18 @@ def test_every_variable_the_deployment_sets_is_one_settings_knows() -> None:
 def test_redis_needs_a_password_and_tls_where_traffic_crosses_hosts() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     redis = compose["services"]["redis"]
-    assert "--requirepass" in redis["command"]
+    command = " ".join(redis["command"])
+    assert "requirepass" in command and "--requirepass" not in command  # through stdin, not argv
     assert compose["x-balances-env"]["CELERY_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD")
     docs = [d for p in (DEPLOY / "k8s").glob("*.yaml") for d in yaml.safe_load_all(p.read_text())]
     [secret] = [d for d in docs if d["kind"] == "Secret"]
     assert secret["stringData"]["CELERY_BROKER_URL"].startswith("rediss://:")  # TLS, with a password
     for config in (d for d in docs if d["kind"] == "ConfigMap"):
         assert "CELERY_BROKER_URL" not in config["data"]  # a URL with a password is a secret
+    [scaler] = [d for d in docs if d["kind"] == "ScaledObject"]
+    trigger = scaler["spec"]["triggers"][0]
+    assert trigger["metadata"]["enableTLS"] == "true" and trigger["authenticationRef"]["name"]
+    assert "sslmode=verify-full" in secret["stringData"]["DATABASE_URL"]
 
 
 def test_every_schedule_the_deployment_sets_exists_once_a_day() -> None:

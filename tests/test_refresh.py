@@ -256,6 +256,33 @@ def test_forced_sync_honours_the_quota_of_four_per_day(settings: Settings, sandb
     assert outputs[4].errors and "quota of 4" in outputs[4].errors[0]
     assert outputs[4].balances  # read anyway
     assert _count(settings, ForcedSync) == 4
+    with session_scope(settings) as s:
+        first = s.scalar(select(func.min(ForcedSync.at)))
+    assert first is not None
+    when = (first + timedelta(hours=24)).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    assert f"next forced sync allowed at {when}" in outputs[4].errors[0]  # when the quota frees a slot
+
+
+def test_a_rate_limited_refresh_says_when_it_may_be_tried_again(settings: Settings, sandbox: Sandbox) -> None:
+    from collections import deque
+
+    from app.outcomes import replay
+
+    t = seed_tenant(settings, sandbox, "t-429")
+    acc = t.account_ids[0]
+    sandbox.state.scripted[t.external[acc]] = deque([(429, 120.0)])
+    before = datetime.now(UTC)
+    with pytest.raises(RefreshError) as info:
+        refresh_balances(_inp("t-429", acc), "alice", "on_demand", attempt=Attempt(3, 3, "task-429"))
+    err = info.value
+    assert err.reason is Reason.RATE_LIMITED and err.next_attempt_at is not None
+    assert (
+        before + timedelta(seconds=119) <= err.next_attempt_at <= datetime.now(UTC) + timedelta(seconds=121)
+    )
+    assert "next attempt allowed at" in err.message
+    assert err.as_json()["error"]["nextAttemptAt"].endswith("Z")
+    replayed = replay(settings, "task-429")  # what the admin shell reads back from the audit row
+    assert replayed is not None and replayed.error.next_attempt_at == err.next_attempt_at  # type: ignore[union-attr]
 
 
 def test_deps_default_uses_the_installed_settings(settings: Settings) -> None:

@@ -45,14 +45,18 @@ from tests.conftest import ENCRYPTION_KEY, IN_CI, SIGNING_KEY
 from tests.e2e import ROOT, run_cli, run_worker, service_env
 from tests.helpers import ADMIN_ACTOR, seed_tenant, sum_scrape
 
+UTC_ZONE = ZoneInfo("UTC")
 RESULTS_FILE = ROOT / "build" / "security.json"
 figures: dict[str, dict[str, Any]] = {}
 FUZZ_EXAMPLES = 5_000  # per pure fuzz test; with the database-backed ones, over 10,000 cases a run
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _write_figures() -> Any:
+def _write_figures(request: pytest.FixtureRequest) -> Any:
+    failed_before = request.session.testsfailed
     yield
+    if request.session.testsfailed > failed_before:
+        return  # a failing run's figures are not the README's
     RESULTS_FILE.parent.mkdir(exist_ok=True)
     previous = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.exists() else {}
     RESULTS_FILE.write_text(json.dumps({**previous, **figures}, indent=2))
@@ -65,19 +69,50 @@ def note(check: str, **values: Any) -> None:
 # -- authenticated work -------------------------------------------------------------------------------
 
 
-def forge(broker_url: str, name: str, task_id: str, args: list[Any], headers: dict[str, str]) -> None:
-    """Publish as someone with broker access only would: plain Celery, without the service's code."""
-    script = (
-        "import json, sys\n"
-        "from celery import Celery\n"
-        "url, name, task_id, args, headers = sys.argv[1:]\n"
-        "c = Celery('forger', broker=url)\n"
-        "c.send_task(name, args=json.loads(args), task_id=task_id,\n"
-        "            headers=json.loads(headers), queue='interactive')\n"
-    )
+FORGER = """
+import json, sys
+from celery import Celery
+from kombu import Connection
+url, spec = sys.argv[1], json.loads(sys.argv[2])
+c = Celery("forger", broker=url)
+if spec.get("embed") is not None:
+    # A raw protocol-2 message whose body overrides request fields (what Celery merges into the
+    # request after the headers): e.g. "args" set to a captured message's genuine arguments.
+    headers = {"lang": "py", "task": spec["name"], "id": spec["task_id"], "root_id": spec["task_id"],
+               "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None,
+               "timelimit": [None, None], "argsrepr": "", "kwargsrepr": "", "origin": "forger",
+               **spec["headers"]}
+    body = [spec["args"], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None,
+                                **spec["embed"]}]
+    with Connection(url) as conn:
+        conn.Producer().publish(body, routing_key="interactive", exchange="", headers=headers,
+                                serializer="json")
+else:
+    link = None
+    if spec.get("link"):
+        link = c.signature(spec["link"]["name"], args=spec["link"]["args"], immutable=True,
+                           queue="interactive")
+    c.send_task(spec["name"], args=spec["args"], task_id=spec["task_id"], headers=spec["headers"],
+                link=link, queue="interactive")
+"""
+
+
+def forge(
+    broker_url: str,
+    name: str,
+    task_id: str,
+    args: list[Any],
+    headers: dict[str, str],
+    *,
+    link: dict[str, Any] | None = None,
+    embed: dict[str, Any] | None = None,
+) -> None:
+    """Publish as someone with broker access only would: plain Celery or kombu, without the service's
+    code or keys."""
+    spec = {"name": name, "task_id": task_id, "args": args, "headers": headers, "link": link, "embed": embed}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BALANCES_", "POWENS_"))}
     subprocess.run(
-        [sys.executable, "-c", script, broker_url, name, task_id, json.dumps(args), json.dumps(headers)],
+        [sys.executable, "-c", FORGER, broker_url, json.dumps(spec)],
         cwd="/",  # not the project: the forger has no access to its code or keys
         env=env,
         check=True,
@@ -119,11 +154,37 @@ def test_forged_task_messages_are_denied_audited_counted_and_never_reach_powens(
         ),
         "a captured signature, the task id changed": (genuine_args, {signing.HEADER: stolen}),
     }
+    scheduler_forcing = [
+        {"tenantId": "sec-forge", "accountId": acc, "forceRefresh": True},
+        "system:scheduler",
+        "scheduled",
+    ]
     env = service_env(settings.database_url, redis_url, sandbox)
     with run_worker(env, tmp_path / "w.log") as worker:
         before = worker.scrape()
         for i, (args, headers) in enumerate(forged.values()):
             forge(redis_url, "balances.refresh_account", f"forged-{i}", args, headers)
+        # The captured message itself, its body rewriting the request's copy of the arguments (what a
+        # check of request.args would verify) while the task would run with the forged ones.
+        forge(
+            redis_url,
+            "balances.refresh_account",
+            "captured-1",
+            scheduler_forcing,
+            {signing.HEADER: stolen},
+            embed={"args": genuine_args},
+        )
+        # A forged refresh riding as the callback of another task's message: the carrier is denied,
+        # and its callback must never be published (this worker would sign it).
+        forge(
+            redis_url,
+            "balances.sweep_runs",
+            "forged-carrier",
+            [],
+            {},
+            link={"name": "balances.refresh_account", "args": scheduler_forcing},
+        )
+        forged["a captured signature, the arguments rewritten in the body"] = (scheduler_forcing, {})
 
         def denials() -> int:
             with session_scope(settings) as s:
@@ -136,11 +197,19 @@ def test_forged_task_messages_are_denied_audited_counted_and_never_reach_powens(
                     or 0
                 )
 
+        def carrier_denied() -> bool:
+            with session_scope(settings) as s:
+                return any(e.outcome == "denied" for e in repo.audit_events(s, "balances.sweep_runs"))
+
         deadline = time.monotonic() + 60
-        while denials() < len(forged):
+        while denials() < len(forged) or not carrier_denied():
             assert time.monotonic() < deadline, "forged messages not all denied"
             time.sleep(0.2)
         after = worker.scrape()
+    # The worker has shut down warm (every started task finished): a callback the carrier published
+    # would now be in a queue or already run; neither happened.
+    broker = redis.Redis.from_url(redis_url)
+    assert sum(broker.llen(q) for q in ("interactive", "push", "reports", "refresh")) == 0
     assert sandbox.state.calls_by_user[t.user.id] == calls  # no Powens call at all
     with session_scope(settings) as s:
         assert s.scalar(select(func.count()).select_from(ForcedSync)) == 0  # no PSD2 slot spent
@@ -154,7 +223,84 @@ def test_forged_task_messages_are_denied_audited_counted_and_never_reach_powens(
         after, "balances_task_executions_total", task="balances.refresh_account", outcome="denied"
     )
     assert denied == len(forged)
-    note("forged task messages", tried=len(forged), run=0, denied_audited_counted=len(audits))
+    assert _sample(after, "balances_task_executions_total", task="balances.sweep_runs", outcome="denied") == 1
+    tried = len(forged) + 1
+    note("forged task messages", tried=tried, run=0, denied_audited_counted=len(audits) + 1)
+
+
+PLANT_ENTRY = """
+import sys
+from celery import Celery
+from celery.schedules import schedule
+from redbeat.schedulers import RedBeatSchedulerEntry
+url, acc = sys.argv[1:]
+c = Celery("forger", broker=url)
+c.conf.redbeat_redis_url = url
+c.conf.redbeat_key_prefix = "balances:redbeat"  # visible to anyone who can read Redis
+args = [{"tenantId": "sec-beat", "accountId": acc, "forceRefresh": True}, "system:scheduler", "scheduled"]
+RedBeatSchedulerEntry("planted", "balances.refresh_account", schedule(1), args=args,
+                      options={"queue": "interactive"}, app=c).save()
+RedBeatSchedulerEntry("sweep-nightly-runs", "balances.refresh_account", schedule(1), args=args,
+                      options={"queue": "interactive"}, app=c).save()  # a configured name, another task
+"""
+
+
+@pytest.mark.e2e
+def test_a_schedule_entry_planted_in_redis_is_deleted_by_beat_and_never_sent(
+    settings: Settings, sandbox: Sandbox, redis_url: str, tmp_path: Path
+) -> None:
+    from tests.e2e import free_port
+
+    broker = redis.Redis.from_url(redis_url)
+    broker.flushdb()
+    t = seed_tenant(settings, sandbox, "sec-beat", accounts=1)
+    calls = sandbox.state.calls_by_user[t.user.id]
+    env = service_env(settings.database_url, redis_url, sandbox)
+    benv = dict(env, BALANCES_METRICS_PORT=str(free_port()), BALANCES_METRICS_DIR=str(tmp_path / "mb"))
+    log = tmp_path / "beat.log"
+    with run_worker(env, tmp_path / "w.log"), log.open("wb") as fh:
+        beat = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "app",
+                "beat",
+                "--loglevel",
+                "INFO",
+                "-s",
+                str(tmp_path / "s"),
+            ],
+            cwd=ROOT,
+            env=benv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while "Acquired lock" not in log.read_text(errors="replace"):
+                assert beat.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.1)
+            fenv = {k: v for k, v in os.environ.items() if not k.startswith(("BALANCES_", "POWENS_"))}
+            subprocess.run(
+                [sys.executable, "-c", PLANT_ENTRY, redis_url, t.account_ids[0]],
+                cwd="/",
+                env=fenv,
+                check=True,
+            )
+            while log.read_text(errors="replace").count("is not the service's: deleted") < 2:
+                assert beat.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.1)
+        finally:
+            beat.terminate()
+            beat.wait(timeout=30)
+    assert not broker.exists("balances:redbeat:planted")
+    assert sum(broker.llen(q) for q in ("interactive", "push", "reports", "refresh")) == 0
+    with session_scope(settings) as s:
+        assert s.scalar(select(func.count()).select_from(RefreshAttempt)) == 0
+        assert s.scalar(select(func.count()).select_from(ForcedSync)) == 0
+    assert sandbox.state.calls_by_user[t.user.id] == calls
 
 
 # -- the admin bootstrap -------------------------------------------------------------------------------
@@ -178,8 +324,11 @@ def test_admin_grant_is_a_bootstrap_once_and_every_role_change_is_audited(settin
         ("mallory", "balances.actors.grant", "mallory", "denied"),
         ("root-admin", "balances.actors.grant", "bob", "done"),
         ("root-admin", "balances.actors.revoke", "bob", "done"),
+        ("root-admin", "balances.actors.revoke", "root-admin", "refused"),  # refusals leave a trace too
     ]
     assert bootstrap is not None and bootstrap["bootstrap"] is True
+    with pytest.raises(InvalidInput, match="unknown role"):
+        grant(settings, boss, "eve", "superuser")  # only the roles the policy knows
 
 
 # -- keys ----------------------------------------------------------------------------------------------
@@ -248,6 +397,21 @@ def test_a_bad_key_stops_a_worker_at_start(
     )
     assert proc.returncode != 0 and "BALANCES_ENCRYPTION_KEY" in proc.stderr + proc.stdout
     assert "not-a-fernet-key" not in proc.stderr + proc.stdout
+    # A well-formed key that is not the one the stored tokens were encrypted with: refused at start too.
+    seed_tenant(settings, sandbox, "sec-wrongkey", accounts=1)
+    from app.store.secrets import generate_key
+
+    env["BALANCES_ENCRYPTION_KEY"] = generate_key()
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "app", "worker", "--loglevel", "WARNING"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2 and "does not decrypt the stored Powens tokens" in proc.stderr
 
 
 # -- Powens credentials --------------------------------------------------------------------------------
@@ -266,8 +430,13 @@ def test_a_revoked_token_is_renewed_once_with_the_client_credentials(
     refused = execute({"tenantId": "sec-renew", "accountId": acc}, "alice", Trigger.ON_DEMAND, deps=wrong)
     assert isinstance(refused, Failed) and refused.error.reason is Reason.UNAUTHORIZED  # once, then no more
     good = Deps(settings.model_copy(update={"powens_client_secret": _secret(sandbox.state.client_secret)}))
+    renews, reads = sandbox.state.calls["POST /auth/renew"], sandbox.state.calls_by_user[t.user.id]
     renewed = execute({"tenantId": "sec-renew", "accountId": acc}, "alice", Trigger.ON_DEMAND, deps=good)
     assert isinstance(renewed, Succeeded)
+    assert sandbox.state.calls["POST /auth/renew"] == renews + 1  # renewed once...
+    assert sandbox.state.calls_by_user[t.user.id] == reads + 1  # ...and read once with the new token
+    again = execute({"tenantId": "sec-renew", "accountId": acc}, "alice", Trigger.ON_DEMAND, deps=good)
+    assert isinstance(again, Succeeded) and sandbox.state.calls["POST /auth/renew"] == renews + 1
     with session_scope(settings) as s:
         user = s.scalar(select(PowensUser).where(PowensUser.powens_user_id == t.user.id))
         assert (
@@ -323,6 +492,16 @@ HOSTILE = [
         "an unknown connection",
         ["connections", "reconnect-link", "--tenant", "sec-cli", "--connection", "con_nope"],
     ),
+    ("a Powens user id beyond any column", ["powens", "link", "--tenant", "sec-cli", "--user-id", "9" * 25]),
+    ("a negative Powens user id", ["powens", "link", "--tenant", "sec-cli", "--user-id", "-4"]),
+    ("a tenant name beyond its column", ["tenant", "add", "sec-long", "--name", "n" * 5000]),
+    ("a tenant id with control characters", ["tenant", "add", "sec\x1bx"]),
+    ("a role nobody knows", ["admin", "grant", "bob", "--role", "r" * 5000]),
+    (
+        "a timeout that is not a number",
+        ["refresh", "--tenant", "sec-cli", "--account", "a", "--timeout", "nan"],
+    ),
+    ("a negative timeout", ["run", "nightly", "--timeout", "-5"]),
 ]
 
 
@@ -389,12 +568,25 @@ amounts = st.one_of(
     st.text(max_size=20),
     st.booleans(),
 )
+# Dates as Powens writes them (naive, or with an offset), over the whole range Python can hold: the
+# year 1 and the year 9999 cannot be converted to UTC from every zone.
+powens_dates = st.one_of(
+    st.datetimes().map(lambda d: d.strftime("%Y-%m-%d %H:%M:%S")),
+    st.datetimes(
+        timezones=st.sampled_from([UTC_ZONE, ZoneInfo("America/New_York"), ZoneInfo("Asia/Tokyo")])
+    ).map(lambda d: d.isoformat()),
+    st.dates().map(lambda d: d.isoformat()),
+)
+# Ids around every boundary a column has.
+powens_ids = st.one_of(
+    st.integers(), st.integers(min_value=2**62, max_value=2**65), st.text(max_size=10), st.none()
+)
 powens_like = st.fixed_dictionaries(
     {},
     optional={
-        "id": st.one_of(st.integers(), st.text(max_size=10), st.none()),
-        "id_connection": st.one_of(st.integers(), st.text(max_size=10), st.none()),
-        "id_user": st.one_of(st.integers(), st.none(), st.booleans()),
+        "id": powens_ids,
+        "id_connection": powens_ids,
+        "id_user": st.one_of(powens_ids, st.booleans()),
         "name": st.one_of(st.text(max_size=400), st.none(), st.integers()),
         "original_name": st.one_of(st.text(max_size=400), st.none()),
         "balance": amounts,
@@ -410,9 +602,9 @@ powens_like = st.fixed_dictionaries(
         "type": st.one_of(st.text(max_size=80), st.none()),
         "usage": st.one_of(st.sampled_from(["PRIV", "ORGA", "ASSO"]), st.text(max_size=30), st.none()),
         "last_update": st.one_of(
-            st.none(), st.text(max_size=25), st.just("2026-11-23 10:00:00"), st.integers()
+            st.none(), st.text(max_size=25), st.just("2026-11-23 10:00:00"), st.integers(), powens_dates
         ),
-        "disabled": st.one_of(st.none(), st.just("2026-11-23 10:00:00"), st.text(max_size=10)),
+        "disabled": st.one_of(st.none(), st.just("2026-11-23 10:00:00"), st.text(max_size=10), powens_dates),
         "deleted": st.one_of(st.none(), st.just("2026-11-23 10:00:00")),
         "iban": st.one_of(st.none(), st.text(max_size=80)),
         "number": st.one_of(st.none(), st.text(max_size=80)),
@@ -558,6 +750,23 @@ def test_a_nul_character_from_powens_is_an_invalid_response_not_a_database_error
         with pytest.raises(PowensError) as info:
             PowensAccount.parse(raw, ZoneInfo("Europe/Paris"), "/x")
         assert info.value.reason is Reason.INVALID_RESPONSE and field in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("last_update", "0001-01-01"),  # before UTC can express it in Europe/Paris
+        ("last_update", "9999-12-31T23:59:59-05:00"),  # after it
+        ("id", 2**63),  # beyond a BIGINT column
+        ("id_connection", -5),
+        ("id", 0),
+    ],
+)
+def test_out_of_range_dates_and_ids_from_powens_are_an_invalid_response(field: str, value: object) -> None:
+    raw = {"id": 1, "id_connection": 2, "name": "ok", "balance": 1, "currency": {"id": "EUR"}, field: value}
+    with pytest.raises(PowensError) as info:
+        PowensAccount.parse(raw, ZoneInfo("Europe/Paris"), "/x")
+    assert info.value.reason is Reason.INVALID_RESPONSE and field in info.value.message
 
 
 def test_every_log_format_is_scrubbed() -> None:

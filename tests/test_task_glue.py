@@ -195,3 +195,28 @@ def test_every_task_of_the_service_retries_infrastructure_errors() -> None:
         task = tasks.app.tasks[name]
         assert sqlalchemy.exc.OperationalError in task.retry_on, name
         assert kombu.exceptions.OperationalError in task.retry_on, name  # a fan-out cut half-way
+
+
+def test_a_denial_that_cannot_be_recorded_is_ignored_and_never_republished(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A forged message whose denial hits a database error must not go down the retry path: a retry is
+    # published (and signed) by this worker, which would make the forgery authentic.
+    from celery.exceptions import Ignore
+    from sqlalchemy.exc import OperationalError
+
+    from app.tasks import sweep_runs
+
+    published: list[object] = []
+    task_type = type(sweep_runs._get_current_object())
+
+    def unrecordable(self: object, *args: object, **kwargs: object) -> None:
+        raise OperationalError("INSERT INTO audit_events ...", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(task_type, "retry", lambda self, *a, **k: published.append(k))
+    monkeypatch.setattr(task_type, "deny", unrecordable)
+    with pytest.raises(Ignore):
+        sweep_runs._get_current_object()._refuse()
+    with pytest.raises(Ignore):  # nor may anything re-publish a message that was not verified
+        sweep_runs._get_current_object().again(1.0)
+    assert published == []

@@ -14,10 +14,30 @@ from app.config import ConfigError
 
 
 def main() -> None:
-    from sqlalchemy.exc import OperationalError, ProgrammingError
+    import typer
+    from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
+    from typer.exceptions import TyperException
 
     try:
-        cli()
+        # Not standalone: a usage error is one line of ours below, not a framed panel.
+        code = cli(standalone_mode=False)
+    except TyperException as exc:  # typer's (vendored) click usage errors
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `balances` alone: the help, as asked
+            err.print(exc.format_message(), highlight=False, markup=False)
+            sys.exit(0)
+        message = " ".join(exc.format_message().split())
+        err.print(f"[red]usage error:[/] {message}", highlight=False)
+        sys.exit(int(getattr(exc, "exit_code", EXIT_USAGE)))
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(EXIT_FAILED)
+    except (DataError, IntegrityError) as exc:
+        # A value the database refuses (out of range, too long): one line, never the statement.
+        err.print(
+            f"[red]invalid input:[/] the database refused a value ({type(exc.orig).__name__})",
+            highlight=False,
+        )
+        sys.exit(EXIT_USAGE)
     except ConfigError as exc:
         err.print(f"[red]configuration error:[/] {exc}")
         sys.exit(EXIT_USAGE)
@@ -29,3 +49,6 @@ def main() -> None:
             highlight=False,
         )
         sys.exit(EXIT_FAILED)
+    else:
+        if isinstance(code, int) and code:
+            sys.exit(code)

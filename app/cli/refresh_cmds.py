@@ -21,6 +21,7 @@ from app.cli.shell import (
     err,
     fail,
     fail_from,
+    finite,
     load,
     out,
     powens_cli,
@@ -44,7 +45,10 @@ def refresh_cmd(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Force a bank sync first (4 per 24 h).")] = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the task id and return.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="Seconds to wait for the outcome.")] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(min=0.1, max=86_400.0, callback=finite, help="Seconds to wait for the outcome."),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Refresh one account's balances (openbanking.balances.refresh) on a worker."""
@@ -126,7 +130,7 @@ def show(
 @powens_cli.command("link")
 def powens_link(
     tenant: TenantOpt,
-    user_id: Annotated[int, typer.Option("--user-id", help="Powens id_user.")],
+    user_id: Annotated[int, typer.Option("--user-id", min=1, max=2**63 - 1, help="Powens id_user.")],
 ) -> None:
     """Store a Powens user's permanent token, read from stdin (never from argv), encrypted at rest."""
     from app.accounts import link_powens_user

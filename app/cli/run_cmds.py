@@ -16,6 +16,7 @@ from app.cli.shell import (
     cli,
     err,
     fail,
+    finite,
     out,
     print_json,
     publish_or_fail,
@@ -29,7 +30,12 @@ from app.store.states import RunStatus
 @run_cli.command("nightly")
 def run_nightly(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the run id and return.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the run to finish.")] = 6 * 3600,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1, max=7 * 86_400.0, callback=finite, help="Seconds to wait for the run to finish."
+        ),
+    ] = 6 * 3600,
     json_: JsonOpt = False,
 ) -> None:
     """Start the nightly pipeline now (refresh every active account, then summaries and forecasts)."""

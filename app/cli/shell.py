@@ -57,6 +57,17 @@ EXIT_DENIED = 3
 EXIT_TIMEOUT = 4
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def finite(value: float | None) -> float | None:
+    """A typer callback: ``nan`` and ``inf`` pass click's ranges, not ours."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter("must be a finite number of seconds")
+    return value
+
+
 TenantOpt = Annotated[str, typer.Option("--tenant", "-t", help="Tenant id.")]
 
 
@@ -95,9 +106,11 @@ def load() -> Settings:
         raise typer.Exit(EXIT_USAGE) from None
 
 
-def fail(reason: Reason, message: str, code: int, *, as_json: bool) -> NoReturn:
+def fail(
+    reason: Reason, message: str, code: int, *, as_json: bool, detail: dict[str, Any] | None = None
+) -> NoReturn:
     if as_json:
-        print_json({"error": {"reason": reason.value, "message": message}})
+        print_json({"error": {"reason": reason.value, "message": message, **(detail or {})}})
     else:
         err.print(f"[red]{reason.value}:[/] {message}", highlight=False)
     raise typer.Exit(code)
@@ -113,13 +126,23 @@ def fail_from(exc: RefreshError | ConfigError, as_json: bool) -> NoReturn:
         if exc.reason is Reason.INVALID_INPUT
         else EXIT_FAILED
     )
-    fail(exc.reason, exc.message, code, as_json=as_json)
+    fail(
+        exc.reason,
+        exc.message,
+        code,
+        as_json=as_json,
+        detail={k: v for k, v in exc.as_json()["error"].items() if k not in ("reason", "message")},
+    )
 
 
 def publish_or_fail(publish: Callable[[], T], *, as_json: bool) -> T:
     """Publish to the broker; an unreachable broker is one clear line, whatever kombu raised."""
+    from app.signing import SigningKeyMissing
+
     try:
         return publish()
+    except SigningKeyMissing as exc:
+        fail(Reason.INVALID_INPUT, str(exc), EXIT_USAGE, as_json=as_json)
     except Exception as exc:  # kombu raises several types for an unreachable broker
         fail(
             Reason.INTERNAL,

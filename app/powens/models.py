@@ -46,7 +46,10 @@ def parse_powens_datetime(value: Any, zone: ZoneInfo, *, field: str, endpoint: s
         raise invalid(f"{field} {text[:40]!r} is not a datetime", endpoint)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=zone)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except (OverflowError, ValueError):  # a date UTC cannot hold once converted (year 1 or 9999)
+        raise invalid(f"{field} {text[:40]!r} is out of range", endpoint) from None
 
 
 # The columns that keep these fields (app.store.models).
@@ -56,6 +59,7 @@ LIMITS = {"name": 300}
 # also keeps sums and forecasts (which go through float for the trend) far from overflow.
 MAX_AMOUNT = Decimal(10) ** 18
 MAX_DECIMAL_PLACES = 30
+MAX_ID = 2**63
 
 
 def parse_amount(value: Any, *, field: str, endpoint: str) -> Decimal | None:
@@ -92,9 +96,12 @@ def _int(value: Any, *, field: str, endpoint: str, required: bool = True) -> int
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise invalid(f"{field} is not an integer id", endpoint)
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise invalid(f"{field} is not an integer id", endpoint) from None
+    if not 0 < number < MAX_ID:  # Powens ids are positive; ours are BIGINT columns
+        raise invalid(f"{field} {str(number)[:24]} is out of range for an id", endpoint)
+    return number
 
 
 def _str(value: Any, *, field: str = "", endpoint: str = "", limit: int = 0) -> str | None:

@@ -628,6 +628,8 @@ class Handler(BaseHTTPRequestHandler):
         user = state.users.get(uid)
         if user is None:
             raise PowensError(404, "userNotFound", "No such user")
+        if form.get("revoke_previous", [""])[0] == "true":
+            state.revoke_token(uid)  # a new token; every earlier one now answers 401
         return {"access_token": user.token, "token_type": "Bearer"}
 
     def powens_auth_code(self, p: dict[str, str], q: Any, body: bytes, rid: str) -> Any:

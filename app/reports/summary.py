@@ -1,4 +1,5 @@
-"""Per-tenant summary of a run: totals per currency, day-over-day change, outcomes, connections to fix."""
+"""Per-tenant summary of a run: totals per currency, day-over-day change, outcomes, and what needs a
+person (connections to fix, old bank data, consents ending: ``app.reports.attention``)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,8 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.errors import Reason
-from app.powens.errors import classify_state
-from app.powens.links import reconnect_command
-from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, BankConnection, RunItem
+from app.reports.attention import tenant_views
+from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, RunItem
 from app.store.states import AccountStatus, ItemStatus
 
 
@@ -107,27 +106,13 @@ def build_summary(
             counts["stale"] += 1
             stale.append({"accountId": acc, "name": name})
 
-    conns = session.execute(
-        select(BankConnection.id, BankConnection.external_id, BankConnection.state)
-        .where(BankConnection.tenant_id == tenant_id, BankConnection.state.is_not(None))
-        .order_by(BankConnection.id)
-    ).all()
-    needing = [
-        {
-            "connectionId": cid,
-            "powensConnectionId": ext,
-            "state": state,
-            # A link needs a fresh temporary code: made when a person asks, never stored here.
-            "reconnectCommand": reconnect_command(tenant_id, cid),
-        }
-        for cid, ext, state in conns
-        if classify_state(state) is Reason.NEEDS_USER_ACTION
-    ]
+    now = datetime.now(UTC)
+    attention = tenant_views(session, settings, tenant_id, now)
     return {
         "runId": run_id,
         "tenantId": tenant_id,
         "businessDay": day.isoformat(),
-        "generatedAt": datetime.now(UTC).isoformat(),
+        "generatedAt": now.isoformat(),
         "totals": [
             {
                 "currency": ccy,
@@ -149,7 +134,9 @@ def build_summary(
         "staleAccounts": stale,
         # Accounts the bank has not reported a balance for yet: not in the totals, and not a failure.
         "noBalanceYet": no_balance,
-        "connectionsNeedingUser": needing,
+        # Connections that need a person (a user-action state, or a transient one that lasts), bank
+        # data older than BALANCES_STALE_AFTER_DAYS, consents ending soon (app.reports.attention).
+        **attention,
     }
 
 

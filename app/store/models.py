@@ -277,6 +277,8 @@ class RefreshAttempt(Base):
     force_refresh: Mapped[bool] = mapped_column(Boolean, default=False)
     powens_request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     errors: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # A rate-limited failure: when trying again is allowed (Powens' Retry-After, else our backoff).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

@@ -9,7 +9,7 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -96,6 +96,12 @@ def revoke_role(session: Session, name: str, role: str, now: datetime) -> bool:
     row.roles = sorted(set(row.roles) - {role})
     row.updated_at = now
     return True
+
+
+def lock_roles(session: Session) -> None:
+    """Serialise role changes (PostgreSQL: a transaction-scoped advisory lock; SQLite: one writer)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(73452001)"))
 
 
 def admins(session: Session) -> list[str]:
@@ -222,6 +228,14 @@ def forced_syncs_since(session: Session, connection_id: str, since: datetime) ->
             .where(ForcedSync.connection_id == connection_id, ForcedSync.at > since)
         )
         or 0
+    )
+
+
+def oldest_forced_sync_since(session: Session, connection_id: str, since: datetime) -> datetime | None:
+    return session.scalar(
+        select(func.min(ForcedSync.at)).where(
+            ForcedSync.connection_id == connection_id, ForcedSync.at >= since
+        )
     )
 
 

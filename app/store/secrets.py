@@ -54,3 +54,26 @@ class TokenCipher:
 
 def generate_key() -> str:
     return Fernet.generate_key().decode()
+
+
+def key_opens_stored_tokens(settings: Settings) -> bool | None:
+    """Whether BALANCES_ENCRYPTION_KEY decrypts a stored token (the newest one): a well-formed but
+    wrong key is caught when a process starts, not at 2 a.m. on the first refresh. None: nothing
+    stored yet to check against."""
+    from sqlalchemy import select
+
+    from app.store.db import session_scope
+    from app.store.models import PowensUser
+
+    cipher = TokenCipher.from_settings(settings)
+    with session_scope(settings) as session:
+        blob = session.scalar(
+            select(PowensUser.token_encrypted).order_by(PowensUser.updated_at.desc()).limit(1)
+        )
+    if blob is None:
+        return None
+    try:
+        cipher.decrypt(blob)
+    except ConfigError:
+        return False
+    return True

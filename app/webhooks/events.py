@@ -69,9 +69,12 @@ def _id(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise PayloadError(f"{what} is missing or not an integer id")
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise PayloadError(f"{what} is not an integer id") from None
+    if not 0 < number < 2**63:
+        raise PayloadError(f"{what} is out of range for an id")
+    return number
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """the push path: trigger ``webhook``; when an account's balances last came by push; when a
-connection entered its state and when its PSD2 consent ends
+connection entered its state and when its PSD2 consent ends; when a rate-limited refresh may be tried
+again
 
 Revision ID: 0007
 Revises: 0006
@@ -35,11 +36,15 @@ def upgrade() -> None:
     with op.batch_alter_table("bank_connections") as batch:
         batch.add_column(sa.Column("state_since", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column("consent_expires_at", sa.DateTime(timezone=True), nullable=True))
+    with op.batch_alter_table("refresh_attempts") as batch:
+        batch.add_column(sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True))
     # A connection already in a state has been in it at least since its row last changed.
     op.execute("UPDATE bank_connections SET state_since = updated_at WHERE state IS NOT NULL")
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("refresh_attempts") as batch:
+        batch.drop_column("next_attempt_at")
     with op.batch_alter_table("bank_connections") as batch:
         batch.drop_column("consent_expires_at")
         batch.drop_column("state_since")
