@@ -37,6 +37,7 @@ test: lint typecheck promtool unit
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.nightly_bench
+	$(BIN)/python -m bench.webhook_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache balances.db

@@ -2,9 +2,11 @@
 
 A Powens sandbox runs on loopback; tenants are seeded through the real Powens calls (``/auth/init``,
 connections, accounts); every account is refreshed by the same task and handler a worker runs, on a
-Celery worker embedded in this process (a thread). With no ``CELERY_BROKER_URL`` in the environment the
-broker is Celery's in-memory transport and coordination stays in this process; with one, that broker
-is used. ``DATABASE_URL`` is used when set, else the embedded SQLite file.
+Celery worker embedded in this process (a thread). Then Powens pushes a sync to the webhook receiver
+(``app.demo_push``), and the nightly run reads only what no push made fresh. With no
+``CELERY_BROKER_URL`` in the environment the broker is Celery's in-memory transport and coordination
+stays in this process; with one, that broker is used. ``DATABASE_URL`` is used when set, else the
+embedded SQLite file.
 """
 
 from __future__ import annotations
@@ -62,10 +64,12 @@ def _demo_settings(sandbox: Sandbox) -> Settings:
 
         # Demo tokens are re-linked on every run, so a key of this run is enough.
         overrides["encryption_key"] = SecretStr(generate_key())
-    if base.signing_key is None:
-        import secrets
+    import secrets
 
+    if base.signing_key is None:
         overrides["signing_key"] = SecretStr(secrets.token_hex(32))  # this run's messages only
+    if base.webhook_secret is None:
+        overrides["webhook_secret"] = SecretStr(secrets.token_hex(16))  # this run's sandbox pushes only
     return base.model_copy(update=overrides)
 
 
@@ -191,9 +195,12 @@ def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console,
         f"{stats['total']} Powens calls; {time.perf_counter() - started:.2f}s "
         f"({how}, on an embedded celery worker)"
     )
+    from app.demo_push import show_push
+
+    push_ok = show_push(settings, sandbox, console, TENANTS[0])
     nightly_ok = _nightly(settings, sandbox, console, list(TENANTS[:n_tenants]))
     console.print("Canonical records: [bold]balances show --tenant demo-acme[/] (same database).")
-    return 0 if ok > 0 and nightly_ok else 1
+    return 0 if ok > 0 and nightly_ok and push_ok else 1
 
 
 def _refresh_all(settings: Settings, accounts: list[tuple[str, str, str]]) -> list[Row]:

@@ -78,26 +78,41 @@ class ServiceCollector:
             log.warning("queue depth unavailable", exc_info=True)
         yield depth
 
-        needing = GaugeMetricFamily(
-            "openbanking_connections_needing_user",
-            "Bank connections whose Powens state needs the end user (SCA, wrong password, ...).",
-        )
         try:
-            from sqlalchemy import select
+            from datetime import UTC, datetime
 
-            from app.errors import Reason
-            from app.powens.errors import classify_state
+            from app.reports.attention import service_counts
             from app.store.db import session_scope
-            from app.store.models import BankConnection
 
             with session_scope(self.settings) as session:
-                states = session.scalars(
-                    select(BankConnection.state).where(BankConnection.state.is_not(None))
-                ).all()
-            needing.add_metric([], float(sum(classify_state(s) is Reason.NEEDS_USER_ACTION for s in states)))
-            yield needing
+                counts = service_counts(session, self.settings, datetime.now(UTC))
         except Exception:
-            log.warning("connection states unavailable", exc_info=True)
+            log.warning("connection and account states unavailable", exc_info=True)
+            return
+        needing = GaugeMetricFamily(
+            "openbanking_connections_needing_user",
+            "Bank connections that need a person: a state only the end user can fix (SCA, wrong "
+            "password, ...), or a transient state lasting past BALANCES_TRANSIENT_STATE_DAYS.",
+        )
+        needing.add_metric([], float(counts["needing"]))
+        yield needing
+        expiring = GaugeMetricFamily(
+            "openbanking_connections_consent_expiring",
+            "Active connections whose PSD2 consent ends within BALANCES_CONSENT_WARNING_DAYS.",
+        )
+        expiring.add_metric([], float(counts["expiring"]))
+        yield expiring
+        connections = GaugeMetricFamily("openbanking_connections", "Active bank connections.")
+        connections.add_metric([], float(counts["connections"]))
+        yield connections
+        ages = GaugeMetricFamily(
+            "openbanking_accounts_by_data_age",
+            "Active accounts by the age of the bank's data (Powens last_update; never: no sync yet).",
+            labels=["bucket"],
+        )
+        for bucket, n in counts["ages"].items():
+            ages.add_metric([bucket], float(n))
+        yield ages
 
 
 def serve_worker_metrics(settings: Settings, extra: tuple[object, ...] = ()) -> None:

@@ -102,6 +102,10 @@ def to_account_record(a: BankAccount, c: BankConnection, u: PowensUser) -> BankA
             "connectionState": c.state,
             "powensConnectionId": c.external_id,
             "lastRefreshedAt": a.last_refreshed_at,
+            # Staleness is the bank's: when it last answered Powens, not when we last asked.
+            "powensLastUpdate": a.powens_last_update,
+            "pushedAt": a.pushed_at,
+            "consentExpiresAt": c.consent_expires_at,
         },
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
@@ -16,14 +17,27 @@ from rich.table import Table
 
 from app.config import Settings
 from app.contract import AccountBalanceRecord, BankAccountRecord
+from app.reports.attention import age_text, is_old
 from app.store.runs import run_status
 from app.store.states import ItemStatus, RunStatus
 
 
+def _age(settings: Settings | None, last: datetime | None, now: datetime) -> str:
+    """How old the bank's data is (Powens' last_update), flagged when past BALANCES_STALE_AFTER_DAYS."""
+    text = age_text(last, now)
+    return f"[yellow]{text} (old)[/]" if settings is not None and is_old(settings, last, now) else text
+
+
 def balances_table(
-    console: Console, records: Iterable[AccountBalanceRecord], title: str | None = None
+    console: Console,
+    records: Iterable[AccountBalanceRecord],
+    title: str | None = None,
+    settings: Settings | None = None,
 ) -> None:
-    table = Table("account", "type", "current", "available", "currency", "last updated (UTC)", title=title)
+    now = datetime.now(UTC)
+    table = Table(
+        "account", "type", "current", "available", "currency", "bank data as of (UTC)", "age", title=title
+    )
     for r in records:
         table.add_row(
             r.account_id,
@@ -32,17 +46,31 @@ def balances_table(
             "" if r.available_balance is None else f"{r.available_balance:,.2f}",
             r.currency,
             r.last_updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            _age(settings, r.last_updated_at, now),
         )
     console.print(table)
 
 
-def accounts_table(console: Console, records: Iterable[BankAccountRecord]) -> None:
+def accounts_table(
+    console: Console, records: Iterable[BankAccountRecord], settings: Settings | None = None
+) -> None:
+    now = datetime.now(UTC)
     table = Table(
-        "id", "Powens id", "name", "type", "currency", "status", "connection state", "last refreshed"
+        "id",
+        "Powens id",
+        "name",
+        "type",
+        "currency",
+        "status",
+        "connection state",
+        "bank data age",
+        "consent ends",
+        "last refreshed",
     )
     for r in records:
         meta = r.metadata or {}
         last = meta.get("lastRefreshedAt")
+        consent = meta.get("consentExpiresAt")
         table.add_row(
             r.id,
             r.external_id,
@@ -51,6 +79,8 @@ def accounts_table(console: Console, records: Iterable[BankAccountRecord]) -> No
             r.currency,
             str(meta.get("status")),
             str(meta.get("connectionState") or "ok"),
+            _age(settings, meta.get("powensLastUpdate"), now),
+            consent.date().isoformat() if consent else "-",
             last.isoformat(timespec="seconds") if last else "never",
         )
     console.print(table)
@@ -136,10 +166,20 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
     for n in summary.get("noBalanceYet", []):
         console.print(f"  no balance yet: {n['name']} ({n['accountId']})", highlight=False)
     for c in summary["connectionsNeedingUser"]:
+        why = "needs the user" if c.get("why", "user_action") == "user_action" else "stuck (transient state)"
+        since = f" since {c['since'][:10]}" if c.get("since") else ""
         console.print(
-            f"  needs the user: connection {c['powensConnectionId']} ({c['state']}): {c['reconnectCommand']}",
+            f"  {why}: connection {c['powensConnectionId']} ({c['state']}{since}): {c['reconnectCommand']}",
             highlight=False,
         )
+    for c in summary.get("consentsExpiring", []):
+        console.print(
+            f"  consent ends {c['consentExpiresAt'][:10]} ({c['daysLeft']} days): connection "
+            f"{c['powensConnectionId']}: {c['reconnectCommand']}",
+            highlight=False,
+        )
+    for a in summary.get("oldBankData", []):
+        console.print(f"  old bank data ({a['age']}): {a['name']} ({a['accountId']})", highlight=False)
 
 
 def print_forecast(console: Console, fc: dict[str, Any], every: int = 5) -> None:

@@ -41,7 +41,9 @@ def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path
     refreshed, total, failed = map(int, m.groups())
     assert total == 6 and refreshed == 4 and failed == 2  # 3 tenants x 2 accounts; one SCA connection
     assert "needs_user_action" in out
-    assert re.search(r"run run_\S+ completed: 4 ok, 2 failed, 0 stale of 6 accounts; 3 Powens calls", out), (
+    # A push arrived for the first tenant's connection: the nightly run reads only the other two users.
+    assert re.search(r"2 of 2 accounts stored from the push .*; 0 Powens calls", out), out
+    assert re.search(r"run run_\S+ completed: 4 ok, 2 failed, 0 stale of 6 accounts; 2 Powens calls", out), (
         out
     )
     assert "needs the user: connection" in out and "trend over" in out
@@ -59,6 +61,7 @@ def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path
             "on_demand:failed": 2,
             "scheduled:succeeded": 4,
             "scheduled:failed": 2,
+            "webhook:succeeded": 2,  # the push
         }
         retried = conn.execute("SELECT attempts FROM refresh_attempts WHERE attempts > 1").fetchall()
         assert retried == [(2,)]  # the account with one scripted 503

@@ -87,7 +87,13 @@ def exported_metric_names() -> set[str]:
             names.add(f"{family.name}_total")  # also families with no labelled child yet
         else:
             names.add(family.name)
-    names |= {"balances_celery_queue_length", "openbanking_connections_needing_user"}
+    names |= {
+        "balances_celery_queue_length",
+        "openbanking_connections_needing_user",
+        "openbanking_connections_consent_expiring",
+        "openbanking_connections",
+        "openbanking_accounts_by_data_age",
+    }
     assert tuple(q.value for q in Queue) == ("interactive", "push", "reports", "refresh")  # priority order
     # Gauges with no value yet (no sample) still exist as families.
     names |= {
@@ -131,6 +137,8 @@ def test_dashboard_has_the_panels_operators_need() -> None:
         "powens calls",
         "powens latency",
         "queue",
+        "webhooks",
+        "bank data age",
     ):
         assert needed in titles
 
@@ -256,4 +264,20 @@ def test_k8s_has_worker_pdb_autoscaling_beat_and_migration() -> None:
         ("Job", "balances-migrate"),
         ("ConfigMap", "balances-config"),
         ("Secret", "balances-secrets"),
+        ("Deployment", "balances-webhooks"),
+        ("Service", "balances-webhooks"),
+        ("PodDisruptionBudget", "balances-webhooks"),
     } <= kinds
+
+
+def test_the_webhook_receiver_is_deployed_ready_only_with_the_broker_and_scraped() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    receiver = compose["services"]["webhooks"]
+    assert receiver["command"][:3] == ["balances", "webhooks", "serve"]
+    assert "POWENS_WEBHOOK_SECRET" in compose["x-balances-env"]
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "webhooks.yaml").read_text())]
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert "balances-webhooks" in {job["job_name"] for job in scrape["scrape_configs"]}

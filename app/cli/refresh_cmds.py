@@ -124,7 +124,7 @@ def show(
     if json_:
         print_json(result)
         return
-    balances_table(out, result.balances, title=f"Balances of {tenant}")
+    balances_table(out, result.balances, title=f"Balances of {tenant}", settings=settings)
 
 
 @powens_cli.command("link")
@@ -178,7 +178,7 @@ def accounts_list(tenant: TenantOpt, json_: JsonOpt = False) -> None:
     if json_:
         print_json(records)
         return
-    accounts_table(out, records)
+    accounts_table(out, records, settings=settings)
 
 
 @connections_cli.command("reconnect-link")
