@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery, signals
 
 from app.config import get_settings
+from app.queues import PUSH_TASK
 
 # Every task's base (metrics, declared retry policy); a string, so it loads with the task modules.
 app = Celery("app", task_cls="app.taskbase:BalancesTask")
@@ -79,9 +80,14 @@ def _sign(sender: str | None = None, body: Any = None, headers: Any = None, **_:
     if headers is None or body is None:
         return
     args, kwargs = body[0], body[1]
-    keys = signing.keys_from(_secret(get_settings().signing_key))
+    settings = get_settings()
+    name = headers.get("task") or sender or ""
+    secret = settings.signing_key
+    if name == PUSH_TASK and settings.push_signing_key is not None:
+        secret = settings.push_signing_key  # the receiver's key signs pushes only
+    keys = signing.keys_from(_secret(secret))
     headers[signing.HEADER] = signing.sign(
-        keys, headers.get("task") or sender or "", headers["id"], args, kwargs, headers.get("retries") or 0
+        keys, name, headers["id"], args, kwargs, headers.get("retries") or 0
     )
 
 

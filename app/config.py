@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     encryption_key: SecretStr | None = Field(None, validation_alias=_env("BALANCES_ENCRYPTION_KEY"))
     # HMAC key(s) of task messages (app.signing), comma-separated, newest first.
     signing_key: SecretStr | None = Field(None, validation_alias=_env("BALANCES_SIGNING_KEY"))
+    # The webhook receiver's own key: it signs pushes (balances.apply_push) and nothing else, so the
+    # internet-facing receiver never holds the key every other task is signed with.
+    push_signing_key: SecretStr | None = Field(None, validation_alias=_env("BALANCES_PUSH_SIGNING_KEY"))
     metrics_port: int = Field(9464, ge=0, le=65535, validation_alias=_env("BALANCES_METRICS_PORT"))
     metrics_dir: str | None = Field(None, validation_alias=_env("BALANCES_METRICS_DIR"))
 
@@ -187,7 +190,7 @@ class Settings(BaseSettings):
                 raise ValueError("each key must be a url-safe base64 32-byte Fernet key (comma-separated)")
         return v
 
-    @field_validator("signing_key")
+    @field_validator("signing_key", "push_signing_key")
     @classmethod
     def _signing_keys(cls, v: SecretStr | None) -> SecretStr | None:
         if v is None or not v.get_secret_value().strip():

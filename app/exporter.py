@@ -115,15 +115,19 @@ class ServiceCollector:
         yield ages
 
 
-def serve_worker_metrics(settings: Settings, extra: tuple[object, ...] = ()) -> None:
-    """Start the one /metrics server of this worker or beat (in the parent, before any fork)."""
+def serve_worker_metrics(
+    settings: Settings, extra: tuple[object, ...] = (), *, restore_nightly: bool = True
+) -> None:
+    """Start the one /metrics server of this worker or beat (in the parent, before any fork). The
+    webhook receiver passes ``restore_nightly=False``: it never touches the database."""
     if settings.metrics_port == 0:
         return
     from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
     from app import metrics
 
-    _restore_nightly_gauge(settings, metrics)
+    if restore_nightly:
+        _restore_nightly_gauge(settings, metrics)
     registry = REGISTRY
     if _directory is not None:
         registry = CollectorRegistry()

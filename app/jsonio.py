@@ -7,6 +7,7 @@ string. Neither is what the contract's consumers expect (``"currentBalance": 123
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import uuid
 from collections.abc import Mapping
@@ -45,22 +46,23 @@ def dumps(obj: Any, *, indent: int | None = None, drop_none: bool = False) -> st
     plain = to_plain(obj)
     if drop_none:
         plain = _drop_none(plain)
-    marks: dict[str, str] = {}
+    numbers: list[str] = []
     # A placeholder nobody can spell in advance: a string from outside equal to one would otherwise be
     # replaced by a number (and the amount it stood for left as a string).
     nonce = secrets.token_hex(8)
 
     def default(o: Any) -> Any:
         if isinstance(o, Decimal):
-            key = f"\x00dec{nonce}:{len(marks)}\x00"
-            marks[json.dumps(key)] = decimal_text(o)
-            return key
+            numbers.append(decimal_text(o))
+            return f"\x00dec{nonce}:{len(numbers) - 1}\x00"
         raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
     text = json.dumps(plain, default=default, indent=indent, ensure_ascii=False)
-    for quoted, number in marks.items():
-        text = text.replace(quoted, number, 1)
-    return text
+    if not numbers:
+        return text
+    # One pass over the text (one replace per amount would be quadratic in a big document).
+    placeholder = re.compile(re.escape(f'"\\u0000dec{nonce}:') + r"(\d+)" + re.escape('\\u0000"'))
+    return placeholder.sub(lambda m: numbers[int(m.group(1))], text)
 
 
 def _drop_none(obj: Any) -> Any:

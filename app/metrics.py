@@ -39,13 +39,15 @@ class PushOutcome(StrEnum):
     UNKNOWN_EVENT = "unknown_event"  # 202, ignored
     UNAVAILABLE = "unavailable"  # 503: the broker could not take it (Powens retries)
     STORED = "stored"  # balances written through the refresh's write path
+    REGISTERED = "registered"  # an account Powens found, registered from the push, and its balances stored
+    DELETED = "deleted"  # the account is deleted (CONNECTION_DELETED, or Powens said so): nothing written
     DUPLICATE = "duplicate"  # this account at this last_update and state was already applied
     OUT_OF_ORDER = "out_of_order"  # older than what is stored: nothing written
     NEEDS_USER = "needs_user"  # the connection needs its user: recorded as a refresh would
     FAILED = "failed"  # recorded as a failed refresh (e.g. the account is deleted at Powens)
     STATUS_UPDATED = "status_updated"  # ACCOUNT_DISABLED/ENABLED, CONNECTION_DELETED
     UNKNOWN_USER = "unknown_user"  # a Powens user no tenant has linked
-    UNKNOWN_ACCOUNT = "unknown_account"  # an account or connection we have not registered
+    UNKNOWN_ACCOUNT = "unknown_account"  # a connection we have not registered (a status event)
 
 
 PUSH_EVENTS = (

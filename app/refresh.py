@@ -41,7 +41,7 @@ from app.outcomes import (
     unwrap,
 )
 from app.policy import Actor, authorize
-from app.powens.errors import PowensError
+from app.powens.errors import PowensError, classify_state
 from app.powens.models import PowensAccount
 from app.shared_read import shared_account
 from app.store import repo
@@ -196,11 +196,15 @@ def _pushed_recently(
     attempt: Attempt,
     inp: OpenBankingRefreshBalancesInput,
     pushed_at: datetime | None,
+    connection_state: str | None,
     now: datetime,
 ) -> datetime | None:
     """When a push stored this account's balances recently enough that a nightly run need not read it
-    (on demand, or forcing a sync, an operator always gets a read)."""
+    (on demand, or forcing a sync, an operator always gets a read). Not when the connection's state,
+    as a later push or refresh left it, needs the user: the run reads, and records that failure."""
     if attempt.run_id is None or inp.force_refresh or pushed_at is None:
+        return None
+    if classify_state(connection_state) is Reason.NEEDS_USER_ACTION:
         return None
     window = settings.push_freshness_seconds
     return pushed_at if window > 0 and (now - pushed_at).total_seconds() <= window else None
@@ -229,7 +233,9 @@ def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, 
             connection_external_id = ctx.connection.external_id
             last = ctx.account.last_refreshed_at
             fresh = last is not None and last >= started
-            pushed = _pushed_recently(settings, attempt, inp, ctx.account.pushed_at, started)
+            pushed = _pushed_recently(
+                settings, attempt, inp, ctx.account.pushed_at, ctx.connection.state, started
+            )
         if fresh:
             note = "coalesced with a concurrent refresh of this account; its result is returned"
             return Read(refreshed_at=started, errors=[note])

@@ -26,6 +26,7 @@ from app.backoff import backoff_seconds
 from app.config import Settings, get_settings
 from app.infra import INFRA_ERRORS
 from app.jsonio import to_plain
+from app.queues import PUSH_TASK
 
 if TYPE_CHECKING:  # imported lazily: this module loads with the Celery app, before prometheus_client may
     from app.outcomes import Attempt, Outcome
@@ -37,6 +38,10 @@ _rng = random.SystemRandom()
 CANVAS = ("callbacks", "errbacks", "chain", "chord", "group", "group_index")
 _eager = threading.local()
 DENIALS_RECORDED_PER_MINUTE = 100  # beyond, a flood of forgeries is only counted and logged
+
+
+def _plain(secret: Any) -> str | None:
+    return secret.get_secret_value() if secret is not None else None
 
 
 def _denial_budget() -> bool:
@@ -184,8 +189,10 @@ class BalancesTask(Task):
             return False
         from app import signing
 
-        secret = get_settings().signing_key
-        keys = signing.keys_from(secret.get_secret_value() if secret is not None else None)
+        settings = get_settings()
+        keys = signing.keys_from(_plain(settings.signing_key))
+        if self.name == PUSH_TASK:  # the receiver's key is good for pushes, and for nothing else
+            keys += signing.keys_from(_plain(settings.push_signing_key))
         signature = getattr(request, signing.HEADER, None)
         return signing.verify(
             keys, signature, self.name, request.id, list(args or ()), dict(kwargs or {}), request.retries or 0

@@ -274,10 +274,25 @@ def test_the_webhook_receiver_is_deployed_ready_only_with_the_broker_and_scraped
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     receiver = compose["services"]["webhooks"]
     assert receiver["command"][:3] == ["balances", "webhooks", "serve"]
-    assert "POWENS_WEBHOOK_SECRET" in compose["x-balances-env"]
+    # The internet-facing receiver holds only the broker, Powens' secret and its push key.
+    assert set(receiver["environment"]) >= {
+        "CELERY_BROKER_URL",
+        "POWENS_WEBHOOK_SECRET",
+        "BALANCES_PUSH_SIGNING_KEY",
+    }
+    assert not {"DATABASE_URL", "BALANCES_ENCRYPTION_KEY", "BALANCES_SIGNING_KEY"} & set(
+        receiver["environment"]
+    )
+    assert "BALANCES_PUSH_SIGNING_KEY" in compose["x-balances-env"]  # the workers accept its pushes
     docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "webhooks.yaml").read_text())]
     [deployment] = [d for d in docs if d["kind"] == "Deployment"]
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert not any("secretRef" in source for source in container.get("envFrom", []))  # not every secret
+    assert {e["name"] for e in container["env"]} == {
+        "CELERY_BROKER_URL",
+        "POWENS_WEBHOOK_SECRET",
+        "BALANCES_PUSH_SIGNING_KEY",
+    }
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     assert "balances-webhooks" in {job["job_name"] for job in scrape["scrape_configs"]}

@@ -46,6 +46,7 @@ from tests.e2e import ROOT, run_cli, run_worker, service_env
 from tests.helpers import ADMIN_ACTOR, seed_tenant, sum_scrape
 
 UTC_ZONE = ZoneInfo("UTC")
+PUSH_KEY = "the-receivers-push-key-" + "7" * 32
 RESULTS_FILE = ROOT / "build" / "security.json"
 figures: dict[str, dict[str, Any]] = {}
 FUZZ_EXAMPLES = 5_000  # per pure fuzz test; with the database-backed ones, over 10,000 cases a run
@@ -153,13 +154,25 @@ def test_forged_task_messages_are_denied_audited_counted_and_never_reach_powens(
             {signing.HEADER: stolen},
         ),
         "a captured signature, the task id changed": (genuine_args, {signing.HEADER: stolen}),
+        "signed with the webhook receiver's key, good for pushes only": (
+            [{"tenantId": "sec-forge", "accountId": acc}, "alice", "on_demand"],
+            {
+                signing.HEADER: signing.sign(
+                    signing.keys_from(PUSH_KEY),
+                    "balances.refresh_account",
+                    f"forged-{5}",
+                    [{"tenantId": "sec-forge", "accountId": acc}, "alice", "on_demand"],
+                    {},
+                )
+            },
+        ),
     }
     scheduler_forcing = [
         {"tenantId": "sec-forge", "accountId": acc, "forceRefresh": True},
         "system:scheduler",
         "scheduled",
     ]
-    env = service_env(settings.database_url, redis_url, sandbox)
+    env = service_env(settings.database_url, redis_url, sandbox, BALANCES_PUSH_SIGNING_KEY=PUSH_KEY)
     with run_worker(env, tmp_path / "w.log") as worker:
         before = worker.scrape()
         for i, (args, headers) in enumerate(forged.values()):

@@ -216,7 +216,9 @@ def webhooks_serve(
         name
         for name, value in (
             ("POWENS_WEBHOOK_SECRET", settings.webhook_secrets),
-            ("BALANCES_SIGNING_KEY", settings.signing_key),
+            # Its own key (it signs pushes only); the service's key would do, but then the one
+            # internet-facing process holds the key every task is signed with.
+            ("BALANCES_PUSH_SIGNING_KEY", settings.push_signing_key or settings.signing_key),
         )
         if not value
     ]

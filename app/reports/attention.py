@@ -17,7 +17,7 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -86,7 +86,7 @@ def tenant_views(session: Session, settings: Settings, tenant_id: str, now: date
     needing, expiring = [], []
     horizon = now + timedelta(days=settings.consent_warning_days)
     for c in conns:
-        why = needs_attention(settings, c.state, c.state_since, now)
+        why = needs_attention(settings, c.state, c.state_since, now) if c.active else None
         if why is not None:
             needing.append(
                 {
@@ -115,10 +115,18 @@ def tenant_views(session: Session, settings: Settings, tenant_id: str, now: date
 def service_counts(session: Session, settings: Settings, now: datetime) -> dict[str, Any]:
     """Across every tenant, for the beat's gauges (read at scrape time)."""
     ages: Counter[str] = Counter({b: 0 for b in AGE_BUCKETS})
-    for (last,) in session.execute(
-        select(BankAccount.powens_last_update).where(BankAccount.status == AccountStatus.ACTIVE)
+    last = BankAccount.powens_last_update
+    bucket = case(  # age_bucket, counted by the database: a scrape does not load every account
+        (last.is_(None), "never"),
+        (last > now - timedelta(days=1), "under_1d"),
+        (last > now - timedelta(days=3), "1d_to_3d"),
+        (last > now - timedelta(days=7), "3d_to_7d"),
+        else_="over_7d",
+    )
+    for name, n in session.execute(
+        select(bucket, func.count()).where(BankAccount.status == AccountStatus.ACTIVE).group_by(bucket)
     ):
-        ages[age_bucket(last, now)] += 1
+        ages[str(name)] += int(n)
     needing = expiring = active = 0
     horizon = now + timedelta(days=settings.consent_warning_days)
     for state, since, expires, is_active in session.execute(
@@ -130,6 +138,6 @@ def service_counts(session: Session, settings: Settings, now: datetime) -> dict[
         )
     ):
         active += bool(is_active)
-        needing += needs_attention(settings, state, since, now) is not None
+        needing += bool(is_active) and needs_attention(settings, state, since, now) is not None
         expiring += bool(is_active and expires is not None and expires <= horizon)
     return {"ages": dict(ages), "needing": needing, "expiring": expiring, "connections": active}

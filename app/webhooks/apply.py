@@ -9,18 +9,25 @@ Each account of an event is its own outcome, recorded under a key made of Powens
 and an event older than what is stored writes nothing either. Status events (``ACCOUNT_DISABLED``,
 ``ACCOUNT_ENABLED``, ``CONNECTION_DELETED``) update the account or connection only.
 
-Unknown Powens users, connections and accounts are counted and logged: a push never creates a row (the
-next ``accounts sync`` or nightly run registers new accounts) and never reaches another tenant's rows.
+Rows are found by Powens' ids within the Powens user a tenant linked, so a push never reaches another
+tenant's rows. A Powens user no tenant linked is counted and logged (nothing written). An account
+Powens found that we have not registered yet is registered from the push, through the one registration
+path and in that user's tenant — with webhooks flowing, the nightly run may never list that user again.
+A push for a deleted account (or one older than what is stored, found again under the account's row
+lock) writes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from app import jsonio, metrics
 from app.contract import OpenBankingRefreshBalancesInput
@@ -33,6 +40,8 @@ from app.powens.errors import PowensError
 from app.powens.models import PowensAccount, PowensConnection
 from app.store import external
 from app.store.db import session_scope
+from app.store.models import BankAccount
+from app.store.registry import register_accounts
 from app.store.states import AccountStatus, Trigger
 from app.webhooks.events import Event
 from app.write_path import Where, judge, store
@@ -95,8 +104,18 @@ def _apply(deps: Deps, event: Event, doc: dict[str, Any], received_at: datetime)
 def push_key(powens_user_id: int, pacc: PowensAccount, state: str | None) -> str:
     """The audit key of one account's push: the same account, sync and state is the same push."""
     last = pacc.last_update.isoformat() if pacc.last_update else f"none:{pacc.balance}:{pacc.coming}"
-    text = f"{powens_user_id}:{pacc.id}:{last}:{state or pacc.error or ''}"
+    flags = f"{'disabled' if pacc.disabled else ''}:{'deleted' if pacc.deleted else ''}"
+    text = f"{powens_user_id}:{pacc.id}:{last}:{state or pacc.error or ''}:{flags}"
     return "push-" + hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+class Superseded(Exception):
+    """Found under the account's row lock: what is stored is newer than this push, or the account is
+    deleted. The push's transaction is rolled back: nothing written, no audit row."""
+
+    def __init__(self, outcome: PushOutcome) -> None:
+        super().__init__(outcome.value)
+        self.outcome = outcome
 
 
 def _balances(
@@ -108,31 +127,45 @@ def _balances(
     except PowensError as err:
         log.warning("Powens push: unreadable account: %s", err.message)
         return Applied(PushOutcome.INVALID_PAYLOAD)
+    registered = False
     with session_scope(settings) as session:
         found = external.account(session, user_pk, pacc.id)
         if found is None:
-            log.info(
-                "Powens push: account %s of Powens user %s is not registered yet", pacc.id, powens_user_id
-            )
-            return Applied(PushOutcome.UNKNOWN_ACCOUNT)
+            # Powens found an account we had not registered: registered now, in the tenant that linked
+            # this Powens user (the one registration path), so pushes keep discovery going too.
+            register_accounts(session, user_pk, [], [pacc], deps.clock(), update_existing=False)
+            session.flush()
+            found = external.account(session, user_pk, pacc.id)
+            registered = found is not None
+            if found is None:
+                return Applied(PushOutcome.UNKNOWN_ACCOUNT)
+            log.info("Powens push: account %s of Powens user %s registered", pacc.id, powens_user_id)
         account, connection = found
         tenant_id, account_id = account.tenant_id, account.id
         where = Where(connection.id, connection.external_id)
-        held = account.powens_last_update
+        held, deleted = account.powens_last_update, account.status == AccountStatus.DELETED
+    if deleted:
+        return Applied(PushOutcome.DELETED, account_id)
     key = push_key(powens_user_id, pacc, state)
     if replay(settings, key) is not None:
         return Applied(PushOutcome.DUPLICATE, account_id)
-    if held is not None and pacc.last_update is not None and pacc.last_update < held:
-        log.info(
-            "Powens push for %s is older than the stored data (%s < %s): nothing written",
-            account_id,
-            pacc.last_update.isoformat(),
-            held.isoformat(),
-        )
+    if _older(pacc, held):
         return Applied(PushOutcome.OUT_OF_ORDER, account_id)
     inp = OpenBankingRefreshBalancesInput(tenant_id=tenant_id, account_id=account_id)
     subject = Subject.of(inp, POWENS_PUSH, Trigger.WEBHOOK)
     attempt = Attempt(task_id=key)
+
+    def store_unless_superseded(session: Session) -> Any:
+        # Checked again under the row lock the write takes anyway: a newer push (or a delete) may have
+        # committed since the checks above.
+        row = session.get(BankAccount, account_id, with_for_update=True)
+        if row is None or row.status == AccountStatus.DELETED:
+            raise Superseded(PushOutcome.DELETED)
+        if _older(pacc, row.powens_last_update):
+            raise Superseded(PushOutcome.OUT_OF_ORDER)
+        return store(session, deps, inp, read, None)
+
+    t0 = time.perf_counter()
     try:
         read = judge(deps, inp, where, pacc, None, [], state=state, pushed=True)
         read.refreshed_at = received_at
@@ -143,8 +176,10 @@ def _balances(
             attempts=1,
             started_at=received_at,
             clock=deps.clock,
-            store=lambda session: store(session, deps, inp, read, None),
+            store=store_unless_superseded,
         )
+    except Superseded as late:
+        return Applied(late.outcome, account_id)
     except RefreshError as err:
         failed = record(
             settings, subject, attempt, attempts=1, started_at=received_at, clock=deps.clock, error=err
@@ -153,9 +188,20 @@ def _balances(
             return Applied(PushOutcome.DUPLICATE, account_id)
         needs_user = err.reason is Reason.NEEDS_USER_ACTION
         return Applied(PushOutcome.NEEDS_USER if needs_user else PushOutcome.FAILED, account_id)
+    finally:
+        metrics.DURATION.labels(provider=metrics.PROVIDER, trigger=Trigger.WEBHOOK.value).observe(
+            time.perf_counter() - t0
+        )
     if isinstance(outcome, Succeeded) and not outcome.replayed:
-        return Applied(PushOutcome.STORED, account_id)
+        return Applied(PushOutcome.REGISTERED if registered else PushOutcome.STORED, account_id)
     return Applied(PushOutcome.DUPLICATE, account_id)
+
+
+def _older(pacc: PowensAccount, held: datetime | None) -> bool:
+    older = held is not None and pacc.last_update is not None and pacc.last_update < held
+    if older:
+        log.info("Powens push for account %s is older than the stored data: nothing written", pacc.id)
+    return older
 
 
 def _update_connection(deps: Deps, user_pk: int, conn: PowensConnection) -> None:
@@ -174,7 +220,8 @@ def _update_connection(deps: Deps, user_pk: int, conn: PowensConnection) -> None
         row.error_message = conn.error_message
         row.last_update = conn.last_update or row.last_update
         row.next_try = conn.next_try
-        row.active = conn.active
+        if row.active:  # a connection CONNECTION_DELETED deactivated stays so, whatever a late push says
+            row.active = conn.active
         if conn.consent_expires_at is not None:
             row.consent_expires_at = conn.consent_expires_at
         row.updated_at = now

@@ -34,6 +34,7 @@ from app.metrics import PushOutcome
 from app.webhooks import events, signature
 
 log = logging.getLogger(__name__)
+LIMIT_CONCURRENCY = 32
 Publisher = Callable[[str, str], None]  # (payload JSON text, received_at ISO) -> durably queued or raise
 BrokerCheck = Callable[[], bool]
 
@@ -118,39 +119,32 @@ def create_app(
                 {"status": outcome.value, "detail": message}, status, {"Server-Timing": timing}
             )
 
+        # What the headers alone can refuse is refused before a byte of the body is read.
+        sig, date = (
+            request.headers.get(signature.SIGNATURE_HEADER),
+            request.headers.get(signature.DATE_HEADER),
+        )
+        if not secrets or not sig or date is None:
+            return answer(401, PushOutcome.REJECTED_SIGNATURE, "missing BI-Signature or BI-Signature-Date")
+        if not signature.date_within(date, clock(), settings.webhook_tolerance_seconds):
+            return answer(401, PushOutcome.REJECTED_STALE, "BI-Signature-Date outside the window")
         try:
             body = await _read(request, limit)
         except TooLarge:
             return answer(413, PushOutcome.REJECTED_SIZE, f"body larger than {limit} bytes")
         path = request.scope.get("raw_path") or request.url.path.encode()
         path_text = path.decode("latin-1") if isinstance(path, bytes) else str(path)
-        verdict = signature.check(
-            secrets,
-            request.method,
-            path_text.split("?", 1)[0],
-            request.headers.get(signature.SIGNATURE_HEADER),
-            request.headers.get(signature.DATE_HEADER),
-            body,
-            clock(),
-            settings.webhook_tolerance_seconds,
+        # Verifying, parsing and reducing are CPU work: on a thread, not on the event loop.
+        verdict, result = await run_in_threadpool(
+            _verify_and_reduce, secrets, request.method, path_text.split("?", 1)[0], sig, date, body, event
         )
-        if verdict is signature.Verdict.BAD_SIGNATURE:
-            return answer(401, PushOutcome.REJECTED_SIGNATURE, "missing or invalid BI-Signature")
-        if verdict is signature.Verdict.STALE:
-            return answer(401, PushOutcome.REJECTED_STALE, "BI-Signature-Date outside the window")
-        try:
-            doc = jsonio.loads(body)
-        except ValueError:
-            return answer(400, PushOutcome.INVALID_PAYLOAD, "the body is not JSON")
-        if name is None:
-            event = events.infer(doc)
-            label = event.value if event is not None else "unknown"
-        if event is None:
+        if verdict is not None:
+            status, outcome, message = verdict
+            return answer(status, outcome, message)
+        event, payload = result
+        label = event.value if event is not None else "unknown"
+        if event is None or payload is None:
             return answer(202, PushOutcome.UNKNOWN_EVENT, "not an event this service acts on")
-        try:
-            payload = jsonio.dumps(events.reduce(event, doc))
-        except events.PayloadError as err:
-            return answer(400, PushOutcome.INVALID_PAYLOAD, str(err))
         received_at = clock().isoformat()
         e0 = time.perf_counter()
         try:
@@ -175,6 +169,35 @@ def create_app(
     )
 
 
+Refusal = tuple[int, PushOutcome, str]
+
+
+def _verify_and_reduce(
+    secrets: list[bytes],
+    method: str,
+    path: str,
+    sig: str,
+    date: str,
+    body: bytes,
+    event: events.Event | None,
+) -> tuple[Refusal | None, tuple[events.Event | None, str | None]]:
+    """The signature over the exact bytes, then the body as the event it claims to be, reduced to what
+    goes on the broker. (A refusal, or the event and its payload; no payload: an event we ignore.)"""
+    if not signature.valid(secrets, method, path, sig, date, body):
+        return (401, PushOutcome.REJECTED_SIGNATURE, "invalid BI-Signature"), (event, None)
+    try:
+        doc = jsonio.loads(body)
+    except ValueError:
+        return (400, PushOutcome.INVALID_PAYLOAD, "the body is not JSON"), (event, None)
+    event = event if event is not None else events.infer(doc)
+    if event is None:
+        return None, (None, None)
+    try:
+        return None, (event, jsonio.dumps(events.reduce(event, doc)))
+    except events.PayloadError as err:
+        return (400, PushOutcome.INVALID_PAYLOAD, str(err)), (event, None)
+
+
 async def _read(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -196,7 +219,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
     from app import exporter, logs
 
     logs.configure(settings.log_level, settings.log_format)
-    exporter.serve_worker_metrics(settings)
+    exporter.serve_worker_metrics(settings, restore_nightly=False)
     uvicorn.run(
         create_app(settings),
         host=host,
@@ -206,4 +229,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
         server_header=False,
         timeout_keep_alive=30,
         proxy_headers=True,
+        # Bounded work at once (bodies are read, up to BALANCES_WEBHOOK_MAX_BODY_BYTES, before they can
+        # be verified): beyond it uvicorn answers 503 and Powens sends again.
+        limit_concurrency=LIMIT_CONCURRENCY,
     )
