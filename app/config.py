@@ -95,6 +95,14 @@ class Settings(BaseSettings):
     run_deadline_seconds: float = Field(7200.0, gt=0, validation_alias=_env("BALANCES_RUN_DEADLINE_SECONDS"))
     run_grace_seconds: float = Field(900.0, gt=0, validation_alias=_env("BALANCES_RUN_GRACE_SECONDS"))
     plan_batch_size: int = Field(1000, ge=1, le=10000, validation_alias=_env("BALANCES_PLAN_BATCH_SIZE"))
+    # A nightly refresh message carries the accounts of whole Powens users, about this many (a user
+    # with more accounts is never split); its worker reads that many users from Powens at once.
+    refresh_batch_accounts: int = Field(
+        100, ge=1, le=2000, validation_alias=_env("BALANCES_REFRESH_BATCH_ACCOUNTS")
+    )
+    refresh_batch_readers: int = Field(
+        8, ge=1, le=64, validation_alias=_env("BALANCES_REFRESH_BATCH_READERS")
+    )
     redbeat_lock_timeout: int = Field(30, ge=2, validation_alias=_env("BALANCES_REDBEAT_LOCK_TIMEOUT"))
 
     # Coordination between workers: Redis (production), or in-process (the demo without services).

@@ -114,6 +114,11 @@ TASK_OUTCOMES = Counter(
     ["task", "outcome"],
 )
 
+DB_STATEMENTS = Counter(
+    "balances_db_statements",
+    "SQL statements sent to the database by this process (an executemany counts once per row).",
+)
+
 
 WEBHOOKS = Counter(
     "powens_webhooks_received",

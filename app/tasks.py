@@ -267,4 +267,9 @@ def apply_push(payload: str, received_at: str) -> dict[str, int]:
     return dict(Counter(a.outcome.value for a in applied))
 
 
+@app.task(name="balances.noop")
+def noop() -> None:
+    """Does nothing: the benchmark's ceiling (what Celery itself costs per task, same configuration)."""
+
+
 metrics.preinitialise_tasks([REFRESH_TASK, *ROUTES])

@@ -39,7 +39,19 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 5)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    _count_statements(engine)
+    return engine
+
+
+def _count_statements(engine: Engine) -> None:
+    """``balances_db_statements_total``: what the database executes (the cost model's unit). Imported
+    here, at the first engine of the process: after the worker chose its metrics directory."""
+    from app.metrics import DB_STATEMENTS
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _count(_conn: Any, _cursor: Any, _stmt: str, params: Any, _ctx: Any, executemany: bool) -> None:
+        DB_STATEMENTS.inc(len(params) if executemany and params else 1)
 
 
 def get_engine(settings: Settings) -> Engine:
