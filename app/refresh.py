@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -41,14 +41,14 @@ from app.outcomes import (
     unwrap,
 )
 from app.policy import Actor, authorize
-from app.powens.errors import PowensError, classify_state
+from app.powens.errors import PowensError
 from app.powens.models import PowensAccount
 from app.shared_read import shared_account
 from app.store import repo
 from app.store.db import session_scope
 from app.store.states import AccountStatus, Trigger
 from app.tokens import UserToken
-from app.write_path import Read, Where, judge, set_status, store
+from app.write_path import Read, Where, judge, pushed_recently, say_when, set_status, store
 
 log = logging.getLogger(__name__)
 _rng = random.SystemRandom()
@@ -163,7 +163,7 @@ def _attempt(raw_input: Any, actor: Actor | str, trigger: Trigger, attempt: Atte
         metrics.RETRIES.labels(provider=metrics.PROVIDER, reason=error.reason.value).inc()
         return Retry(error)
     if error.reason is Reason.RATE_LIMITED:
-        _say_when(deps.settings, error, attempt, deps.clock())
+        say_when(deps.settings, error, attempt, deps.clock())
     return record(
         deps.settings,
         subject,
@@ -173,16 +173,6 @@ def _attempt(raw_input: Any, actor: Actor | str, trigger: Trigger, attempt: Atte
         clock=deps.clock,
         error=error,
     )
-
-
-def _say_when(settings: Settings, error: RefreshError, attempt: Attempt, now: datetime) -> None:
-    """A rate-limited refresh says when trying again is allowed: Powens' Retry-After when it sent one,
-    else what our next backoff step would have waited."""
-    wait = error.retry_after
-    if wait is None:
-        wait = min(settings.retry_cap_seconds, settings.retry_base_seconds * 2**attempt.number)
-    error.next_attempt_at = (now + timedelta(seconds=wait)).replace(microsecond=0)
-    error.message += f"; next attempt allowed at {error.next_attempt_at.isoformat().replace('+00:00', 'Z')}"
 
 
 def _observe(trigger: Trigger, t0: float) -> None:
@@ -199,15 +189,11 @@ def _pushed_recently(
     connection_state: str | None,
     now: datetime,
 ) -> datetime | None:
-    """When a push stored this account's balances recently enough that a nightly run need not read it
-    (on demand, or forcing a sync, an operator always gets a read). Not when the connection's state,
-    as a later push or refresh left it, needs the user: the run reads, and records that failure."""
-    if attempt.run_id is None or inp.force_refresh or pushed_at is None:
+    """The nightly skip of a push-fresh account (``write_path.pushed_recently``); on demand, or forcing
+    a sync, an operator always gets a read."""
+    if attempt.run_id is None or inp.force_refresh:
         return None
-    if classify_state(connection_state) is Reason.NEEDS_USER_ACTION:
-        return None
-    window = settings.push_freshness_seconds
-    return pushed_at if window > 0 and (now - pushed_at).total_seconds() <= window else None
+    return pushed_recently(settings, pushed_at, connection_state, now)
 
 
 def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, deps: Deps) -> Read:

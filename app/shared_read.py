@@ -39,7 +39,7 @@ def shared_account(
 
     def fetch() -> dict[str, Any]:
         raw, rid = tokens.call(deps, user, lambda t: deps.client.list_accounts_raw(t, user.powens_user_id))
-        _register(deps, user.user_pk, user.powens_user_id, raw)
+        register_listed(deps, user.user_pk, user.powens_user_id, raw)
         # What goes to Redis is only what a refresh reads: no IBAN, account number or BIC.
         return {"accounts": [essential(item) for item in raw], "request_id": rid}
 
@@ -61,7 +61,8 @@ def shared_account(
     return None, rid
 
 
-def _register(deps: Deps, user_pk: int, powens_user_id: int, raw: list[Any]) -> None:
+def register_listed(deps: Deps, user_pk: int, powens_user_id: int, raw: list[Any]) -> None:
+    """Accounts of the user's list that we do not know yet are registered (best effort)."""
     parsed: list[PowensAccount] = []
     for item in raw:
         try:

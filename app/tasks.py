@@ -141,11 +141,12 @@ def dispatch_refresh(
 
 
 def publish_refreshes(run_id: str, items: Sequence[runs.Item]) -> None:
-    """A batch of scheduled refreshes over one broker connection, each carrying its run's day."""
+    """Scheduled refreshes one account each (the single path: an account its user's list lacked, or
+    a batch given up), over one broker connection, each carrying its run's day."""
     day = runs.business_day_of(get_settings(), run_id)
     kwargs = {"run_id": run_id, "day": day.isoformat() if day else None}
     with app.producer_or_acquire() as producer:
-        for task_id, tenant_id, account_id in items:
+        for task_id, tenant_id, account_id, *_ in items:
             refresh_account.apply_async(
                 args=(
                     {"tenantId": tenant_id, "accountId": account_id},
@@ -158,16 +159,100 @@ def publish_refreshes(run_id: str, items: Sequence[runs.Item]) -> None:
             )
 
 
+def publish_batches(
+    run_id: str, items: Sequence[runs.Item], *, attempt: int = 1, countdown: float | None = None
+) -> int:
+    """The items as refresh batches of whole Powens users, about BALANCES_REFRESH_BATCH_ACCOUNTS each
+    (items come grouped by user). Returns the number of messages."""
+    settings = get_settings()
+    day = runs.business_day_of(settings, run_id)
+    batches = split_by_user(items, settings.refresh_batch_accounts)
+    with app.producer_or_acquire() as producer:
+        for part in batches:
+            refresh_batch.apply_async(
+                args=(run_id, [list(i) for i in part]),
+                kwargs={"day": day.isoformat() if day else None, "attempt": attempt},
+                countdown=countdown,
+                producer=producer,
+            )
+    return len(batches)
+
+
+def split_by_user(items: Sequence[runs.Item], size: int) -> list[list[runs.Item]]:
+    """Consecutive items in parts of about ``size``, never splitting one Powens user's items."""
+    parts: list[list[runs.Item]] = []
+    current: list[runs.Item] = []
+    for item in items:
+        if len(current) >= size and current[-1][3] != item[3]:
+            parts.append(current)
+            current = []
+        current.append(item)
+    if current:
+        parts.append(current)
+    return parts
+
+
 def publish_fanout(run_id: str, items: Sequence[runs.Item]) -> None:
-    """One message per batch: a worker turns it into the batch's refresh tasks, so planning 100,000
-    accounts costs the planner 100 publishes and the per-task publishing runs on the workers."""
+    """One message per page: a worker turns it into the page's refresh batches, so planning 100,000
+    accounts costs the planner 100 publishes and the per-batch publishing runs on the workers."""
     fanout_batch.apply_async(args=(run_id, [list(i) for i in items]))
 
 
 @app.task(name="balances.fanout_batch")
-def fanout_batch(run_id: str, items: list[list[str]]) -> int:
-    publish_refreshes(run_id, [(i[0], i[1], i[2]) for i in items])
-    return len(items)
+def fanout_batch(run_id: str, items: list[list[Any]]) -> int:
+    return publish_batches(run_id, [_item(i) for i in items])
+
+
+def _item(raw: Sequence[Any]) -> runs.Item:
+    return (str(raw[0]), str(raw[1]), str(raw[2]), int(raw[3]) if len(raw) > 3 else 0)
+
+
+class BatchTask(BalancesTask):
+    def give_up(self, deliveries: int, *args: Any, **kwargs: Any) -> Any:
+        """A batch whose worker died every time: each account goes on alone, as a single refresh
+        (with its own poison handling), so one bad account cannot hold its batch back."""
+        run_id, items = args[0], [_item(i) for i in args[1]]
+        log.error(
+            "refresh batch of %d given up after %d deliveries: handed to single refreshes",
+            len(items),
+            deliveries,
+        )
+        publish_refreshes(run_id, items)
+        return None
+
+
+@app.task(bind=True, base=BatchTask, name="balances.refresh_batch", max_retries=None)
+def refresh_batch(
+    self: BatchTask, run_id: str, items: list[list[Any]], day: str | None = None, attempt: int = 1
+) -> dict[str, int]:
+    """One attempt at a batch of a nightly run's items (``app.batch``). Our infrastructure failing
+    re-queues the whole message (the base class): whatever it recorded is skipped then."""
+    from app.batch import run_batch
+    from app.deps import Deps
+
+    settings = get_settings()
+    parsed = [_item(i) for i in items]
+    result = run_batch(
+        Deps.default(settings), run_id, parsed, date.fromisoformat(day) if day else None, attempt
+    )
+    for tenant_id in result.emptied_tenants:
+        pipeline.claim_summary_and_enqueue(settings, run_id, tenant_id, enqueue_summary)
+    if result.retry:
+        publish_batches(run_id, result.retry, attempt=attempt + 1, countdown=result.retry_in)
+    if result.requeue:
+        publish_batches(
+            run_id, result.requeue, attempt=attempt, countdown=result.requeue_in + _rng.uniform(0, 0.5)
+        )
+    if result.single:
+        publish_refreshes(run_id, result.single)
+    return {
+        "succeeded": result.succeeded,
+        "failed": result.failed,
+        "skipped": result.skipped,
+        "retry": len(result.retry),
+        "requeued": len(result.requeue),
+        "single": len(result.single),
+    }
 
 
 def refresh_queue_depth() -> int:

@@ -11,13 +11,15 @@ See docs/design.md "The refresh" and "The push path".
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.contract import OpenBankingRefreshBalancesInput, OpenBankingRefreshBalancesOutput
 from app.deps import Deps
-from app.errors import NotFound, Reason
+from app.errors import NotFound, Reason, RefreshError
+from app.outcomes import Attempt
 from app.powens.errors import classify_state, is_transient_state
 from app.powens.links import needs_user
 from app.powens.models import PowensAccount, decimal_places
@@ -167,6 +169,28 @@ def update_account(account: BankAccount, pacc: PowensAccount, now: datetime) -> 
     account.last_refreshed_at = now
     account.updated_at = now
     return newer
+
+
+def pushed_recently(
+    settings: Settings, pushed_at: datetime | None, connection_state: str | None, now: datetime
+) -> datetime | None:
+    """When a push stored this account's balances recently enough that a nightly run need not read it.
+    Not when the connection's state, as a later push or refresh left it, needs the user: the run
+    reads, and records that failure."""
+    if pushed_at is None or classify_state(connection_state) is Reason.NEEDS_USER_ACTION:
+        return None
+    window = settings.push_freshness_seconds
+    return pushed_at if window > 0 and (now - pushed_at).total_seconds() <= window else None
+
+
+def say_when(settings: Settings, error: RefreshError, attempt: Attempt, now: datetime) -> None:
+    """A rate-limited refresh says when trying again is allowed: Powens' Retry-After when it sent one,
+    else what our next backoff step would have waited."""
+    wait = error.retry_after
+    if wait is None:
+        wait = min(settings.retry_cap_seconds, settings.retry_base_seconds * 2**attempt.number)
+    error.next_attempt_at = (now + timedelta(seconds=wait)).replace(microsecond=0)
+    error.message += f"; next attempt allowed at {error.next_attempt_at.isoformat().replace('+00:00', 'Z')}"
 
 
 def set_status(deps: Deps, account_id: str, status: AccountStatus) -> None:

@@ -36,8 +36,8 @@ from app.store.states import (
     check_move,
 )
 
-# (task_id, tenant_id, account_id): what publishing one scheduled refresh needs.
-Item = tuple[str, str, str]
+# (task_id, tenant_id, account_id, powens_user_pk): what publishing one scheduled refresh needs.
+Item = tuple[str, str, str, int]
 
 
 def _now() -> datetime:
@@ -212,8 +212,10 @@ def open_tenants(settings: Settings, run_id: str, generation: int) -> tuple[int,
 
 
 def item_pages(settings: Settings, run_id: str, size: int, *, pending_only: bool) -> Iterator[list[Item]]:
-    """The run's items in pages of ``size``, grouped by Powens user (keyset on user, account), each
-    page read in its own short transaction so that publishing 100,000 items never holds one open."""
+    """The run's items in pages of about ``size``, grouped by Powens user (keyset on user, account),
+    each page read in its own short transaction so that publishing 100,000 items never holds one open.
+    A page ends at a user boundary (a user with more than ``size`` accounts alone is split), so one
+    message never carries part of a user whose other part another message reads again."""
     last: tuple[int, str] = (-1, "")
     while True:
         stmt = select(RunItem.task_id, RunItem.tenant_id, RunItem.account_id, RunItem.powens_user_pk).where(
@@ -221,13 +223,17 @@ def item_pages(settings: Settings, run_id: str, size: int, *, pending_only: bool
         )
         if pending_only:
             stmt = stmt.where(RunItem.status == ItemStatus.PENDING)
-        stmt = stmt.order_by(RunItem.powens_user_pk, RunItem.account_id).limit(size)
+        stmt = stmt.order_by(RunItem.powens_user_pk, RunItem.account_id).limit(size + 1)
         with session_scope(settings) as session:
-            rows = session.execute(stmt).all()
+            rows = [(r[0], r[1], r[2], int(r[3])) for r in session.execute(stmt).all()]
         if not rows:
             return
-        yield [(r[0], r[1], r[2]) for r in rows]
-        last = (rows[-1][3], rows[-1][2])
+        page = rows[:size]
+        if len(rows) > size and rows[size][3] == page[-1][3]:
+            whole = [r for r in page if r[3] != page[-1][3]]
+            page = whole or page  # a user larger than a page is split; else its rest waits
+        yield page
+        last = (page[-1][3], page[-1][2])
 
 
 def business_day_of(settings: Settings, run_id: str) -> date | None:
