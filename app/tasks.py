@@ -179,16 +179,20 @@ def publish_batches(
 
 
 def split_by_user(items: Sequence[runs.Item], size: int) -> list[list[runs.Item]]:
-    """Consecutive items in parts of about ``size``, never splitting one Powens user's items."""
-    parts: list[list[runs.Item]] = []
-    current: list[runs.Item] = []
+    """Consecutive items in parts of at most ``size`` (a user with more accounts alone is larger),
+    never splitting one Powens user's items."""
+    groups: list[list[runs.Item]] = []
     for item in items:
-        if len(current) >= size and current[-1][3] != item[3]:
-            parts.append(current)
-            current = []
-        current.append(item)
-    if current:
-        parts.append(current)
+        if groups and groups[-1][-1][3] == item[3]:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    parts: list[list[runs.Item]] = []
+    for group in groups:
+        if parts and len(parts[-1]) + len(group) <= size:
+            parts[-1].extend(group)
+        else:
+            parts.append(list(group))
     return parts
 
 

@@ -92,6 +92,8 @@ def rig(
         BALANCES_NIGHTLY_CRON=f"{far.minute} {far.hour} * * *",
         BALANCES_TIMEZONE="UTC",
         BALANCES_INFRA_RETRY_CAP_SECONDS="2",
+        # About one Powens user per nightly message: a fault lands while messages are still in flight.
+        BALANCES_REFRESH_BATCH_ACCOUNTS="5",
     )
     sandbox.state.knobs.latency_ms = 50
     r = Rig(settings, sandbox, redis, proxy, env, tmp_path)

@@ -225,6 +225,8 @@ def test_a_worker_killed_mid_run_still_completes_without_duplicate_snapshots(
         BALANCES_RUN_GRACE_SECONDS="8",
         BALANCES_HTTP_READ_TIMEOUT="2",
         BALANCES_LOCK_WAIT_SECONDS="1",
+        # One Powens user per message, so the kill lands while refreshes are still in flight.
+        BALANCES_REFRESH_BATCH_ACCOUNTS="2",
     )
 
     with run_worker(env, tmp_path / "doomed.log", name="doomed") as doomed:

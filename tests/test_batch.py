@@ -1,0 +1,186 @@
+"""The nightly refresh in batches (app.batch) as plain functions: real PostgreSQL, the sandbox as Powens.
+
+What a batch must keep from the single refresh: an outcome per account (audit row under its item's
+task id, run item, counter), one Powens call per user, one bad account failing alone, nothing written
+twice, retries per user, and an account missing from its list handed to the single refresh.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date
+
+from sqlalchemy import event, func, select
+
+from app import pipeline
+from app.batch import BatchResult, Item, run_batch
+from app.config import Settings
+from app.deps import Deps
+from app.powens.sandbox import Sandbox
+from app.store import runs
+from app.store.db import get_engine, session_scope
+from app.store.models import AccountBalance, BalanceSnapshot, RefreshAttempt, RunItem, RunTenant
+from app.store.states import Trigger
+from app.tasks import split_by_user
+from tests.helpers import Seeded, refreshed_total, seed_tenant
+
+
+def plan(settings: Settings) -> tuple[str, list[Item]]:
+    """A run planned in the database; its items as the planner would publish them."""
+    run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
+    pages: list[runs.Item] = []
+    pipeline.plan_run(settings, run_id, lambda _r, page: pages.extend(page), lambda *_: None)
+    return run_id, pages
+
+
+def batch(settings: Settings, run_id: str, items: list[Item], attempt: int = 1) -> BatchResult:
+    return run_batch(Deps.default(settings), run_id, items, date(2026, 11, 24), attempt)
+
+
+@contextmanager
+def counted(settings: Settings) -> Iterator[list[int]]:
+    """SQL statements the database executes meanwhile (an executemany counts once per row)."""
+    seen = [0]
+    engine = get_engine(settings)
+
+    def count(_c: object, _cur: object, _s: str, params: object, _x: object, many: bool) -> None:
+        seen[0] += len(params) if many and isinstance(params, list | tuple) else 1  # type: ignore[arg-type]
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def seed(settings: Settings, sandbox: Sandbox, tenants: int, accounts: int) -> list[Seeded]:
+    return [seed_tenant(settings, sandbox, f"t-{i}", accounts=accounts) for i in range(tenants)]
+
+
+def audit_rows(settings: Settings, run_id: str) -> list[RefreshAttempt]:
+    with session_scope(settings) as s:
+        return list(s.scalars(select(RefreshAttempt).where(RefreshAttempt.run_id == run_id)))
+
+
+def test_a_batch_reads_each_user_once_and_records_each_account_alone(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    seeded = seed(settings, sandbox, tenants=4, accounts=3)
+    run_id, items = plan(settings)
+    before = refreshed_total("scheduled")
+    sandbox.state.reset_stats()
+
+    with counted(settings) as statements:
+        result = batch(settings, run_id, items)
+
+    assert (result.succeeded, result.failed, result.skipped) == (12, 0, 0)
+    assert sandbox.state.stats()["calls"] == {"GET /users/{id_user}/accounts": 4}
+    rows = audit_rows(settings, run_id)
+    assert sorted(r.task_id or "" for r in rows) == sorted(i[0] for i in items)
+    assert {r.outcome for r in rows} == {"succeeded"} and all(r.balance_count for r in rows)
+    assert refreshed_total("scheduled") - before == 12
+    assert sorted(result.emptied_tenants) == sorted(t.tenant_id for t in seeded)
+    with session_scope(settings) as s:
+        assert set(s.scalars(select(RunItem.status).where(RunItem.run_id == run_id))) == {"succeeded"}
+        assert set(s.scalars(select(RunTenant.remaining).where(RunTenant.run_id == run_id))) == {0}
+        snaps = s.scalar(select(func.count()).select_from(BalanceSnapshot))
+        latest = s.scalar(select(func.count()).select_from(AccountBalance))
+        assert snaps == latest and latest and latest >= 12
+    # Set-based: one row update per account, the rest a fixed few per batch and one per tenant (a
+    # single refresh costs about fifteen per account).
+    assert statements[0] <= len(items) + 10 + len(seeded), statements[0]
+
+
+def test_a_second_delivery_of_a_batch_reads_nothing_and_writes_nothing(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    seed(settings, sandbox, tenants=2, accounts=2)
+    run_id, items = plan(settings)
+    batch(settings, run_id, items)
+    sandbox.state.reset_stats()
+    before = refreshed_total("scheduled")
+
+    again = batch(settings, run_id, items)
+
+    assert (again.succeeded, again.failed, again.skipped) == (0, 0, len(items))
+    assert sandbox.state.stats()["total"] == 0
+    assert len(audit_rows(settings, run_id)) == len(items)
+    assert refreshed_total("scheduled") == before
+    assert again.emptied_tenants == []
+
+
+def test_one_unreadable_account_fails_alone_and_its_siblings_succeed(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    (t,) = seed(settings, sandbox, tenants=1, accounts=3)
+    bad = t.account_ids[1]
+    sandbox.state.malformed.add(t.external[bad])
+    run_id, items = plan(settings)
+
+    result = batch(settings, run_id, items)
+
+    assert (result.succeeded, result.failed) == (2, 1)
+    by_account = {r.account_id: r for r in audit_rows(settings, run_id)}
+    assert by_account[bad].outcome == "failed" and by_account[bad].reason == "invalid_response"
+    assert {by_account[a].outcome for a in t.account_ids if a != bad} == {"succeeded"}
+
+
+def test_a_user_whose_read_fails_retryably_comes_back_at_the_next_attempt_then_fails_at_the_last(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    flaky, fine = seed(settings, sandbox, tenants=2, accounts=2)
+    sandbox.state.scripted_users[flaky.user.id] = deque([(503, None)] * 10)
+    run_id, items = plan(settings)
+
+    first = batch(settings, run_id, items, attempt=1)
+
+    assert first.succeeded == 2 and first.failed == 0
+    assert sorted(i[2] for i in first.retry) == sorted(flaky.account_ids) and first.retry_in >= 0
+    assert {r.account_id for r in audit_rows(settings, run_id)} == set(fine.account_ids)
+
+    last = batch(settings, run_id, first.retry, attempt=settings.max_attempts)
+
+    assert (last.succeeded, last.failed, last.retry) == (0, 2, [])
+    failed = [r for r in audit_rows(settings, run_id) if r.outcome == "failed"]
+    assert sorted(r.account_id or "" for r in failed) == sorted(flaky.account_ids)
+    assert {r.attempts for r in failed} == {settings.max_attempts}
+    assert last.emptied_tenants == [flaky.tenant_id]
+
+
+def test_an_account_missing_from_its_users_list_goes_to_the_single_refresh(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    (t,) = seed(settings, sandbox, tenants=1, accounts=3)
+    missing = t.account_ids[0]
+    sandbox.state.hidden.add(t.external[missing])
+    run_id, items = plan(settings)
+
+    result = batch(settings, run_id, items)
+
+    assert [i[2] for i in result.single] == [missing]
+    assert result.succeeded == 2
+    with session_scope(settings) as s:
+        status = s.scalar(
+            select(RunItem.status).where(RunItem.run_id == run_id, RunItem.account_id == missing)
+        )
+    assert status == "pending"  # not deleted, not failed: the single refresh reads it itself
+    assert result.emptied_tenants == []
+
+
+def test_batches_never_split_a_powens_user() -> None:
+    items = [(f"t{i}", "ten", f"a{i}", user) for i, user in enumerate([1, 1, 1, 2, 2, 3, 3, 3, 3, 4])]
+    parts = split_by_user(items, 3)
+    assert [len(p) for p in parts] == [3, 2, 4, 1]
+    users_in = [{i[3] for i in p} for p in parts]
+    assert all(not (a & b) for n, a in enumerate(users_in) for b in users_in[n + 1 :])
+
+
+def test_pages_of_items_end_at_a_user_boundary(settings: Settings, sandbox: Sandbox) -> None:
+    seed(settings, sandbox, tenants=3, accounts=3)
+    run_id, _ = plan(settings)
+    pages = list(runs.item_pages(settings, run_id, 4, pending_only=False))
+    assert sum(len(p) for p in pages) == 9
+    users = [{i[3] for i in p} for p in pages]
+    assert all(not (a & b) for n, a in enumerate(users) for b in users[n + 1 :])
