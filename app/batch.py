@@ -25,6 +25,7 @@ the conditional writes keep the newest answer. See docs/performance.md.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -37,23 +38,22 @@ from sqlalchemy import select
 
 from app import metrics, tokens
 from app.backoff import backoff_seconds
-from app.contract import REFRESH_OPERATION, OpenBankingRefreshBalancesInput, OpenBankingRefreshBalancesOutput
+from app.contract import REFRESH_OPERATION, OpenBankingRefreshBalancesInput
 from app.coordination import Throttled
 from app.deps import Deps
 from app.errors import NotFound, Reason, RefreshError
 from app.infra import is_infrastructure
-from app.outcomes import Attempt, Failed, Subject, Succeeded, announce
+from app.outcomes import Attempt, Subject, announce_failed, announce_refreshed
 from app.policy import SCHEDULER
 from app.powens.client import EP_ACCOUNTS
 from app.powens.models import PowensAccount
-from app.records import to_record
 from app.shared_read import register_listed
 from app.store import bulk
 from app.store.db import session_scope
 from app.store.models import BankAccount, BankConnection, PowensUser, RunItem
 from app.store.states import AccountStatus, AttemptOutcome, ItemStatus, Trigger
 from app.tokens import UserToken
-from app.write_path import Read, Where, judge, pushed_recently, say_when, update_account
+from app.write_path import Read, Where, judge, pushed_recently, say_when
 
 log = logging.getLogger(__name__)
 _rng = random.SystemRandom()
@@ -127,9 +127,9 @@ def run_batch(
             continue
         to_read.setdefault(ld.user.id, []).append(ld)
 
-    readers = min(settings.refresh_batch_readers, len(to_read)) or 1
-    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="powens-read") as pool:
-        answers = list(pool.map(lambda group: _read_user(deps, group), to_read.values()))
+    answers = list(
+        _readers(settings.refresh_batch_readers).map(lambda g: _read_user(deps, g), to_read.values())
+    )
     retry_after: list[float] = []
     for group, answer in zip(to_read.values(), answers, strict=True):
         result.powens_calls += 1
@@ -166,6 +166,19 @@ def run_batch(
     for _ in verdicts:
         metrics.DURATION.labels(provider=metrics.PROVIDER, trigger=Trigger.SCHEDULED.value).observe(elapsed)
     return result
+
+
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _readers(size: int) -> ThreadPoolExecutor:
+    """The process's Powens readers (threads: the wait is Powens'), made once per process and size
+    (a pool child never uses its parent's threads: they do not survive the fork)."""
+    global _pool
+    pid = os.getpid()
+    if _pool is None or _pool[0] != pid or _pool[1] != size:
+        _pool = (pid, size, ThreadPoolExecutor(max_workers=size, thread_name_prefix="powens-read"))
+    return _pool[2]
 
 
 def _load(deps: Deps, run_id: str, items: Sequence[Item]) -> list[Loaded]:
@@ -243,7 +256,8 @@ def _record(
         a: (ItemStatus.SUCCEEDED, None) if v.error is None else (ItemStatus.FAILED, v.error.reason.value)
         for a, v in by_account.items()
     }
-    outputs: dict[str, OpenBankingRefreshBalancesOutput] = {}
+    counts: dict[str, int] = {}
+    notes: dict[str, list[str]] = {}
     with session_scope(settings) as session:
         won = bulk.claim_items(session, run_id, outcomes, now)
         reads: dict[str, Read] = {}
@@ -251,43 +265,41 @@ def _record(
             read = by_account[a].read
             if read is not None:
                 reads[a] = read
-        ok = list(reads)
         written = {a: r for a, r in reads.items() if r.pacc is not None}
-        accounts = bulk.lock_accounts(session, list(written))
+        newer = bulk.update_accounts(session, {a: _answer(r) for a, r in written.items()})
         drafts = {a: r.drafts for a, r in written.items() if r.drafts}
-        bulk.upsert_balances(session, accounts, drafts, {a: written[a].refreshed_at for a in drafts}, day)
+        where = {
+            a: (by_account[a].loaded.account.tenant_id, by_account[a].loaded.account.connection_id)
+            for a in drafts
+        }
+        bulk.upsert_balances(session, where, drafts, {a: written[a].refreshed_at for a in drafts}, day)
         bulk.drop_unsent_types(
             session,
             {a: ([d.balance_type for d in ds], ds[0].last_updated_at) for a, ds in drafts.items()},
         )
-        for account_id, read in written.items():
-            assert read.pacc is not None
-            newer = update_account(accounts[account_id], read.pacc, read.refreshed_at)
+        for account_id in newer:
             # The connection's state follows the newest word only (as in a single refresh); the row is
             # read again only when the state changes.
-            if newer and (read.state or None) != by_account[account_id].loaded.connection.state:
-                conn = session.get(BankConnection, accounts[account_id].connection_id)
+            read, loaded = written[account_id], by_account[account_id].loaded
+            if (read.state or None) != loaded.connection.state:
+                conn = session.get(BankConnection, loaded.account.connection_id, with_for_update=True)
                 if conn is not None:
                     conn.set_state(read.state or None, read.refreshed_at)
-        session.flush()
-        stored = bulk.latest(session, ok)
-        for account_id in ok:
-            read = reads[account_id]
-            errors = list(read.errors)
-            for row in stored[account_id]:
-                for d in read.drafts:
-                    if d.balance_type == row.balance_type and row.last_updated_at > d.last_updated_at:
-                        errors.append(
-                            f"Powens returned {d.balance_type} data older than the stored record; kept it"
-                        )
-            outputs[account_id] = OpenBankingRefreshBalancesOutput.model_construct(
-                balances=[to_record(r) for r in stored[account_id]],
-                refreshed_at=read.refreshed_at,
-                errors=errors or None,
-            )
+        stored = bulk.latest(session, list(reads))
+        for account_id, read in reads.items():
+            held = stored[account_id]
+            counts[account_id] = len(held)
+            notes[account_id] = list(read.errors) + [
+                f"Powens returned {d.balance_type} data older than the stored record; kept it"
+                for d in read.drafts
+                if d.balance_type in held and held[d.balance_type] > d.last_updated_at
+            ]
         bulk.add_attempts(
             session,
-            [_audit_row(by_account[a], outputs.get(a), attempt, run_id, started, now) for a in won],
+            [
+                _audit_row(by_account[a], counts.get(a), notes.get(a), attempt, run_id, started, now)
+                for a in won
+            ],
         )
         result.emptied_tenants = bulk.count_down_tenants(session, run_id, won)
     for account_id in won:
@@ -295,18 +307,30 @@ def _record(
         subject = Subject(verdict.loaded.account.tenant_id, account_id, SCHEDULER.name, Trigger.SCHEDULED)
         at = Attempt(attempt.number, attempt.max_attempts, verdict.loaded.item[0], run_id)
         if verdict.error is None:
-            rid = verdict.read.request_id if verdict.read is not None else None
-            announce(subject, at, Succeeded(outputs[account_id], rid), attempt.number)
+            assert verdict.read is not None
+            read = verdict.read
+            announce_refreshed(
+                subject, at, attempt.number, read.refreshed_at, counts[account_id], read.request_id
+            )
             result.succeeded += 1
         else:
-            announce(subject, at, Failed(verdict.error), attempt.number)
+            announce_failed(subject, at, attempt.number, verdict.error)
             result.failed += 1
     result.skipped += len(verdicts) - len(won)
 
 
+def _answer(read: Read) -> bulk.AccountAnswer:
+    pacc = read.pacc
+    assert pacc is not None
+    return bulk.AccountAnswer(
+        pacc.name, pacc.currency, pacc.balance, pacc.coming, pacc.last_update, read.refreshed_at
+    )
+
+
 def _audit_row(
     verdict: _Verdict,
-    output: OpenBankingRefreshBalancesOutput | None,
+    balance_count: int | None,
+    errors: list[str] | None,
     attempt: Attempt,
     run_id: str,
     started: datetime,
@@ -326,10 +350,10 @@ def _audit_row(
         "reason": error.reason.value if error else None,
         "message": error.message if error else None,
         "attempts": attempt.number,
-        "balance_count": len(output.balances) if output is not None else None,
+        "balance_count": balance_count,
         "force_refresh": False,
         "powens_request_id": error.request_id if error else (read.request_id if read else None),
-        "errors": output.errors if output is not None else None,
+        "errors": errors or None,
         "next_attempt_at": error.next_attempt_at if error else None,
         "started_at": read.refreshed_at if read is not None else started,
         "finished_at": now,

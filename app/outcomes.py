@@ -228,7 +228,17 @@ def _present(output: OpenBankingRefreshBalancesOutput | None) -> OpenBankingRefr
 def announce(subject: Subject, attempt: Attempt, outcome: Terminal, attempts: int) -> None:
     """One counter increment and one telemetry event per terminal outcome (after the commit: at most
     once; a crash in between loses the event, never duplicates it)."""
-    context: dict[str, Any] = {
+    if isinstance(outcome, Succeeded):
+        out = outcome.output
+        announce_refreshed(
+            subject, attempt, attempts, out.refreshed_at, len(out.balances), outcome.request_id
+        )
+    else:
+        announce_failed(subject, attempt, attempts, outcome.error)
+
+
+def _context(subject: Subject, attempt: Attempt, attempts: int) -> dict[str, Any]:
+    return {
         "operation": REFRESH_OPERATION.qualified_name,
         "trigger": subject.trigger.value,
         "actor": subject.actor,
@@ -236,23 +246,32 @@ def announce(subject: Subject, attempt: Attempt, outcome: Terminal, attempts: in
         "runId": attempt.run_id,
         "attempts": attempts,
     }
-    if isinstance(outcome, Succeeded):
-        out = outcome.output
-        metrics.REFRESHED.labels(provider=metrics.PROVIDER, trigger=subject.trigger.value).inc()
-        metrics.LAST_SUCCESS.labels(provider=metrics.PROVIDER).set(out.refreshed_at.timestamp())
-        telemetry.emit(
-            TelemetryEvents.BALANCES_REFRESHED,
-            {
-                "tenantId": subject.tenant_id,
-                "accountId": subject.account_id,
-                "refreshedAt": out.refreshed_at,
-                "balanceCount": len(out.balances),
-            },
-            powensRequestId=outcome.request_id,
-            **context,
-        )
-        return
-    err = outcome.error
+
+
+def announce_refreshed(
+    subject: Subject,
+    attempt: Attempt,
+    attempts: int,
+    refreshed_at: datetime,
+    balance_count: int,
+    request_id: str | None,
+) -> None:
+    metrics.REFRESHED.labels(provider=metrics.PROVIDER, trigger=subject.trigger.value).inc()
+    metrics.LAST_SUCCESS.labels(provider=metrics.PROVIDER).set(refreshed_at.timestamp())
+    telemetry.emit(
+        TelemetryEvents.BALANCES_REFRESHED,
+        {
+            "tenantId": subject.tenant_id,
+            "accountId": subject.account_id,
+            "refreshedAt": refreshed_at,
+            "balanceCount": balance_count,
+        },
+        powensRequestId=request_id,
+        **_context(subject, attempt, attempts),
+    )
+
+
+def announce_failed(subject: Subject, attempt: Attempt, attempts: int, err: RefreshError) -> None:
     metrics.REFRESH_FAILED.labels(
         provider=metrics.PROVIDER, trigger=subject.trigger.value, reason=err.reason.value
     ).inc()
@@ -261,7 +280,7 @@ def announce(subject: Subject, attempt: Attempt, outcome: Terminal, attempts: in
         {"tenantId": subject.tenant_id, "accountId": subject.account_id, "error": err.message},
         reason=err.reason.value,
         powensRequestId=err.request_id,
-        **context,
+        **_context(subject, attempt, attempts),
     )
 
 

@@ -14,27 +14,111 @@ See docs/performance.md.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
+from app.jsonio import dumps
 from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, RefreshAttempt, RunItem, RunTenant
 from app.store.repo import BalanceDraft, _insert, record_id
-from app.store.states import ITEM_MOVES, ItemStatus, check_move
-
-# PostgreSQL takes at most 65,535 bound parameters per statement: rows are sent in chunks below that.
-_MAX_PARAMS = 30_000
+from app.store.states import ITEM_MOVES, AccountStatus, ItemStatus, check_move
 
 
-def _chunks(rows: Sequence[dict[str, Any]]) -> Iterable[Sequence[dict[str, Any]]]:
+# On PostgreSQL each set-based write is one statement of fixed text whose parameters are arrays, one
+# per column (``INSERT ... SELECT FROM unnest(...)``): the statement is prepared once per connection
+# and costs the same to build for 10 rows or 1,000. (A multi-row VALUES list is new SQL text for
+# every batch size: SQLAlchemy compiled it afresh each time, 5 ms of CPU per account when measured.)
+# SQLite (the demo) takes the same rows as an executemany.
+def _unnest(*columns: str) -> str:
+    """``unnest(CAST(:a AS t[]), ...) AS v(a, ...)`` for columns given as ``"name type"``."""
+    pairs = [c.split() for c in columns]
+    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in pairs)
+    return f"unnest({arrays}) AS v({', '.join(name for name, _ in pairs)})"
+
+
+_BALANCE = ("current_balance numeric", "available_balance numeric", "currency text")
+_TIMES = ("last_updated_at timestamptz", "refreshed_at timestamptz")
+_PG_LATEST = f"""
+INSERT INTO account_balances (id, account_id, tenant_id, connection_id, balance_type, current_balance,
+    available_balance, currency, last_updated_at, refreshed_at, created_at, metadata)
+SELECT id, account_id, tenant_id, connection_id, balance_type, current_balance, available_balance,
+    currency, last_updated_at, refreshed_at, created_at, metadata::json
+FROM {
+    _unnest(
+        "id text",
+        "account_id text",
+        "tenant_id text",
+        "connection_id text",
+        "balance_type text",
+        *_BALANCE,
+        *_TIMES,
+        "created_at timestamptz",
+        "metadata text",
+    )
+}
+ON CONFLICT (account_id, balance_type) DO UPDATE SET
+    connection_id = excluded.connection_id, current_balance = excluded.current_balance,
+    available_balance = excluded.available_balance, currency = excluded.currency,
+    last_updated_at = excluded.last_updated_at, refreshed_at = excluded.refreshed_at,
+    metadata = excluded.metadata
+WHERE account_balances.last_updated_at <= excluded.last_updated_at
+"""  # noqa: S608 - built from this module's constant column names only
+_PG_SNAPSHOT = f"""
+INSERT INTO balance_snapshots (account_id, tenant_id, balance_type, day, current_balance,
+    available_balance, currency, last_updated_at, refreshed_at)
+SELECT * FROM {
+    _unnest("account_id text", "tenant_id text", "balance_type text", "day date", *_BALANCE, *_TIMES)
+}
+ON CONFLICT (account_id, balance_type, day) DO UPDATE SET
+    current_balance = excluded.current_balance, available_balance = excluded.available_balance,
+    currency = excluded.currency, last_updated_at = excluded.last_updated_at,
+    refreshed_at = excluded.refreshed_at
+WHERE balance_snapshots.last_updated_at <= excluded.last_updated_at
+"""  # noqa: S608 - built from this module's constant column names only
+_PG_DROP_UNSENT = f"""
+DELETE FROM account_balances b
+USING {_unnest("account_id text", "keep text", "not_newer_than timestamptz")}
+WHERE b.account_id = v.account_id
+  AND NOT (b.balance_type = ANY (string_to_array(v.keep, ',')))
+  AND b.last_updated_at <= v.not_newer_than
+"""  # noqa: S608 - built from this module's constant column names only
+_ATTEMPT_COLUMNS = (
+    "task_id text", "run_id text", "operation text", "tenant_id text", "account_id text", "actor text",
+    "trigger text", "outcome text", "reason text", "message text", "attempts int", "balance_count int",
+    "force_refresh bool", "powens_request_id text", "errors text", "next_attempt_at timestamptz",
+    "started_at timestamptz", "finished_at timestamptz",
+)  # fmt: skip
+_ATTEMPT_NAMES = ", ".join(c.split()[0] for c in _ATTEMPT_COLUMNS)
+_PG_ATTEMPTS = f"""
+INSERT INTO refresh_attempts ({_ATTEMPT_NAMES})
+SELECT {_ATTEMPT_NAMES.replace("errors,", "errors::json,")}
+FROM {_unnest(*_ATTEMPT_COLUMNS)}
+ON CONFLICT (task_id) DO NOTHING
+"""  # noqa: S608 - built from this module's constant column names only
+_JSON_COLUMNS = ("metadata", "errors")
+
+
+def _postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _pg_upsert(session: Session, sql: str, rows: Sequence[dict[str, Any]]) -> None:
+    """One statement for all ``rows``: each column becomes one array parameter."""
     if not rows:
         return
-    step = max(1, _MAX_PARAMS // max(1, len(rows[0])))
-    for i in range(0, len(rows), step):
-        yield rows[i : i + step]
+    columns: dict[str, list[Any]] = {k: [] for k in rows[0]}
+    for row in rows:
+        for k, values in columns.items():
+            values.append(row[k])
+    for k in _JSON_COLUMNS:
+        if k in columns:
+            columns[k] = [None if v is None else dumps(v) for v in columns[k]]
+    session.execute(text(sql), columns)
 
 
 def claim_items(
@@ -66,16 +150,99 @@ def claim_items(
     return won
 
 
-def lock_accounts(session: Session, account_ids: Sequence[str]) -> dict[str, BankAccount]:
-    if not account_ids:
-        return {}
-    rows = session.scalars(select(BankAccount).where(BankAccount.id.in_(account_ids)).with_for_update())
-    return {a.id: a for a in rows}
+@dataclass(frozen=True)
+class AccountAnswer:
+    """What an account row takes from one Powens answer (``write_path.update_account``'s fields)."""
+
+    name: str
+    currency: str | None
+    balance: Decimal | None
+    coming: Decimal | None
+    last_update: datetime | None
+    refreshed_at: datetime
+
+
+_PG_UPDATE_ACCOUNTS = f"""
+WITH v AS (
+    SELECT * FROM {
+    _unnest(
+        "id text",
+        "name text",
+        "currency text",
+        "balance numeric",
+        "coming numeric",
+        "last_update timestamptz",
+        "at timestamptz",
+    )
+}
+), held AS (
+    SELECT a.id, (a.powens_last_update IS NULL
+                  OR (v.last_update IS NOT NULL AND v.last_update >= a.powens_last_update)) AS newer
+    FROM bank_accounts a JOIN v ON v.id = a.id
+    FOR UPDATE OF a
+)
+UPDATE bank_accounts a SET
+    name = CASE WHEN held.newer THEN v.name ELSE a.name END,
+    currency = CASE WHEN held.newer AND v.balance IS NOT NULL AND v.currency IS NOT NULL
+                    THEN v.currency ELSE a.currency END,
+    balance = CASE WHEN held.newer AND v.balance IS NOT NULL AND v.currency IS NOT NULL
+                   THEN v.balance ELSE a.balance END,
+    coming = CASE WHEN held.newer AND v.balance IS NOT NULL AND v.currency IS NOT NULL
+                  THEN v.coming ELSE a.coming END,
+    powens_last_update = CASE WHEN held.newer AND v.last_update IS NOT NULL
+                              THEN v.last_update ELSE a.powens_last_update END,
+    status = 'active', last_refreshed_at = v.at, updated_at = v.at
+FROM v JOIN held ON held.id = v.id
+WHERE a.id = v.id
+RETURNING a.id, held.newer
+"""  # noqa: S608 - built from this module's constant column names only
+
+
+def update_accounts(session: Session, answers: dict[str, AccountAnswer]) -> set[str]:
+    """The account rows follow Powens, never back to an older answer than the one they hold (the
+    rule of ``write_path.update_account``, in one statement). Returns the accounts whose answer was
+    at least as new as the one held."""
+    if not answers:
+        return set()
+    if _postgresql(session):
+        rows = session.execute(
+            text(_PG_UPDATE_ACCOUNTS),
+            {
+                "id": list(answers),
+                "name": [a.name for a in answers.values()],
+                "currency": [a.currency for a in answers.values()],
+                "balance": [a.balance for a in answers.values()],
+                "coming": [a.coming for a in answers.values()],
+                "last_update": [a.last_update for a in answers.values()],
+                "at": [a.refreshed_at for a in answers.values()],
+            },
+        ).all()
+        return {account_id for account_id, newer in rows if newer}
+    accounts = session.scalars(
+        select(BankAccount).where(BankAccount.id.in_(list(answers))).with_for_update()
+    ).all()
+    newer = set()
+    for account in accounts:
+        a = answers[account.id]
+        if account.powens_last_update is None or (
+            a.last_update is not None and a.last_update >= account.powens_last_update
+        ):
+            newer.add(account.id)
+            account.name = a.name
+            if a.balance is not None and a.currency is not None:
+                account.currency, account.balance, account.coming = a.currency, a.balance, a.coming
+            if a.last_update is not None:
+                account.powens_last_update = a.last_update
+        account.status = AccountStatus.ACTIVE
+        account.last_refreshed_at = a.refreshed_at
+        account.updated_at = a.refreshed_at
+    session.flush()
+    return newer
 
 
 def upsert_balances(
     session: Session,
-    accounts: dict[str, BankAccount],
+    accounts: dict[str, tuple[str, str]],
     drafts: dict[str, list[BalanceDraft]],
     refreshed_at: dict[str, datetime],
     day: date,
@@ -85,12 +252,12 @@ def upsert_balances(
     latest: list[dict[str, Any]] = []
     snaps: list[dict[str, Any]] = []
     for account_id, items in drafts.items():
-        account = accounts[account_id]
+        tenant_id, connection_id = accounts[account_id]
         at = refreshed_at[account_id]
         for d in items:
             common = {
                 "account_id": account_id,
-                "tenant_id": account.tenant_id,
+                "tenant_id": tenant_id,
                 "balance_type": d.balance_type,
                 "current_balance": d.current_balance,
                 "available_balance": d.available_balance,
@@ -102,15 +269,20 @@ def upsert_balances(
                 {
                     **common,
                     "id": record_id(account_id, d.balance_type),
-                    "connection_id": account.connection_id,
+                    "connection_id": connection_id,
                     "created_at": at,
-                    "metadata_": d.metadata,
+                    "metadata": d.metadata,
                 }
             )
             snaps.append({**common, "day": day})
+    if _postgresql(session):
+        _pg_upsert(session, _PG_LATEST, latest)
+        _pg_upsert(session, _PG_SNAPSHOT, snaps)
+        return
     insert = _insert(session)
-    for chunk in _chunks(latest):
-        stmt = insert(AccountBalance).values(list(chunk))
+    if latest:
+        latest = [{("metadata_" if k == "metadata" else k): v for k, v in row.items()} for row in latest]
+        stmt = insert(AccountBalance)
         ex = stmt.excluded
         session.execute(
             stmt.on_conflict_do_update(
@@ -125,13 +297,14 @@ def upsert_balances(
                     "metadata": ex.metadata,
                 },
                 where=AccountBalance.last_updated_at <= ex.last_updated_at,
-            )
+            ),
+            latest,
         )
-    for chunk in _chunks(snaps):
-        stmt = insert(BalanceSnapshot).values(list(chunk))
-        sx = stmt.excluded
+    if snaps:
+        snap = insert(BalanceSnapshot)
+        sx = snap.excluded
         session.execute(
-            stmt.on_conflict_do_update(
+            snap.on_conflict_do_update(
                 index_elements=[
                     BalanceSnapshot.account_id,
                     BalanceSnapshot.balance_type,
@@ -145,7 +318,8 @@ def upsert_balances(
                     "refreshed_at": sx.refreshed_at,
                 },
                 where=BalanceSnapshot.last_updated_at <= sx.last_updated_at,
-            )
+            ),
+            snaps,
         )
 
 
@@ -154,45 +328,51 @@ def drop_unsent_types(session: Session, keep: dict[str, tuple[list[str], datetim
     unless what is stored is newer than this answer (``repo.drop_unsent_types``, one statement)."""
     if not keep:
         return
-    session.execute(
-        delete(AccountBalance).where(
-            or_(
-                *(
-                    and_(
-                        AccountBalance.account_id == account_id,
-                        AccountBalance.balance_type.not_in(types),
-                        AccountBalance.last_updated_at <= not_newer_than,
-                    )
-                    for account_id, (types, not_newer_than) in keep.items()
-                )
+    if _postgresql(session):
+        session.execute(
+            text(_PG_DROP_UNSENT),
+            {
+                "account_id": list(keep),
+                "keep": [",".join(types) for types, _at in keep.values()],
+                "not_newer_than": [at for _types, at in keep.values()],
+            },
+        )
+        return
+    for account_id, (types, not_newer_than) in keep.items():
+        session.execute(
+            delete(AccountBalance).where(
+                AccountBalance.account_id == account_id,
+                AccountBalance.balance_type.not_in(types),
+                AccountBalance.last_updated_at <= not_newer_than,
             )
         )
-    )
 
 
-def latest(session: Session, account_ids: Sequence[str]) -> dict[str, list[AccountBalance]]:
-    """The latest records of the accounts, after the batch's writes (its outputs and audit counts)."""
-    out: dict[str, list[AccountBalance]] = {a: [] for a in account_ids}
+def latest(session: Session, account_ids: Sequence[str]) -> dict[str, dict[str, datetime]]:
+    """{account: {balance type: last_updated_at}} of the latest records after the batch's writes: what
+    its audit rows count and its "older than stored" notes compare."""
+    out: dict[str, dict[str, datetime]] = {a: {} for a in account_ids}
     if not account_ids:
         return out
-    stmt = (
-        select(AccountBalance)
-        .where(AccountBalance.account_id.in_(account_ids))
-        .order_by(AccountBalance.account_id, AccountBalance.balance_type)
-        .execution_options(populate_existing=True)
+    rows = session.execute(
+        select(AccountBalance.account_id, AccountBalance.balance_type, AccountBalance.last_updated_at).where(
+            AccountBalance.account_id.in_(list(account_ids))
+        )
     )
-    for row in session.scalars(stmt):
-        out[row.account_id].append(row)
+    for account_id, balance_type, last_updated_at in rows:
+        out[account_id][balance_type] = last_updated_at
     return out
 
 
 def add_attempts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """The batch's audit rows, one multi-row INSERT (a task id already recorded keeps its row)."""
+    """The batch's audit rows in one statement (a task id already recorded keeps its row)."""
+    if not rows:
+        return
+    if _postgresql(session):
+        _pg_upsert(session, _PG_ATTEMPTS, rows)
+        return
     insert = _insert(session)
-    for chunk in _chunks(rows):
-        session.execute(
-            insert(RefreshAttempt).values(list(chunk)).on_conflict_do_nothing(index_elements=["task_id"])
-        )
+    session.execute(insert(RefreshAttempt).on_conflict_do_nothing(index_elements=["task_id"]), list(rows))
 
 
 def count_down_tenants(session: Session, run_id: str, won: dict[str, str]) -> list[str]:
