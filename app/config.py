@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     max_redrives: int = Field(10, ge=1, validation_alias=_env("BALANCES_MAX_REDRIVES"))
     run_deadline_seconds: float = Field(7200.0, gt=0, validation_alias=_env("BALANCES_RUN_DEADLINE_SECONDS"))
     run_grace_seconds: float = Field(900.0, gt=0, validation_alias=_env("BALANCES_RUN_GRACE_SECONDS"))
+    # False behind PgBouncer in transaction mode (no server-side prepared statements).
+    db_prepared_statements: bool = Field(True, validation_alias=_env("BALANCES_DB_PREPARED_STATEMENTS"))
     plan_batch_size: int = Field(1000, ge=1, le=10000, validation_alias=_env("BALANCES_PLAN_BATCH_SIZE"))
     # A nightly refresh message carries the accounts of whole Powens users, about this many (a user
     # with more accounts is never split); its worker reads that many users from Powens at once.

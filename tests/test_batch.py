@@ -184,3 +184,24 @@ def test_pages_of_items_end_at_a_user_boundary(settings: Settings, sandbox: Sand
     assert sum(len(p) for p in pages) == 9
     users = [{i[3] for i in p} for p in pages]
     assert all(not (a & b) for n, a in enumerate(users) for b in users[n + 1 :])
+
+
+def test_behind_pgbouncer_a_batch_runs_without_server_side_prepared_statements(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    """BALANCES_DB_PREPARED_STATEMENTS=false (PgBouncer, transaction mode): psycopg never prepares,
+    where by default it prepares what a batch runs again and again."""
+    seed(settings, sandbox, tenants=3, accounts=2)
+    bouncer = settings.model_copy(update={"db_prepared_statements": False})
+
+    def prepared_after_six_runs(s: Settings) -> int:
+        engine = get_engine(s)
+        engine.dispose()  # one fresh pooled connection, reused by every step below
+        for _ in range(6):
+            run_id, items = plan(s)
+            assert batch(s, run_id, items).succeeded == 6
+        with engine.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar() or 0)
+
+    assert prepared_after_six_runs(settings) > 0
+    assert prepared_after_six_runs(bouncer) == 0

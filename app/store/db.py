@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 
 _lock = threading.Lock()
-_engines: dict[tuple[int, str], Engine] = {}
-_factories: dict[tuple[int, str], sessionmaker[Session]] = {}
+_engines: dict[tuple[int, str, bool], Engine] = {}
+_factories: dict[tuple[int, str, bool], sessionmaker[Session]] = {}
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -55,17 +55,22 @@ def _count_statements(engine: Engine) -> None:
 
 
 def get_engine(settings: Settings) -> Engine:
-    key = (os.getpid(), settings.database_url)
+    key = (os.getpid(), settings.database_url, settings.db_prepared_statements)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = make_engine(settings.database_url)
+            extra: dict[str, Any] = {}
+            if not settings.db_prepared_statements and not settings.database_url.startswith("sqlite"):
+                # Behind PgBouncer in transaction mode a prepared statement may meet another server
+                # connection: psycopg then never prepares (its default prepares a query run 5 times).
+                extra["connect_args"] = {"prepare_threshold": None}
+            engine = make_engine(settings.database_url, **extra)
             _engines[key] = engine
         return engine
 
 
 def session_factory(settings: Settings) -> sessionmaker[Session]:
-    key = (os.getpid(), settings.database_url)
+    key = (os.getpid(), settings.database_url, settings.db_prepared_statements)
     engine = get_engine(settings)
     with _lock:
         factory = _factories.get(key)
