@@ -13,23 +13,29 @@ Powens sandbox (``--latency-ms`` per call) and real ``celery -A app worker`` pro
    - then the nightly run (start_run -> run completed): accounts/s and its ratio to the ceiling, Powens
      calls per user, item outcomes, SQL statements per account (``balances_db_statements_total``
      scraped from every worker before and after), CPU seconds of the worker process trees, PostgreSQL,
-     Redis and this process (sandbox included), peak RSS/PSS per worker tree, peak DB connections;
+     Redis and this process (sandbox included), peak RSS/PSS per worker tree, peak DB connections,
+     executions and mean duration of each task;
    - on-demand latency while the run is in flight: every 0.5 s one refresh of a seeded account,
-     dispatch -> outcome recorded (after 5 sequential warm-up probes on the idle workers, whose
-     statement and Powens-call costs are subtracted from the run's as "excl. probes").
+     dispatch -> outcome recorded, split by the audit row's times (after 5 sequential warm-up probes
+     on the idle workers, whose statement and Powens-call costs are subtracted from the run's as
+     "without probes").
 3. A rate-limited run (``--rate-accounts``/``--rate-users``, workers restarted with
    BALANCES_POWENS_RATE_LIMIT=``--rate-limit``): wall against bound = 1.1 x calls / R.
 4. With ``--scaling``: the same smaller run on 1, 2 and 4 worker processes (``--scaling-configs``,
    default 1x1,1x2,2x2: workers x pool processes) with their own no-op ceilings.
 
 Seeded shape: ``--accounts`` spread evenly over ``--users`` Powens users (one connection each),
-``--users-per-tenant`` (10) users per tenant; rows bulk-inserted, then ANALYZE. Results: a JSON file
-(``--out``, default bench/results/<label>-<UTC time>.json, and bench/results/latest-<label>.json) and
-a markdown table on stdout. The label is ``full`` from 100,000 accounts, ``quick`` for the defaults,
-``custom`` otherwise.
+``--users-per-tenant`` (10) users per tenant; rows written with COPY, then ANALYZE. A run that makes
+no progress for ``--stall-timeout`` seconds is given up (nothing re-drives it: no beat runs here).
+Everything started is stopped and dropped at the end, on an error, Ctrl-C or SIGTERM too.
+
+Results: a JSON file (``--out``, default bench/results/<label>-<UTC time>.json, and
+bench/results/latest-<label>.json) and a markdown table on stdout; progress on stderr. The label is
+``full`` from 100,000 accounts, ``quick`` for the default sizes, ``custom`` otherwise.
 
     python -m bench.nightly_bench                                                   # quick
     python -m bench.nightly_bench --accounts 100000 --users 20000 --latency-ms 100  # full
+    python -m bench.nightly_bench --scaling                                         # + scaling check
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ from app.store.db import get_engine, session_scope
 from app.store.migrate import upgrade
 from app.store.models import BankAccount, BankConnection, PowensUser, RefreshRun, RunTenant, Tenant
 from app.store.secrets import TokenCipher, generate_key
-from app.store.states import RunStatus, Trigger
+from app.store.states import RunStatus, TenantStatus, Trigger
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -493,7 +499,7 @@ def metric_delta(before: Samples, after: Samples, name: str, keys: Sequence[str]
     return dict(sorted(out.items()))
 
 
-def total(scraped: Sequence[Samples], name: str, **labels: str) -> float:
+def summed(scraped: Sequence[Samples], name: str, **labels: str) -> float:
     """A counter summed over every worker's scrape."""
     return sum(metric(s, name, **labels) for s in scraped)
 
@@ -745,7 +751,9 @@ def quantile(values: Sequence[float], q: float) -> float:
 class Prober:
     """On-demand refreshes of random seeded accounts, one at a time, every ``every`` seconds at most:
     latency = dispatch -> its outcome found in the audit table (polled every 20 ms). The audit row's
-    own times split it: queued (dispatch -> the attempt that ended started) and run (that attempt)."""
+    own times split it: ``answer`` (dispatch -> the account's Powens answer judged, its ``started_at``
+    for a success: waiting for a free worker process, the lock and one Powens call of ``--latency-ms``)
+    and ``record`` (-> its ``finished_at``); ``publish`` is the dispatch call itself, in this process."""
 
     def __init__(self, settings: Settings, accounts: Sequence[tuple[str, str]], every: float = 0.5) -> None:
         self.settings = settings
@@ -753,7 +761,7 @@ class Prober:
         self.every = every
         self.rng = random.Random(11)
         self.t0 = time.perf_counter()
-        # [seconds since start, latency, queued, run, attempts, outcome]
+        # [seconds since start, latency, publish, answer, record, attempts, outcome]
         self.samples: list[list[Any]] = []
         self.errors: list[str] = []
         self.stop_event = threading.Event()
@@ -770,20 +778,21 @@ class Prober:
         sent = datetime.now(UTC)
         t0 = time.perf_counter()
         task_id = dispatch_refresh(inp, PROBE_ACTOR, Trigger.ON_DEMAND)
+        published = round(time.perf_counter() - t0, 4)
         found = wait_for(self.settings, task_id, None, timeout=60, poll=0.02)
         latency = time.perf_counter() - t0
         if found is None:
-            return [round(t0 - self.t0, 2), round(latency, 3), None, None, None, "timeout"]
+            return [round(t0 - self.t0, 2), round(latency, 3), published, None, None, None, "timeout"]
         with session_scope(self.settings) as s:
             row = repo.attempt_for_task(s, task_id)
             times = (row.started_at, row.finished_at, row.attempts) if row is not None else None
-        queued = run = attempts = None
+        answer = recorded = attempts = None
         if times is not None:
-            queued = round((times[0] - sent).total_seconds(), 3)
-            run = round((times[1] - times[0]).total_seconds(), 3)
+            answer = round((times[0] - sent).total_seconds(), 3)
+            recorded = round((times[1] - times[0]).total_seconds(), 3)
             attempts = times[2]
         outcome = "succeeded" if isinstance(found, Succeeded) else f"failed:{found.error.reason.value}"
-        return [round(t0 - self.t0, 2), round(latency, 3), queued, run, attempts, outcome]
+        return [round(t0 - self.t0, 2), round(latency, 3), published, answer, recorded, attempts, outcome]
 
     def run_sequential(self, n: int) -> None:
         for _ in range(n):
@@ -815,7 +824,7 @@ class Prober:
         lat = [s[1] for s in self.samples]
         outcomes: dict[str, int] = {}
         for s in self.samples:
-            outcomes[s[5]] = outcomes.get(s[5], 0) + 1
+            outcomes[s[-1]] = outcomes.get(s[-1], 0) + 1
         out: dict[str, Any] = {"count": len(lat), "outcomes": outcomes, "errors": self.errors[:5]}
         if lat:
             out.update(
@@ -824,12 +833,12 @@ class Prober:
                 max_s=round(max(lat), 3),
                 mean_s=round(statistics.fmean(lat), 3),
             )
-            for name, i in (("queued", 2), ("run", 3)):
+            for name, i in (("publish", 2), ("answer", 3), ("record", 4)):
                 part = [s[i] for s in self.samples if s[i] is not None]
                 if part:
                     out[f"{name}_p50_s"] = round(statistics.median(part), 3)
                     out[f"{name}_p95_s"] = round(quantile(part, 0.95), 3)
-            out["retried"] = sum(1 for s in self.samples if (s[4] or 1) > 1)
+            out["retried"] = sum(1 for s in self.samples if (s[5] or 1) > 1)
         if latency_ms is not None:
             extra = latency_ms / 1000
             out["target_p50_s"] = round(0.3 + extra, 3)
@@ -840,7 +849,8 @@ class Prober:
                 and out["p95_s"] <= out["target_p95_s"]
                 and outcomes.get("succeeded", 0) == len(lat)
             )
-        out["samples"] = {"columns": ["t_s", "latency_s", "queued_s", "run_s", "attempts", "outcome"]}
+        columns = ["t_s", "latency_s", "publish_s", "answer_s", "record_s", "attempts", "outcome"]
+        out["samples"] = {"columns": columns}
         out["samples"]["rows"] = self.samples
         return out
 
@@ -1012,7 +1022,7 @@ def run_phase(
                 after = pool.scrape()
                 done = max(1, len(prober.samples))
                 warm = prober.summary()
-                stmts = total(after, "balances_db_statements_total") - total(
+                stmts = summed(after, "balances_db_statements_total") - summed(
                     scraped, "balances_db_statements_total"
                 )
                 warm["db_statements_per_probe"] = round(stmts / done, 2)
@@ -1086,7 +1096,7 @@ def nightly_run(
     t0 = time.perf_counter()
     run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="bench")
     enqueue_plan(run_id)
-    status, observed = wait_run(settings, run_id, label, t0, pool, args.run_timeout)
+    status, observed = wait_run(settings, run_id, label, t0, pool, args)
     cpu1 = cpu_snapshot(pool.pids)
     memory = sampler.phase()
     if prober is not None:
@@ -1096,7 +1106,9 @@ def nightly_run(
     stats = sb.state.stats()
     items = dict(final.get("accounts") or {})
     wall = float(final.get("durationSeconds") or observed) if status == RunStatus.COMPLETED else observed
-    statements = total(after, "balances_db_statements_total") - total(before, "balances_db_statements_total")
+    statements = summed(after, "balances_db_statements_total") - summed(
+        before, "balances_db_statements_total"
+    )
     out: dict[str, Any] = {
         "run_id": run_id,
         "status": status,
@@ -1139,28 +1151,55 @@ def nightly_run(
 
 
 def wait_run(
-    settings: Settings, run_id: str, label: str, t0: float, pool: Workers, timeout: float
+    settings: Settings, run_id: str, label: str, t0: float, pool: Workers, args: argparse.Namespace
 ) -> tuple[str, float]:
-    """Until the run leaves pending/planning/running (one indexed read every 0.1 s); progress every 10 s."""
-    next_progress = 10.0
+    """Until the run leaves pending/planning/running (one indexed read every 0.1 s). Every 10 s: its
+    progress, and the tasks the workers saw fail; a run making no progress for ``--stall-timeout``
+    seconds (code failing under the bench: nothing re-drives it, no beat runs here) is given up."""
+    next_progress, last_done, last_change = 10.0, (-1, -1), 0.0
     while True:
         with session_scope(settings) as s:
             status = s.scalar(select(RefreshRun.status).where(RefreshRun.id == run_id))
         elapsed = time.perf_counter() - t0
         if status is not None and status not in OPEN:
             return str(status), elapsed
-        if elapsed > timeout:
-            log(f"{label}: run still {status} after {timeout:.0f}s: given up")
+        if elapsed > args.run_timeout:
+            log(f"{label}: run still {status} after {args.run_timeout:.0f}s: given up")
             return f"timeout ({status})", elapsed
         pool.check_alive()
         if elapsed >= next_progress:
             next_progress += 10
-            with contextlib.suppress(Exception), session_scope(settings) as s:
-                total = s.scalar(select(RefreshRun.total_accounts).where(RefreshRun.id == run_id)) or 0
-                left = s.scalar(select(func.sum(RunTenant.remaining)).where(RunTenant.run_id == run_id))
-                done = total - int(left or 0)
-                log(f"{label}: {status}, {done:,}/{total:,} accounts done after {elapsed:.0f}s")
+            done, total, tenants_done = progress(settings, run_id)
+            if (done, tenants_done) != last_done:
+                last_done, last_change = (done, tenants_done), elapsed
+            failed = 0.0
+            with contextlib.suppress(Exception):
+                failed = summed(pool.scrape(), "balances_task_executions_total", outcome="failed")
+            log(
+                f"{label}: {status}, {done:,}/{total:,} accounts and {tenants_done:,} tenants done "
+                f"after {elapsed:.0f}s"
+                + (f"; {failed:.0f} task executions FAILED (worker logs)" if failed else "")
+            )
+            if elapsed - last_change > args.stall_timeout:
+                log(f"{label}: no progress for {args.stall_timeout:.0f}s: given up")
+                return f"stalled ({status})", elapsed
         time.sleep(0.1)
+
+
+def progress(settings: Settings, run_id: str) -> tuple[int, int, int]:
+    """(accounts done, accounts planned, tenants done: summary and forecast) from the run's tenants."""
+    try:
+        with session_scope(settings) as s:
+            total = s.scalar(select(RefreshRun.total_accounts).where(RefreshRun.id == run_id)) or 0
+            left = s.scalar(select(func.sum(RunTenant.remaining)).where(RunTenant.run_id == run_id))
+            tenants = s.scalar(
+                select(func.count())
+                .select_from(RunTenant)
+                .where(RunTenant.run_id == run_id, RunTenant.status == TenantStatus.DONE)
+            )
+    except Exception:
+        return -1, 0, -1
+    return total - int(left or 0), total, int(tenants or 0)
 
 
 # -- the machine, the report -------------------------------------------------------------------------
@@ -1309,8 +1348,8 @@ def render(res: dict[str, Any]) -> str:
                 met = "met" if od["targets_met"] else "**NOT met**"
                 row(
                     f"| on-demand during the run (n={od['count']}) | p50 {od['p50_s']:.2f} s, p95 "
-                    f"{od['p95_s']:.2f} s, max {od['max_s']:.2f} s (queued p50 "
-                    f"{_n(od.get('queued_p50_s'), 2)} / p95 {_n(od.get('queued_p95_s'), 2)} s); "
+                    f"{od['p95_s']:.2f} s, max {od['max_s']:.2f} s (to the Powens answer: p50 "
+                    f"{_n(od.get('answer_p50_s'), 2)} / p95 {_n(od.get('answer_p95_s'), 2)} s); "
                     f"targets p50 <= {od['target_p50_s']:.2f}"
                     f", p95 <= {od['target_p95_s']:.2f}: {met}"
                     + ("" if set(od["outcomes"]) == {"succeeded"} else f"; {od['outcomes']}")
@@ -1320,7 +1359,11 @@ def render(res: dict[str, Any]) -> str:
                 row(f"| on-demand during the run | no sample {od.get('errors')} |")
         idle = r.get("on_demand_idle")
         if idle and idle.get("count"):
-            row(f"| on-demand, idle workers (n={idle['count']}) | p50 {idle['p50_s']:.2f} s |")
+            row(
+                f"| on-demand, idle workers (n={idle['count']}) | p50 {idle['p50_s']:.2f} s (to the Powens "
+                f"answer {_n(idle.get('answer_p50_s'), 2)} s); "
+                f"{idle['db_statements_per_probe']:.1f} statements each |"
+            )
     rl = res.get("rate_limited")
     if rl and "error" in rl:
         row(f"| rate-limited run | FAILED: {rl['error']} |")
@@ -1335,6 +1378,9 @@ def render(res: dict[str, Any]) -> str:
     if sc:
         lines += [
             "",
+            f"Scaling check: {sc[0].get('accounts', 0):,} accounts / {sc[0].get('users', 0):,} Powens users, "
+            f"the same Powens latency; no-op ceilings of {st.get('scaling_noop_messages', 0):,} tasks.",
+            "",
             "| workers x processes | accounts/s | no-op ceiling/s | ratio | worker CPU ms/acc | "
             "PG CPU ms/acc | machine busy | stmts/acc |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -1345,7 +1391,8 @@ def render(res: dict[str, Any]) -> str:
                 continue
             c = s["cpu"]
             row(
-                f"| {s['workers']} x {s['concurrency']} | {_n(s['accounts_per_s'])} | "
+                f"| {s['workers']} x {s['concurrency']} | "
+                f"{_n(s['accounts_per_s']) if s.get('ok') else s.get('status')} | "
                 f"{_n((s.get('noop') or {}).get('ceiling_per_s'))} | {_n(s.get('ratio_to_ceiling'), 3)} | "
                 f"{c['ms_per_account']['workers']:.2f} | {c['ms_per_account']['postgres']:.2f} | "
                 f"{_n((c['machine_util'] or 0) * 100)} % | {s['db_statements']['per_account']:.2f} |"
@@ -1390,6 +1437,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--worker-env", action="append", default=[], metavar="NAME=VALUE", help="more worker variables"
     )
     ap.add_argument("--run-timeout", type=float, default=3600.0, help="seconds before a run is given up")
+    ap.add_argument("--stall-timeout", type=float, default=120.0, help="seconds without progress: given up")
     ap.add_argument("--label", default=None, help="quick, full or custom (default: from the sizes)")
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/...)")
     args = ap.parse_args(argv)
@@ -1445,6 +1493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "concurrency": args.concurrency,
             "pool": args.pool,
             "noop_messages": args.noop,
+            "scaling_noop_messages": args.scaling_noop if args.scaling else None,
             "rate_limit": args.rate_limit,
             "refresh_batch_accounts": _int(knob_env.get("BALANCES_REFRESH_BATCH_ACCOUNTS")),
             "refresh_batch_readers": _int(knob_env.get("BALANCES_REFRESH_BATCH_READERS")),
