@@ -17,6 +17,7 @@ from app import metrics, pipeline
 from app.celery import app
 from app.config import Settings, get_settings
 from app.contract import OpenBankingRefreshBalancesInput
+from app.infra import is_infrastructure
 from app.outcomes import Attempt
 from app.policy import SCHEDULER
 from app.queues import PUSH_TASK, REFRESH_TASK, ROUTES, Queue
@@ -236,9 +237,20 @@ def refresh_batch(
 
     settings = get_settings()
     parsed = [_item(i) for i in items]
-    result = run_batch(
-        Deps.default(settings), run_id, parsed, date.fromisoformat(day) if day else None, attempt
-    )
+    try:
+        result = run_batch(
+            Deps.default(settings), run_id, parsed, date.fromisoformat(day) if day else None, attempt
+        )
+    except Exception as exc:
+        if is_infrastructure(exc):
+            raise  # the base class re-queues the whole message
+        # A bug: acknowledged with nothing recorded, the run would wait for the sweeper, and a bug
+        # that repeats would never finish. Each account goes on alone, where a bug is recorded.
+        log.exception(
+            "refresh batch of %d failed with an unexpected error: handed to single refreshes", len(parsed)
+        )
+        publish_refreshes(run_id, parsed)
+        return {"succeeded": 0, "failed": 0, "skipped": 0, "retry": 0, "requeued": 0, "single": len(parsed)}
     for tenant_id in result.emptied_tenants:
         pipeline.claim_summary_and_enqueue(settings, run_id, tenant_id, enqueue_summary)
     if result.retry:

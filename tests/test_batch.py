@@ -12,12 +12,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date
 
+import pytest
+import redis
 from sqlalchemy import event, func, select
 
 from app import pipeline
 from app.batch import BatchResult, Item, run_batch
 from app.config import Settings
 from app.deps import Deps
+from app.jsonio import loads
 from app.powens.sandbox import Sandbox
 from app.store import runs
 from app.store.db import get_engine, session_scope
@@ -205,3 +208,29 @@ def test_behind_pgbouncer_a_batch_runs_without_server_side_prepared_statements(
 
     assert prepared_after_six_runs(settings) > 0
     assert prepared_after_six_runs(bouncer) == 0
+
+
+def test_a_bug_inside_a_batch_hands_its_accounts_to_single_refreshes(
+    settings: Settings, sandbox: Sandbox, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not acknowledged with nothing recorded (the run would wait for the sweeper, and a bug that
+    repeats would never finish): each account goes on alone, where a bug ends as a recorded failure."""
+    from app import batch as batch_module
+    from app.tasks import refresh_batch
+
+    seed(settings, sandbox, tenants=2, accounts=2)
+    run_id, items = plan(settings)
+    broker = redis.Redis.from_url(redis_url)
+    broker.flushdb()
+
+    def bug(*_a: object, **_k: object) -> None:
+        raise ZeroDivisionError("a bug in the batch's recording")
+
+    monkeypatch.setattr(batch_module, "_record", bug)
+    result = refresh_batch.apply(args=(run_id, [list(i) for i in items])).get()
+
+    assert result["single"] == len(items)
+    queued = [loads(m)["headers"] for m in broker.lrange("refresh", 0, -1)]
+    assert sorted(h["id"] for h in queued) == sorted(i[0] for i in items)
+    assert {h["task"] for h in queued} == {"balances.refresh_account"}
+    broker.flushdb()
