@@ -956,7 +956,7 @@ def pg_dump(url: str) -> str:
         max_size=12,
     ).map("".join)
 )
-@hsettings(max_examples=400, derandomize=bool(os.environ.get("CI")))
+@hsettings(max_examples=400, deadline=None)
 def test_the_scrubbers_fast_path_changes_nothing(line: str) -> None:
     """Each pattern runs only when what it needs is in the line: the result is the same as always
     running every pattern."""
