@@ -185,6 +185,7 @@ def _load(deps: Deps, run_id: str, items: Sequence[Item]) -> list[Loaded]:
     """The batch's items still pending, with account, connection and user: one statement."""
     by_account = {i[2]: i for i in items}
     with session_scope(deps.settings) as session:
+        bulk.keyed_only(session)
         rows = session.execute(
             select(RunItem.account_id, BankAccount, BankConnection, PowensUser)
             .join(
@@ -259,6 +260,7 @@ def _record(
     counts: dict[str, int] = {}
     notes: dict[str, list[str]] = {}
     with session_scope(settings) as session:
+        bulk.keyed_only(session)
         won = bulk.claim_items(session, run_id, outcomes, now)
         reads: dict[str, Read] = {}
         for a in won:

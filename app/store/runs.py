@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import String, delete, func, insert, literal, select, tuple_, update
+from sqlalchemy import String, delete, func, insert, literal, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -168,6 +168,13 @@ def write_items(settings: Settings, run_id: str, generation: int) -> None:
                 .where(Tenant.active.is_(True), BankAccount.status == AccountStatus.ACTIVE),
             )
         )
+    if not settings.is_sqlite:
+        # The table just grew by a whole night of rows the planner has no statistics for: it would take
+        # "this run's pending items" for one row and scan them all on every batch's lookup by account
+        # (measured: 135-300 ms per batch at 100,000 items, growing with the run). Statistics now, so
+        # every lookup takes the primary key.
+        with session_scope(settings) as session:
+            session.execute(text("ANALYZE run_items"))
 
 
 def open_tenants(settings: Settings, run_id: str, generation: int) -> tuple[int, list[str]]:
