@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.reports.forecast import Forecast, daily_totals, project
 from app.reports.summary import active_accounts, build_summary
+from app.store.bulk import keyed_only
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BalanceSnapshot, CashflowForecast, RefreshRun, TenantSummary
 from app.store.runs import move_tenant
@@ -36,6 +37,7 @@ def run_day(session: Session, settings: Settings, run_id: str) -> date:
 def summarize_tenant(settings: Settings, run_id: str, tenant_id: str) -> bool:
     """Store the summary and move the tenant to forecasting. False when already done."""
     with session_scope(settings) as session:
+        keyed_only(session)
         moved = move_tenant(
             session,
             run_id,
@@ -105,6 +107,7 @@ def forecast_tenant(settings: Settings, run_id: str, tenant_id: str) -> bool:
     """Store one forecast per currency and close the tenant. False when already done."""
     now = datetime.now(UTC)
     with session_scope(settings) as session:
+        keyed_only(session)
         if not move_tenant(session, run_id, tenant_id, TenantStatus.FORECASTING, TenantStatus.DONE):
             return False
         day = run_day(session, settings, run_id)

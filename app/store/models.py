@@ -340,6 +340,7 @@ class RunItem(Base):
         Index("ix_run_items_run_status", "run_id", "status"),
         Index("ix_run_items_run_finished", "run_id", "finished_at"),
         Index("ix_run_items_run_user", "run_id", "powens_user_pk", "account_id"),
+        Index("ix_run_items_run_tenant", "run_id", "tenant_id"),
         CheckConstraint(check_in("status", ItemStatus), name="status"),
     )
     run_id: Mapped[str] = mapped_column(ForeignKey("refresh_runs.id", ondelete="CASCADE"), primary_key=True)
