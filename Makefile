@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit promtool bench clean
+.PHONY: demo test lint typecheck unit promtool bench bench-full clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
@@ -35,9 +35,13 @@ promtool:
 
 test: lint typecheck promtool unit
 
+# The quick benchmark (a few minutes) and the full size of the performance targets (about half an hour).
 bench: $(STAMP)
 	$(BIN)/python -m bench.nightly_bench
 	$(BIN)/python -m bench.webhook_bench
+
+bench-full: $(STAMP)
+	$(BIN)/python -m bench.nightly_bench --accounts 100000 --users 20000 --latency-ms 100 --scaling
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache balances.db

@@ -43,9 +43,21 @@ def to_plain(obj: Any) -> Any:
 
 
 def dumps(obj: Any, *, indent: int | None = None, drop_none: bool = False) -> str:
-    plain = to_plain(obj)
     if drop_none:
-        plain = _drop_none(plain)
+        return _dumps(_drop_none(to_plain(obj)), indent)
+    try:
+        # The C encoder walks the document; only what it does not know (Decimal, datetime, a model)
+        # comes back to Python. A key it cannot write (a date as a key) takes the slow road below.
+        return _dumps(obj, indent)
+    except _KeyTypeError:
+        return _dumps(to_plain(obj), indent)
+
+
+class _KeyTypeError(Exception):
+    pass
+
+
+def _dumps(plain: Any, indent: int | None) -> str:
     numbers: list[str] = []
     # A placeholder nobody can spell in advance: a string from outside equal to one would otherwise be
     # replaced by a number (and the amount it stood for left as a string).
@@ -55,9 +67,16 @@ def dumps(obj: Any, *, indent: int | None = None, drop_none: bool = False) -> st
         if isinstance(o, Decimal):
             numbers.append(decimal_text(o))
             return f"\x00dec{nonce}:{len(numbers) - 1}\x00"
+        if isinstance(o, Mapping | BaseModel | datetime | date | uuid.UUID):
+            return to_plain(o)
         raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
-    text = json.dumps(plain, default=default, indent=indent, ensure_ascii=False)
+    try:
+        text = json.dumps(plain, default=default, indent=indent, ensure_ascii=False)
+    except TypeError as exc:
+        if str(exc).startswith("keys must be"):
+            raise _KeyTypeError(str(exc)) from exc
+        raise
     if not numbers:
         return text
     # One pass over the text (one replace per amount would be quadratic in a big document).

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date
+from decimal import Decimal
 
 import pytest
 import redis
@@ -71,6 +72,9 @@ def test_a_batch_reads_each_user_once_and_records_each_account_alone(
     settings: Settings, sandbox: Sandbox
 ) -> None:
     seeded = seed(settings, sandbox, tenants=4, accounts=3)
+    exact = Decimal("98765432109876.123456789")  # no float holds it
+    odd = seeded[0].account_ids[0]
+    sandbox.state.wire_overrides[seeded[0].external[odd]] = {"balance": exact}
     run_id, items = plan(settings)
     before = refreshed_total("scheduled")
     sandbox.state.reset_stats()
@@ -91,6 +95,19 @@ def test_a_batch_reads_each_user_once_and_records_each_account_alone(
         snaps = s.scalar(select(func.count()).select_from(BalanceSnapshot))
         latest = s.scalar(select(func.count()).select_from(AccountBalance))
         assert snaps == latest and latest and latest >= 12
+        current = dict(
+            s.execute(
+                select(AccountBalance.account_id, AccountBalance.current_balance).where(
+                    AccountBalance.balance_type == "current"
+                )
+            ).all()
+        )
+    # Money goes through the batch's JSON exactly, digit for digit (Decimal in, NUMERIC stored).
+    assert current.pop(odd) == exact
+    for t in seeded:
+        for account_id in t.account_ids:
+            if account_id != odd:
+                assert current[account_id] == t.user.accounts[t.external[account_id]].balance
     # Set-based: one row update per account, the rest a fixed few per batch and one per tenant (a
     # single refresh costs about fifteen per account).
     assert statements[0] <= len(items) + 10 + len(seeded), statements[0]
