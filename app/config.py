@@ -97,13 +97,15 @@ class Settings(BaseSettings):
     # False behind PgBouncer in transaction mode (no server-side prepared statements).
     db_prepared_statements: bool = Field(True, validation_alias=_env("BALANCES_DB_PREPARED_STATEMENTS"))
     plan_batch_size: int = Field(1000, ge=1, le=10000, validation_alias=_env("BALANCES_PLAN_BATCH_SIZE"))
-    # A nightly refresh message carries the accounts of whole Powens users, about this many (a user
-    # with more accounts is never split); its worker reads that many users from Powens at once.
+    # A nightly refresh message carries the accounts of whole Powens users, at most this many (a user
+    # with more accounts alone); its worker reads up to ``readers`` users from Powens at once. Chosen
+    # by measurement (docs/performance.md): shorter batches keep an operator's refresh from waiting
+    # behind them; 16 readers read a 50-account batch's users in one Powens round trip.
     refresh_batch_accounts: int = Field(
-        100, ge=1, le=2000, validation_alias=_env("BALANCES_REFRESH_BATCH_ACCOUNTS")
+        50, ge=1, le=2000, validation_alias=_env("BALANCES_REFRESH_BATCH_ACCOUNTS")
     )
     refresh_batch_readers: int = Field(
-        8, ge=1, le=64, validation_alias=_env("BALANCES_REFRESH_BATCH_READERS")
+        16, ge=1, le=64, validation_alias=_env("BALANCES_REFRESH_BATCH_READERS")
     )
     redbeat_lock_timeout: int = Field(30, ge=2, validation_alias=_env("BALANCES_REDBEAT_LOCK_TIMEOUT"))
 

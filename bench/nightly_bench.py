@@ -1416,7 +1416,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--users-per-tenant", type=int, default=10)
     ap.add_argument("--latency-ms", type=float, default=QUICK["latency_ms"], help="the sandbox's, per call")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--pool", default="prefork", help="the workers' -P (prefork, threads, solo, ...)")
     ap.add_argument("--noop", type=int, default=None, help="no-op messages (default 20,000 full, 5,000 else)")
     ap.add_argument("--rate-limit", type=float, default=20.0, help="Powens calls/s of the rate-limited run")
