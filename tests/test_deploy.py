@@ -186,7 +186,7 @@ def known_env() -> set[str]:
 
 def test_every_variable_the_deployment_sets_is_one_settings_knows() -> None:
     known = known_env()
-    third_party = re.compile(r"^(POSTGRES_|GF_|PYTHON|PIP_|REDIS_PASSWORD$)")
+    third_party = re.compile(r"^(POSTGRES_|GF_|PYTHON|PIP_|REDIS_PASSWORD$|pgbouncer\.ini$)")
     seen: set[str] = set()
     for path in (DEPLOY / "k8s").glob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
@@ -236,7 +236,9 @@ def test_every_schedule_the_deployment_sets_exists_once_a_day() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     docs = [d for p in (DEPLOY / "k8s").glob("*.yaml") for d in yaml.safe_load_all(p.read_text())]
     crons = [compose["x-balances-env"]["BALANCES_NIGHTLY_CRON"]]
-    crons += [d["data"]["BALANCES_NIGHTLY_CRON"] for d in docs if d["kind"] == "ConfigMap"]
+    crons += [
+        d["data"]["BALANCES_NIGHTLY_CRON"] for d in docs if "BALANCES_NIGHTLY_CRON" in d.get("data", {})
+    ]
     for cron in crons:
         load_settings(nightly_cron=cron, timezone="Europe/Paris")  # raises on a DST-unsafe time
 
