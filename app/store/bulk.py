@@ -36,7 +36,7 @@ from app.store.states import ITEM_MOVES, AccountStatus, ItemStatus, check_move
 # is new SQL text for every batch size (SQLAlchemy compiled it afresh: 5 ms of CPU per account); one
 # array parameter per column spent 12 % of a worker's CPU in psycopg's array encoding.
 # SQLite (the demo) takes the same rows as an executemany.
-def _unnest(*columns: str) -> str:
+def _recordset(*columns: str) -> str:
     """``json_to_recordset(CAST(:rows AS json)) AS v(a t, ...)`` for columns given as ``"a t"``."""
     return f"json_to_recordset(CAST(:rows AS json)) AS v({', '.join(columns)})"
 
@@ -49,7 +49,7 @@ INSERT INTO account_balances (id, account_id, tenant_id, connection_id, balance_
 SELECT id, account_id, tenant_id, connection_id, balance_type, current_balance, available_balance,
     currency, last_updated_at, refreshed_at, created_at, metadata
 FROM {
-    _unnest(
+    _recordset(
         "id text",
         "account_id text",
         "tenant_id text",
@@ -72,7 +72,7 @@ _PG_SNAPSHOT = f"""
 INSERT INTO balance_snapshots (account_id, tenant_id, balance_type, day, current_balance,
     available_balance, currency, last_updated_at, refreshed_at)
 SELECT * FROM {
-    _unnest("account_id text", "tenant_id text", "balance_type text", "day date", *_BALANCE, *_TIMES)
+    _recordset("account_id text", "tenant_id text", "balance_type text", "day date", *_BALANCE, *_TIMES)
 }
 ON CONFLICT (account_id, balance_type, day) DO UPDATE SET
     current_balance = excluded.current_balance, available_balance = excluded.available_balance,
@@ -82,7 +82,7 @@ WHERE balance_snapshots.last_updated_at <= excluded.last_updated_at
 """  # noqa: S608 - built from this module's constant column names only
 _PG_DROP_UNSENT = f"""
 DELETE FROM account_balances b
-USING {_unnest("account_id text", "keep text", "not_newer_than timestamptz")}
+USING {_recordset("account_id text", "keep text", "not_newer_than timestamptz")}
 WHERE b.account_id = v.account_id
   AND NOT (b.balance_type = ANY (string_to_array(v.keep, ',')))
   AND b.last_updated_at <= v.not_newer_than
@@ -97,7 +97,7 @@ _ATTEMPT_NAMES = ", ".join(c.split()[0] for c in _ATTEMPT_COLUMNS)
 _PG_ATTEMPTS = f"""
 INSERT INTO refresh_attempts ({_ATTEMPT_NAMES})
 SELECT {_ATTEMPT_NAMES}
-FROM {_unnest(*_ATTEMPT_COLUMNS)}
+FROM {_recordset(*_ATTEMPT_COLUMNS)}
 ON CONFLICT (task_id) DO NOTHING
 """  # noqa: S608 - built from this module's constant column names only
 
@@ -167,7 +167,7 @@ class AccountAnswer:
 _PG_UPDATE_ACCOUNTS = f"""
 WITH v AS (
     SELECT * FROM {
-    _unnest(
+    _recordset(
         "id text",
         "name text",
         "currency text",
