@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from app.jsonio import dumps
 from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, RefreshAttempt, RunItem, RunTenant
-from app.store.repo import BalanceDraft, _insert, record_id
+from app.store.repo import BalanceDraft, _insert, keep_newer_latest, keep_newer_snapshot, record_id
 from app.store.states import ITEM_MOVES, AccountStatus, ItemStatus, check_move
 
 
@@ -291,45 +291,9 @@ def upsert_balances(
     insert = _insert(session)
     if latest:
         latest = [{("metadata_" if k == "metadata" else k): v for k, v in row.items()} for row in latest]
-        stmt = insert(AccountBalance)
-        ex = stmt.excluded
-        session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[AccountBalance.account_id, AccountBalance.balance_type],
-                set_={
-                    "connection_id": ex.connection_id,
-                    "current_balance": ex.current_balance,
-                    "available_balance": ex.available_balance,
-                    "currency": ex.currency,
-                    "last_updated_at": ex.last_updated_at,
-                    "refreshed_at": ex.refreshed_at,
-                    "metadata": ex.metadata,
-                },
-                where=AccountBalance.last_updated_at <= ex.last_updated_at,
-            ),
-            latest,
-        )
+        session.execute(keep_newer_latest(insert(AccountBalance)), latest)
     if snaps:
-        snap = insert(BalanceSnapshot)
-        sx = snap.excluded
-        session.execute(
-            snap.on_conflict_do_update(
-                index_elements=[
-                    BalanceSnapshot.account_id,
-                    BalanceSnapshot.balance_type,
-                    BalanceSnapshot.day,
-                ],
-                set_={
-                    "current_balance": sx.current_balance,
-                    "available_balance": sx.available_balance,
-                    "currency": sx.currency,
-                    "last_updated_at": sx.last_updated_at,
-                    "refreshed_at": sx.refreshed_at,
-                },
-                where=BalanceSnapshot.last_updated_at <= sx.last_updated_at,
-            ),
-            snaps,
-        )
+        session.execute(keep_newer_snapshot(insert(BalanceSnapshot)), snaps)
 
 
 def drop_unsent_types(session: Session, keep: dict[str, tuple[list[str], datetime]]) -> None:

@@ -312,6 +312,40 @@ class BalanceDraft:
     metadata: dict[str, Any]
 
 
+def keep_newer_latest(stmt: Any) -> Any:
+    """An INSERT of latest records made an upsert that never replaces a record by an older one."""
+    ex = stmt.excluded
+    return stmt.on_conflict_do_update(
+        index_elements=[AccountBalance.account_id, AccountBalance.balance_type],
+        set_={
+            "connection_id": ex.connection_id,
+            "current_balance": ex.current_balance,
+            "available_balance": ex.available_balance,
+            "currency": ex.currency,
+            "last_updated_at": ex.last_updated_at,
+            "refreshed_at": ex.refreshed_at,
+            "metadata": ex.metadata,
+        },
+        where=AccountBalance.last_updated_at <= ex.last_updated_at,
+    )
+
+
+def keep_newer_snapshot(stmt: Any) -> Any:
+    """An INSERT of day snapshots made an upsert that never replaces a snapshot by an older one."""
+    sx = stmt.excluded
+    return stmt.on_conflict_do_update(
+        index_elements=[BalanceSnapshot.account_id, BalanceSnapshot.balance_type, BalanceSnapshot.day],
+        set_={
+            "current_balance": sx.current_balance,
+            "available_balance": sx.available_balance,
+            "currency": sx.currency,
+            "last_updated_at": sx.last_updated_at,
+            "refreshed_at": sx.refreshed_at,
+        },
+        where=BalanceSnapshot.last_updated_at <= sx.last_updated_at,
+    )
+
+
 def upsert_balances(
     session: Session,
     account: BankAccount,
@@ -341,21 +375,7 @@ def upsert_balances(
             created_at=refreshed_at,
             metadata_=d.metadata,
         )
-        ex = latest.excluded
-        latest = latest.on_conflict_do_update(
-            index_elements=[AccountBalance.account_id, AccountBalance.balance_type],
-            set_={
-                "connection_id": ex.connection_id,
-                "current_balance": ex.current_balance,
-                "available_balance": ex.available_balance,
-                "currency": ex.currency,
-                "last_updated_at": ex.last_updated_at,
-                "refreshed_at": ex.refreshed_at,
-                "metadata": ex.metadata,
-            },
-            where=AccountBalance.last_updated_at <= ex.last_updated_at,
-        )
-        session.execute(latest)
+        session.execute(keep_newer_latest(latest))
 
         snap = insert(BalanceSnapshot).values(
             account_id=account.id,
@@ -368,19 +388,7 @@ def upsert_balances(
             last_updated_at=d.last_updated_at,
             refreshed_at=refreshed_at,
         )
-        sx = snap.excluded
-        snap = snap.on_conflict_do_update(
-            index_elements=[BalanceSnapshot.account_id, BalanceSnapshot.balance_type, BalanceSnapshot.day],
-            set_={
-                "current_balance": sx.current_balance,
-                "available_balance": sx.available_balance,
-                "currency": sx.currency,
-                "last_updated_at": sx.last_updated_at,
-                "refreshed_at": sx.refreshed_at,
-            },
-            where=BalanceSnapshot.last_updated_at <= sx.last_updated_at,
-        )
-        session.execute(snap)
+        session.execute(keep_newer_snapshot(snap))
 
 
 def latest_balances(
