@@ -279,14 +279,13 @@ def _record(
             session,
             {a: ([d.balance_type for d in ds], ds[0].last_updated_at) for a, ds in drafts.items()},
         )
-        for account_id in newer:
-            # The connection's state follows the newest word only (as in a single refresh); the row is
-            # read again only when the state changes.
-            read, loaded = written[account_id], by_account[account_id].loaded
-            if (read.state or None) != loaded.connection.state:
-                conn = session.get(BankConnection, loaded.account.connection_id, with_for_update=True)
-                if conn is not None:
-                    conn.set_state(read.state or None, read.refreshed_at)
+        # The connection's state follows the newest word only, as in a single refresh: read again
+        # under its lock now (another refresh may have changed it since this batch loaded it).
+        conns = bulk.lock_connections(session, {by_account[a].loaded.account.connection_id for a in newer})
+        for account_id in sorted(newer):
+            read, conn = written[account_id], conns.get(by_account[account_id].loaded.account.connection_id)
+            if conn is not None:
+                conn.set_state(read.state or None, read.refreshed_at)
         stored = bulk.latest(session, list(reads))
         for account_id, read in reads.items():
             held = stored[account_id]

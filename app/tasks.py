@@ -73,13 +73,15 @@ def refresh_account(
     throttled: int = 0,
     infra: int = 0,
     day: str | None = None,
+    first_attempt: int = 1,
 ) -> dict[str, Any]:
     """One refresh attempt. BALANCES_MAX_ATTEMPTS bounds the attempts; re-queues (``throttled``: the
     rate limiter, a busy account, or our own infrastructure — ``infra`` of them) are not attempts.
-    A nightly refresh carries its run's business ``day``: its snapshot is that day's."""
+    A nightly refresh carries its run's business ``day``: its snapshot is that day's. One handed over
+    by a refresh batch carries the batch's attempt (``first_attempt``): it goes on from there."""
     settings = get_settings()
     attempt = Attempt(
-        number=self.request.retries - throttled + 1,
+        number=first_attempt + self.request.retries - throttled,
         max_attempts=settings.max_attempts,
         task_id=self.request.id,
         run_id=run_id,
@@ -108,6 +110,8 @@ def refresh_account(
             "infra": infra + int(action.infrastructure),
             "day": day,
         }
+        if first_attempt != 1:
+            kwargs["first_attempt"] = first_attempt
         self.again(action.countdown, kwargs)
     result = action.result
     if result["ok"]:
@@ -141,11 +145,14 @@ def dispatch_refresh(
 # -- the nightly pipeline ----------------------------------------------------------------------------
 
 
-def publish_refreshes(run_id: str, items: Sequence[runs.Item]) -> None:
+def publish_refreshes(run_id: str, items: Sequence[runs.Item], *, attempt: int = 1) -> None:
     """Scheduled refreshes one account each (the single path: an account its user's list lacked, or
-    a batch given up), over one broker connection, each carrying its run's day."""
+    a batch given up), over one broker connection, each carrying its run's day and the attempt the
+    batch was at (the single refresh goes on from there: BALANCES_MAX_ATTEMPTS still bounds it)."""
     day = runs.business_day_of(get_settings(), run_id)
-    kwargs = {"run_id": run_id, "day": day.isoformat() if day else None}
+    kwargs: dict[str, Any] = {"run_id": run_id, "day": day.isoformat() if day else None}
+    if attempt != 1:
+        kwargs["first_attempt"] = attempt
     with app.producer_or_acquire() as producer:
         for task_id, tenant_id, account_id, *_ in items:
             refresh_account.apply_async(
@@ -222,7 +229,7 @@ class BatchTask(BalancesTask):
             len(items),
             deliveries,
         )
-        publish_refreshes(run_id, items)
+        publish_refreshes(run_id, items, attempt=int(kwargs.get("attempt", 1)))
         return None
 
 
@@ -249,7 +256,7 @@ def refresh_batch(
         log.exception(
             "refresh batch of %d failed with an unexpected error: handed to single refreshes", len(parsed)
         )
-        publish_refreshes(run_id, parsed)
+        publish_refreshes(run_id, parsed, attempt=attempt)
         return {"succeeded": 0, "failed": 0, "skipped": 0, "retry": 0, "requeued": 0, "single": len(parsed)}
     for tenant_id in result.emptied_tenants:
         pipeline.claim_summary_and_enqueue(settings, run_id, tenant_id, enqueue_summary)
@@ -260,7 +267,7 @@ def refresh_batch(
             run_id, result.requeue, attempt=attempt, countdown=result.requeue_in + _rng.uniform(0, 0.5)
         )
     if result.single:
-        publish_refreshes(run_id, result.single)
+        publish_refreshes(run_id, result.single, attempt=attempt)
     return {
         "succeeded": result.succeeded,
         "failed": result.failed,

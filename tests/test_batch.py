@@ -7,10 +7,11 @@ twice, retries per user, and an account missing from its list handed to the sing
 
 from __future__ import annotations
 
+import base64
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import date
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import pytest
@@ -23,9 +24,17 @@ from app.config import Settings
 from app.deps import Deps
 from app.jsonio import loads
 from app.powens.sandbox import Sandbox
-from app.store import runs
+from app.store import repo, runs
 from app.store.db import get_engine, session_scope
-from app.store.models import AccountBalance, BalanceSnapshot, RefreshAttempt, RunItem, RunTenant
+from app.store.models import (
+    AccountBalance,
+    BalanceSnapshot,
+    BankAccount,
+    BankConnection,
+    RefreshAttempt,
+    RunItem,
+    RunTenant,
+)
 from app.store.states import Trigger
 from app.tasks import split_by_user
 from tests.helpers import Seeded, refreshed_total, seed_tenant
@@ -250,4 +259,59 @@ def test_a_bug_inside_a_batch_hands_its_accounts_to_single_refreshes(
     queued = [loads(m)["headers"] for m in broker.lrange("refresh", 0, -1)]
     assert sorted(h["id"] for h in queued) == sorted(i[0] for i in items)
     assert {h["task"] for h in queued} == {"balances.refresh_account"}
+    broker.flushdb()
+
+
+def test_the_connection_state_follows_the_batchs_newer_answer_even_if_it_changed_meanwhile(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    """Between the batch's load and its answer, another refresh recorded SCARequired on the
+    connection; the batch's newer answer says the connection is fine: it must clear it."""
+    (t,) = seed(settings, sandbox, tenants=1, accounts=2)
+    run_id, items = plan(settings)
+    deps = Deps.default(settings)
+    with session_scope(settings) as s:
+        conn_id = s.scalar(select(BankAccount.connection_id).where(BankAccount.id == t.account_ids[0]))
+    real = deps.client.list_accounts_raw
+
+    def meanwhile(token: str, user: int | str = "me", **kw: object) -> object:
+        with session_scope(settings) as s:
+            repo.set_connection_state(s, conn_id, "SCARequired", datetime.now(UTC))
+        return real(token, user, **kw)  # type: ignore[arg-type]
+
+    deps.client.list_accounts_raw = meanwhile  # type: ignore[method-assign]
+    result = run_batch(deps, run_id, items, date(2026, 11, 24), 1)
+
+    assert result.succeeded == 2
+    with session_scope(settings) as s:
+        assert s.get(BankConnection, conn_id).state is None  # type: ignore[union-attr]
+
+
+def test_an_account_handed_to_the_single_refresh_keeps_its_attempt_count(
+    settings: Settings, sandbox: Sandbox, redis_url: str
+) -> None:
+    """Handed over at the last attempt (its user's list lacked it), the single refresh does not
+    start again at attempt 1: a retryable failure there is the last one, recorded."""
+    from app.tasks import publish_refreshes, refresh_account
+
+    (t,) = seed(settings, sandbox, tenants=1, accounts=2)
+    missing = t.account_ids[0]
+    run_id, items = plan(settings)
+    broker = redis.Redis.from_url(redis_url)
+    broker.flushdb()
+    handed = [i for i in items if i[2] == missing]
+    publish_refreshes(run_id, handed, attempt=settings.max_attempts)
+    (raw,) = broker.lrange("refresh", 0, -1)
+    message = loads(raw)
+    body = loads(base64.b64decode(message["body"]))
+    args, kwargs = body[0], body[1]
+    sandbox.state.hidden.add(t.external[missing])  # so the single refresh reads the account itself
+    sandbox.state.scripted[t.external[missing]] = deque([(503, None)] * 5)
+
+    result = refresh_account.apply(args=args, kwargs=kwargs, task_id=message["headers"]["id"]).get()
+
+    assert result["ok"] is False and result["error"]["reason"] == "provider_unavailable"
+    assert len(sandbox.state.scripted[t.external[missing]]) == 4  # one attempt, the last: no retries
+    (row,) = [r for r in audit_rows(settings, run_id) if r.account_id == missing]
+    assert row.attempts == settings.max_attempts
     broker.flushdb()

@@ -24,7 +24,15 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
 from app.jsonio import dumps
-from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, RefreshAttempt, RunItem, RunTenant
+from app.store.models import (
+    AccountBalance,
+    BalanceSnapshot,
+    BankAccount,
+    BankConnection,
+    RefreshAttempt,
+    RunItem,
+    RunTenant,
+)
 from app.store.repo import BalanceDraft, _insert, keep_newer_latest, keep_newer_snapshot, record_id
 from app.store.states import ITEM_MOVES, AccountStatus, ItemStatus, check_move
 
@@ -150,6 +158,20 @@ def claim_items(
         ).all()
         won.update({a: t for a, t in rows})
     return won
+
+
+def lock_connections(session: Session, connection_ids: set[str]) -> dict[str, BankConnection]:
+    """The connections, locked in id order (two batches never wait on each other in a cycle)."""
+    if not connection_ids:
+        return {}
+    rows = session.scalars(
+        select(BankConnection)
+        .where(BankConnection.id.in_(sorted(connection_ids)))
+        .order_by(BankConnection.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return {c.id: c for c in rows}
 
 
 @dataclass(frozen=True)
