@@ -46,7 +46,7 @@ from app.infra import is_infrastructure
 from app.outcomes import Attempt, Subject, announce_failed, announce_refreshed
 from app.policy import SCHEDULER
 from app.powens.client import EP_ACCOUNTS
-from app.powens.models import PowensAccount
+from app.powens.models import PowensAccount, essential
 from app.shared_read import register_listed
 from app.store import bulk
 from app.store.db import session_scope
@@ -107,8 +107,9 @@ def run_batch(
     settings = deps.settings
     result = BatchResult()
     t0 = time.perf_counter()
-    loaded = _load(deps, run_id, items)
-    result.skipped = len(items) - len(loaded)
+    loaded, gone = _load(deps, run_id, items)
+    result.single.extend(gone)
+    result.skipped = len(items) - len(loaded) - len(gone)
     attempt = Attempt(
         number=attempt_number, max_attempts=settings.max_attempts, run_id=run_id, business_day=business_day
     )
@@ -181,26 +182,30 @@ def _readers(size: int) -> ThreadPoolExecutor:
     return _pool[2]
 
 
-def _load(deps: Deps, run_id: str, items: Sequence[Item]) -> list[Loaded]:
-    """The batch's items still pending, with account, connection and user: one statement."""
+def _load(deps: Deps, run_id: str, items: Sequence[Item]) -> tuple[list[Loaded], list[Item]]:
+    """The batch's items still pending, with account, connection and user: one statement. Also the
+    pending items whose rows are gone (the single refresh records them as not found at once, rather
+    than leave them to the sweeper)."""
     by_account = {i[2]: i for i in items}
     with session_scope(deps.settings) as session:
         bulk.keyed_only(session)
         rows = session.execute(
             select(RunItem.account_id, BankAccount, BankConnection, PowensUser)
-            .join(
+            .outerjoin(
                 BankAccount,
                 (BankAccount.id == RunItem.account_id) & (BankAccount.tenant_id == RunItem.tenant_id),
             )
-            .join(BankConnection, BankConnection.id == BankAccount.connection_id)
-            .join(PowensUser, PowensUser.id == BankAccount.powens_user_pk)
+            .outerjoin(BankConnection, BankConnection.id == BankAccount.connection_id)
+            .outerjoin(PowensUser, PowensUser.id == BankAccount.powens_user_pk)
             .where(
                 RunItem.run_id == run_id,
                 RunItem.account_id.in_(list(by_account)),
                 RunItem.status == ItemStatus.PENDING,
             )
         ).all()
-    return [Loaded(by_account[r[0]], r[1], r[2], r[3]) for r in rows if r[0] in by_account]
+    loaded = [Loaded(by_account[r[0]], r[1], r[2], r[3]) for r in rows if None not in (r[1], r[2], r[3])]
+    gone = [by_account[r[0]] for r in rows if None in (r[1], r[2], r[3])]
+    return loaded, gone
 
 
 def _read_user(deps: Deps, group: list[Loaded]) -> tuple[list[Any], str | None] | RefreshError | Throttled:
@@ -226,7 +231,9 @@ def _judge(deps: Deps, ld: Loaded, entry: dict[str, Any], request_id: str | None
         tenant_id=ld.account.tenant_id, account_id=ld.account.id, balance_types=None, force_refresh=None
     )
     try:
-        pacc = PowensAccount.parse(entry, deps.settings.powens_zone, EP_ACCOUNTS)
+        # Only the fields a refresh reads, as the single refresh's shared read keeps them: an odd
+        # field nobody reads (an over-long account number) never fails the account.
+        pacc = PowensAccount.parse(essential(entry), deps.settings.powens_zone, EP_ACCOUNTS)
         where = Where(ld.connection.id, ld.connection.external_id)
         return _Verdict(ld, read=judge(deps, inp, where, pacc, request_id, []))
     except RefreshError as err:
@@ -251,7 +258,6 @@ def _record(
         return
     settings = deps.settings
     now = deps.clock()
-    day = attempt.business_day or settings.business_day(now)
     by_account = {v.loaded.account.id: v for v in verdicts}
     outcomes: dict[str, tuple[ItemStatus, str | None]] = {
         a: (ItemStatus.SUCCEEDED, None) if v.error is None else (ItemStatus.FAILED, v.error.reason.value)
@@ -274,7 +280,10 @@ def _record(
             a: (by_account[a].loaded.account.tenant_id, by_account[a].loaded.account.connection_id)
             for a in drafts
         }
-        bulk.upsert_balances(session, where, drafts, {a: written[a].refreshed_at for a in drafts}, day)
+        answered = {a: written[a].refreshed_at for a in drafts}
+        # The snapshot's day: the run's own (a nightly run fixes it), else the day of the answer.
+        days = {a: attempt.business_day or settings.business_day(answered[a]) for a in drafts}
+        bulk.upsert_balances(session, where, drafts, answered, days)
         bulk.drop_unsent_types(
             session,
             {a: ([d.balance_type for d in ds], ds[0].last_updated_at) for a, ds in drafts.items()},
@@ -289,7 +298,9 @@ def _record(
         stored = bulk.latest(session, list(reads))
         for account_id, read in reads.items():
             held = stored[account_id]
-            counts[account_id] = len(held)
+            # Counted as a single refresh counts its output: the types it sent, when it sent any.
+            sent = {d.balance_type for d in read.drafts}
+            counts[account_id] = len([t for t in held if t in sent]) if sent else len(held)
             notes[account_id] = list(read.errors) + [
                 f"Powens returned {d.balance_type} data older than the stored record; kept it"
                 for d in read.drafts

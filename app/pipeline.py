@@ -145,7 +145,8 @@ def sweep(
             if idle > deadline:
                 report.stale += recovery.mark_items_stale(settings, run.id, now)
             elif run.pending and stalled and run.redrives < settings.max_redrives:
-                if queued is not None and queued() >= run.pending:
+                # A queued message is a batch of up to BALANCES_REFRESH_BATCH_ACCOUNTS items.
+                if queued is not None and queued() * settings.refresh_batch_accounts >= run.pending:
                     log.warning("run %s stalled with its refreshes still queued: no worker?", run.id)
                 elif recovery.claim_redrive(settings, run, now):
                     report.redispatched += _redrive(settings, run.id, publish)

@@ -258,7 +258,11 @@ def refresh_batch(
         )
         publish_refreshes(run_id, parsed, attempt=attempt)
         return {"succeeded": 0, "failed": 0, "skipped": 0, "retry": 0, "requeued": 0, "single": len(parsed)}
-    for tenant_id in result.emptied_tenants:
+    tenants = set(result.emptied_tenants)
+    if result.skipped:
+        # A redelivery: the first delivery may have died between its commit and its claims.
+        tenants |= {item[1] for item in parsed}
+    for tenant_id in sorted(tenants):
         pipeline.claim_summary_and_enqueue(settings, run_id, tenant_id, enqueue_summary)
     if result.retry:
         publish_batches(run_id, result.retry, attempt=attempt + 1, countdown=result.retry_in)

@@ -946,6 +946,11 @@ def pg_dump(url: str) -> str:
                 "gAAAAABfernetfernetfernet01234",
                 "FR7630004000031234567890143",
                 "GB29 NWBK 6016 1331 9268 19",
+                "client_\u017fecret=abc",  # letters (?i) folds and str.lower does not
+                "cl\u0131ent_secret=abc",
+                "cl\u0130ent_secret=abc",
+                "\u0131T60 1234 5678 9012 3456",
+                "to\u212aen=k",
                 "acc_0432",
                 "2026-11-24T04:51",
                 " ",

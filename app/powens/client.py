@@ -304,13 +304,14 @@ _session: requests.Session | None = None
 _session_pid: int | None = None
 
 
-def shared_session() -> requests.Session:
-    """The process's pooled session. A forked child builds its own: a pooled socket must not cross
-    fork."""
+def shared_session(pool_size: int = 10) -> requests.Session:
+    """The process's pooled session, with room for ``pool_size`` concurrent calls (a refresh batch's
+    readers): past it urllib3 would open and drop a connection per call. A forked child builds its
+    own: a pooled socket must not cross fork."""
     global _session, _session_pid
     with _lock:
         if _session is None or _session_pid != os.getpid():
-            _session, _session_pid = new_session(), os.getpid()
+            _session, _session_pid = new_session(pool_size), os.getpid()
         return _session
 
 
@@ -322,7 +323,7 @@ def build_client(settings: Settings, before_request: Callable[[str], None] | Non
         read_timeout=settings.powens_read_timeout,
         total_timeout=settings.powens_total_timeout,
         max_body_bytes=settings.powens_max_body_bytes,
-        session=shared_session(),
+        session=shared_session(max(10, settings.refresh_batch_readers)),
         before_request=before_request,
     )
 

@@ -215,7 +215,9 @@ UPDATE bank_accounts a SET
                   THEN v.coming ELSE a.coming END,
     powens_last_update = CASE WHEN held.newer AND v.last_update IS NOT NULL
                               THEN v.last_update ELSE a.powens_last_update END,
-    status = 'active', last_refreshed_at = v.at, updated_at = v.at
+    -- deleted meanwhile (a push, or Powens' word on the account itself): stays deleted
+    status = CASE WHEN a.status = 'deleted' THEN a.status ELSE 'active' END,
+    last_refreshed_at = v.at, updated_at = v.at
 FROM v JOIN held ON held.id = v.id
 WHERE a.id = v.id
 RETURNING a.id, held.newer
@@ -264,7 +266,8 @@ def update_accounts(session: Session, answers: dict[str, AccountAnswer]) -> set[
                 account.currency, account.balance, account.coming = a.currency, a.balance, a.coming
             if a.last_update is not None:
                 account.powens_last_update = a.last_update
-        account.status = AccountStatus.ACTIVE
+        if account.status != AccountStatus.DELETED:
+            account.status = AccountStatus.ACTIVE
         account.last_refreshed_at = a.refreshed_at
         account.updated_at = a.refreshed_at
     session.flush()
@@ -276,7 +279,7 @@ def upsert_balances(
     accounts: dict[str, tuple[str, str]],
     drafts: dict[str, list[BalanceDraft]],
     refreshed_at: dict[str, datetime],
-    day: date,
+    days: dict[str, date],
 ) -> None:
     """Latest record per (account, type) and the day's snapshot for every account of the batch, never
     replacing a stored record by an older one (the same conditional upsert as the single refresh)."""
@@ -305,7 +308,7 @@ def upsert_balances(
                     "metadata": d.metadata,
                 }
             )
-            snaps.append({**common, "day": day})
+            snaps.append({**common, "day": days[account_id]})
     if _postgresql(session):
         _pg_upsert(session, _PG_LATEST, latest)
         _pg_upsert(session, _PG_SNAPSHOT, snaps)
