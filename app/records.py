@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from decimal import Decimal, Inexact, localcontext
 
 from app.config import Settings
 from app.contract import AccountBalanceRecord, BankAccountRecord, OpenBankingGetBalancesOutput
@@ -18,6 +19,16 @@ from app.powens.models import PowensAccount
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BankAccount, BankConnection, PowensUser
+
+
+def exact_sum(a: Decimal, b: Decimal) -> Decimal:
+    """``a + b`` to the last digit: Decimal's default context keeps 28 significant digits and would
+    round a sum of amounts that Powens sends (and the parser accepts) with more."""
+    with localcontext() as ctx:
+        low = min(int(a.as_tuple().exponent), int(b.as_tuple().exponent))
+        ctx.prec = max(28, max(a.adjusted(), b.adjusted()) - low + 2)
+        ctx.traps[Inexact] = True
+        return a + b
 
 
 def map_balances(pacc: PowensAccount, refreshed_at: datetime) -> list[repo.BalanceDraft]:
@@ -40,7 +51,7 @@ def map_balances(pacc: PowensAccount, refreshed_at: datetime) -> list[repo.Balan
         repo.BalanceDraft(
             balance_type="current",
             current_balance=pacc.balance,
-            available_balance=(pacc.balance + pacc.coming) if pacc.coming is not None else None,
+            available_balance=exact_sum(pacc.balance, pacc.coming) if pacc.coming is not None else None,
             currency=pacc.currency,
             last_updated_at=last,
             metadata={**meta, "source": "balance"},
@@ -96,7 +107,9 @@ def to_account_record(a: BankAccount, c: BankConnection, u: PowensUser) -> BankA
         bic=a.bic,
         account_number_masked=masked,
         balance=a.balance,
-        available_balance=(a.balance + a.coming) if a.balance is not None and a.coming is not None else None,
+        available_balance=exact_sum(a.balance, a.coming)
+        if a.balance is not None and a.coming is not None
+        else None,
         metadata={
             "status": a.status,
             "connectionState": c.state,

@@ -315,3 +315,70 @@ def test_an_account_handed_to_the_single_refresh_keeps_its_attempt_count(
     (row,) = [r for r in audit_rows(settings, run_id) if r.account_id == missing]
     assert row.attempts == settings.max_attempts
     broker.flushdb()
+
+
+def test_available_balance_is_the_exact_sum_however_many_digits_powens_sends() -> None:
+    """balance + coming in Decimal's default context (28 digits) rounded such amounts silently."""
+    from zoneinfo import ZoneInfo
+
+    from app.powens.models import PowensAccount
+    from app.records import map_balances
+
+    raw = {
+        "id": 1,
+        "id_connection": 2,
+        "name": "big",
+        "balance": Decimal("98765432109876543.123456789012345678"),
+        "coming": Decimal("1.000000000000000001"),
+        "currency": {"id": "EUR"},
+        "last_update": "2026-11-24 04:00:00",
+    }
+    pacc = PowensAccount.parse(raw, ZoneInfo("Europe/Paris"), "/x")
+    (current,) = [d for d in map_balances(pacc, datetime.now(UTC)) if d.balance_type == "current"]
+    assert current.available_balance == Decimal("98765432109876544.123456789012345679")
+
+
+def test_a_batch_never_revives_an_account_deleted_while_it_read(settings: Settings, sandbox: Sandbox) -> None:
+    (t,) = seed(settings, sandbox, tenants=1, accounts=2)
+    run_id, items = plan(settings)
+    deps = Deps.default(settings)
+    gone = t.account_ids[0]
+    real = deps.client.list_accounts_raw
+
+    def meanwhile(token: str, user: int | str = "me", **kw: object) -> object:
+        with session_scope(settings) as s:  # a CONNECTION_DELETED push, say, lands now
+            repo.set_account_status(s, gone, "deleted", datetime.now(UTC))
+        return real(token, user, **kw)  # type: ignore[arg-type]
+
+    deps.client.list_accounts_raw = meanwhile  # type: ignore[method-assign]
+    run_batch(deps, run_id, items, date(2026, 11, 24), 1)
+
+    with session_scope(settings) as s:
+        assert s.get(BankAccount, gone).status == "deleted"  # type: ignore[union-attr]
+        assert s.get(BankAccount, t.account_ids[1]).status == "active"  # type: ignore[union-attr]
+
+
+def test_a_redelivered_batch_claims_the_summary_its_first_delivery_did_not(
+    settings: Settings, sandbox: Sandbox, redis_url: str
+) -> None:
+    """The first delivery committed every outcome, then died before claiming its tenant's summary:
+    the redelivery finds nothing to do but the claim."""
+    from app.tasks import refresh_batch
+
+    (t,) = seed(settings, sandbox, tenants=1, accounts=2)
+    run_id, items = plan(settings)
+    batch(settings, run_id, items)  # recorded; no claim made (that is the task's, after the commit)
+    broker = redis.Redis.from_url(redis_url)
+    broker.flushdb()
+
+    result = refresh_batch.apply(args=(run_id, [list(i) for i in items])).get()
+
+    assert result["skipped"] == len(items)
+    with session_scope(settings) as s:
+        status = s.scalar(
+            select(RunTenant.status).where(RunTenant.run_id == run_id, RunTenant.tenant_id == t.tenant_id)
+        )
+    assert status == "summarising"
+    queued = [loads(m)["headers"]["task"] for m in broker.lrange("reports", 0, -1)]
+    assert queued == ["balances.summarize_tenant"]
+    broker.flushdb()
