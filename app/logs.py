@@ -40,19 +40,28 @@ _IBAN_START = re.compile(r"\b[A-Za-z\u0130\u0131\u017f\u212a]{2}\d{2}")  # = (?i
 
 
 def scrub(text: str) -> str:
-    folded = text.lower().translate(_FOLD)
-    iban = _IBAN_START.search(text) is not None
-    gates = (
-        "bearer" in folded,
-        "sbx_" in text,
-        "gAAAAA" in text,
-        "token" in folded or "client_secret" in folded,
-        iban,
-        iban,
-    )
-    for (pattern, repl), gate in zip(_SCRUB, gates, strict=True):
+    folded = ""
+    iban: bool | None = None
+    for index, (pattern, repl) in enumerate(_SCRUB):
+        # Gates see the text as the patterns before them left it (a replacement can make a match).
+        if not folded:
+            folded = text.lower().translate(_FOLD) or " "
+        if index == 0:
+            gate = "bearer" in folded
+        elif index == 1:
+            gate = "sbx_" in text
+        elif index == 2:
+            gate = "gAAAAA" in text
+        elif index == 3:
+            gate = "token" in folded or "client_secret" in folded
+        else:
+            if iban is None:
+                iban = _IBAN_START.search(text) is not None
+            gate = iban
         if gate:
-            text = pattern.sub(repl, text)
+            replaced = pattern.sub(repl, text)
+            if replaced != text:
+                text, folded, iban = replaced, "", None
     return text
 
 
