@@ -51,15 +51,13 @@ from app.shared_read import register_listed
 from app.store import bulk
 from app.store.db import session_scope
 from app.store.models import BankAccount, BankConnection, PowensUser, RunItem
+from app.store.runs import Item
 from app.store.states import AccountStatus, AttemptOutcome, ItemStatus, Trigger
 from app.tokens import UserToken
 from app.write_path import Read, Where, judge, pushed_recently, say_when
 
 log = logging.getLogger(__name__)
 _rng = random.SystemRandom()
-
-# (task_id, tenant_id, account_id, powens_user_pk): one run item, as published.
-Item = tuple[str, str, str, int]
 
 
 @dataclass

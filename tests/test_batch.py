@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -17,6 +17,7 @@ from decimal import Decimal
 import pytest
 import redis
 from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session
 
 from app import pipeline
 from app.batch import BatchResult, Item, run_batch
@@ -66,6 +67,21 @@ def counted(settings: Settings) -> Iterator[list[int]]:
         yield seen
     finally:
         event.remove(engine, "before_cursor_execute", count)
+
+
+def while_reading(settings: Settings, change: Callable[[Session], object]) -> Deps:
+    """Deps whose Powens client first commits ``change`` (another writer, between the batch's load
+    and its answer), then reads the user's accounts."""
+    deps = Deps.default(settings)
+    real = deps.client.list_accounts_raw
+
+    def meanwhile(token: str, user: int | str = "me", **kw: object) -> object:
+        with session_scope(settings) as s:
+            change(s)
+        return real(token, user, **kw)  # type: ignore[arg-type]
+
+    deps.client.list_accounts_raw = meanwhile  # type: ignore[method-assign]
+    return deps
 
 
 def seed(settings: Settings, sandbox: Sandbox, tenants: int, accounts: int) -> list[Seeded]:
@@ -269,17 +285,11 @@ def test_the_connection_state_follows_the_batchs_newer_answer_even_if_it_changed
     connection; the batch's newer answer says the connection is fine: it must clear it."""
     (t,) = seed(settings, sandbox, tenants=1, accounts=2)
     run_id, items = plan(settings)
-    deps = Deps.default(settings)
     with session_scope(settings) as s:
         conn_id = s.scalar(select(BankAccount.connection_id).where(BankAccount.id == t.account_ids[0]))
-    real = deps.client.list_accounts_raw
-
-    def meanwhile(token: str, user: int | str = "me", **kw: object) -> object:
-        with session_scope(settings) as s:
-            repo.set_connection_state(s, conn_id, "SCARequired", datetime.now(UTC))
-        return real(token, user, **kw)  # type: ignore[arg-type]
-
-    deps.client.list_accounts_raw = meanwhile  # type: ignore[method-assign]
+    deps = while_reading(
+        settings, lambda s: repo.set_connection_state(s, conn_id, "SCARequired", datetime.now(UTC))
+    )
     result = run_batch(deps, run_id, items, date(2026, 11, 24), 1)
 
     assert result.succeeded == 2
@@ -341,16 +351,9 @@ def test_available_balance_is_the_exact_sum_however_many_digits_powens_sends() -
 def test_a_batch_never_revives_an_account_deleted_while_it_read(settings: Settings, sandbox: Sandbox) -> None:
     (t,) = seed(settings, sandbox, tenants=1, accounts=2)
     run_id, items = plan(settings)
-    deps = Deps.default(settings)
     gone = t.account_ids[0]
-    real = deps.client.list_accounts_raw
-
-    def meanwhile(token: str, user: int | str = "me", **kw: object) -> object:
-        with session_scope(settings) as s:  # a CONNECTION_DELETED push, say, lands now
-            repo.set_account_status(s, gone, "deleted", datetime.now(UTC))
-        return real(token, user, **kw)  # type: ignore[arg-type]
-
-    deps.client.list_accounts_raw = meanwhile  # type: ignore[method-assign]
+    # A CONNECTION_DELETED push, say, lands while the batch reads.
+    deps = while_reading(settings, lambda s: repo.set_account_status(s, gone, "deleted", datetime.now(UTC)))
     run_batch(deps, run_id, items, date(2026, 11, 24), 1)
 
     with session_scope(settings) as s:

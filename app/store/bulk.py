@@ -122,8 +122,8 @@ def _pg_upsert(session: Session, sql: str, rows: Sequence[dict[str, Any]]) -> No
 
 def keyed_only(session: Session) -> None:
     """Every statement of a batch (and of a tenant's summary or forecast) finds its rows by a key or
-    an index. On a young
-    table — the first night, or one that grew by a night of rows since autovacuum last analyzed it —
+    an index. On a young table — the first night, or one that grew by a night of rows since
+    autovacuum last analyzed it —
     the planner lacks statistics and scans the whole table instead (measured: the latest-records read
     went from under 1 ms to 25-50 ms per batch as the table grew, every batch of the run paying for
     the table so far). For this transaction only, a scan is the planner's last resort."""
