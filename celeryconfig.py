@@ -10,7 +10,7 @@ Why each setting (docs/design.md "Celery"):
 - queue_order_strategy=priority, queues listed interactive, reports, refresh: on-demand work first,
   then the few short planning/report/sweeper tasks, then the nightly flood (strict priority would
   otherwise starve planning and summaries behind the whole refresh backlog).
-- task_routes: one router (app.queues) places every task; no call site names a queue.
+- task_routes: one router (app.worker.queues) places every task; no call site names a queue.
 """
 
 from datetime import timedelta
@@ -19,9 +19,9 @@ from celery.schedules import schedule
 from kombu import Queue
 
 from app.config import get_settings
-from app.queues import Queue as Q
-from app.queues import route
 from app.schedule import parse as parse_cron
+from app.worker.queues import Queue as Q
+from app.worker.queues import route
 
 _s = get_settings()
 
@@ -57,17 +57,17 @@ broker_transport_options = {
 }
 result_backend_transport_options = {"visibility_timeout": _s.visibility_timeout}
 
-# Listed in priority order (app.queues.Queue).
+# Listed in priority order (app.worker.queues.Queue).
 task_queues = tuple(Queue(q.value, routing_key=q.value) for q in Q)
 task_routes = (route,)
 task_default_queue = Q.INTERACTIVE.value
 task_default_routing_key = Q.INTERACTIVE.value
 task_create_missing_queues = False
 
-imports = ("app.tasks",)
+imports = ("app.worker.tasks",)
 
 # Beat: RedBeat keeps the schedule and a lock in Redis, so a second beat is a hot standby.
-beat_scheduler = "app.beat:BalancesScheduler"  # RedBeat, surviving a Redis restart
+beat_scheduler = "app.worker.beat:BalancesScheduler"  # RedBeat, surviving a Redis restart
 redbeat_redis_url = _s.celery_broker_url
 redbeat_key_prefix = "balances:redbeat"
 redbeat_lock_timeout = _s.redbeat_lock_timeout

@@ -15,10 +15,10 @@ from typing import Any
 from celery import Celery, signals
 
 from app.config import get_settings
-from app.queues import PUSH_TASK
+from app.worker.queues import PUSH_TASK
 
 # Every task's base (metrics, declared retry policy); a string, so it loads with the task modules.
-app = Celery("app", task_cls="app.taskbase:BalancesTask")
+app = Celery("app", task_cls="app.worker.taskbase:BalancesTask")
 app.config_from_object("celeryconfig")
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @signals.setup_logging.connect
 def _setup_logging(**_: Any) -> None:
-    from app import logs
+    from app.ops import logs
 
     s = get_settings()
     logs.configure(s.log_level, s.log_format)
@@ -36,7 +36,7 @@ def _setup_logging(**_: Any) -> None:
 def _before_task_modules(**_: Any) -> None:
     # Sent by the loader of a worker or beat just before it imports the task modules (which import
     # prometheus_client): the last moment to choose the multiprocess directory.
-    from app import exporter
+    from app.ops import exporter
 
     exporter.prepare_multiprocess(get_settings())
 
@@ -97,7 +97,7 @@ def _secret(value: Any) -> str | None:
 
 @signals.worker_init.connect
 def _worker_init(**_: Any) -> None:
-    from app import exporter
+    from app.ops import exporter
 
     require_keys("worker")
     exporter.serve_worker_metrics(get_settings())
@@ -106,8 +106,8 @@ def _worker_init(**_: Any) -> None:
 @signals.worker_process_init.connect
 def _child_init(**_: Any) -> None:
     # Sockets inherited from the parent (DB pool, HTTP pool) must not be used by two processes.
-    from app.coordination import reset_coordinators
     from app.powens.client import reset_client
+    from app.refresh.coordination import reset_coordinators
     from app.store.db import dispose_after_fork
 
     dispose_after_fork()
@@ -117,14 +117,14 @@ def _child_init(**_: Any) -> None:
 
 @signals.worker_process_shutdown.connect
 def _child_shutdown(pid: int | None = None, **_: Any) -> None:
-    from app import exporter
+    from app.ops import exporter
 
     exporter.child_exited(pid or os.getpid())
 
 
 @signals.beat_init.connect
 def _beat_init(**_: Any) -> None:
-    from app import exporter
+    from app.ops import exporter
 
     require_keys("beat")
     exporter.serve_beat_metrics(get_settings())
@@ -140,7 +140,7 @@ def worker_argv(
 ) -> list[str]:
     """The ``celery -A app worker`` command line (tests, the benchmark): all queues unless told,
     no gossip or mingle (they add start-up latency and chatter, and nothing here uses them)."""
-    from app.queues import Queue
+    from app.worker.queues import Queue
 
     return [
         sys.executable,

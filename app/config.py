@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     )
     forecast_min_points: int = Field(7, ge=2, validation_alias=_env("BALANCES_FORECAST_MIN_POINTS"))
 
-    # The push path (app.webhooks): Powens' HMAC secret(s), comma-separated, newest first.
+    # The push path (app.push): Powens' HMAC secret(s), comma-separated, newest first.
     webhook_secret: SecretStr | None = Field(None, validation_alias=_env("POWENS_WEBHOOK_SECRET"))
     webhook_tolerance_seconds: float = Field(
         300.0, gt=0, validation_alias=_env("BALANCES_WEBHOOK_TOLERANCE_SECONDS")

@@ -71,10 +71,10 @@ import requests
 from psycopg.types.json import Jsonb
 from sqlalchemy import JSON, Table, func, select
 
-from app import pipeline
 from app.celery import worker_argv
 from app.config import Settings, load_settings, use_settings
-from app.powens.sandbox import Knobs, Sandbox, SandboxState
+from app.devtools.sandbox import Knobs, Sandbox, SandboxState
+from app.nightly import pipeline
 from app.store import runs
 from app.store.db import get_engine, session_scope
 from app.store.migrate import upgrade
@@ -678,7 +678,7 @@ def queue_len(r: redis.Redis, queue: str = "refresh") -> int:
 def publish_noops(n: int) -> float:
     """N signed no-op messages over one producer; returns the seconds it took."""
     from app.celery import app
-    from app.tasks import noop
+    from app.worker.tasks import noop
 
     t0 = time.perf_counter()
     with app.producer_or_acquire() as producer:
@@ -769,9 +769,9 @@ class Prober:
 
     def probe(self) -> list[Any]:
         from app.contract import OpenBankingRefreshBalancesInput
-        from app.outcomes import Succeeded, wait_for
+        from app.refresh.outcomes import Succeeded, wait_for
         from app.store import repo
-        from app.tasks import dispatch_refresh
+        from app.worker.tasks import dispatch_refresh
 
         tenant, account = self.rng.choice(self.accounts)
         inp = OpenBankingRefreshBalancesInput(tenant_id=tenant, account_id=account)
@@ -883,7 +883,7 @@ def bench_planning(args: argparse.Namespace) -> dict[str, Any]:
     against the real broker: wall time and Python heap peak."""
     from prometheus_client import REGISTRY
 
-    from app import tasks
+    from app.worker import tasks
 
     n = args.plan_accounts
     users = max(1, n * args.users // args.accounts)
@@ -911,7 +911,7 @@ def bench_planning(args: argparse.Namespace) -> dict[str, Any]:
         _cur, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         statements = (REGISTRY.get_sample_value("balances_db_statements_total") or 0.0) - statements0
-        from app.queues import Queue
+        from app.worker.queues import Queue
 
         queued = {q.value: queue_len(r, q.value) for q in Queue}
         return {
@@ -1085,7 +1085,7 @@ def nightly_run(
     users: int,
     probe_costs: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    from app.tasks import enqueue_plan
+    from app.worker.tasks import enqueue_plan
 
     sb.state.reset_stats()
     before = pool.scrape()

@@ -30,18 +30,18 @@ import redis
 import requests
 from sqlalchemy import func, select
 
-from app import pipeline
 from app.celery import worker_argv
 from app.config import load_settings, use_settings
+from app.devtools.sandbox import Sandbox, SandboxState
 from app.jsonio import dumps
-from app.powens.sandbox import Sandbox, SandboxState
+from app.nightly import pipeline
+from app.push.signature import sign
 from app.store import runs
 from app.store.db import session_scope
 from app.store.migrate import upgrade
 from app.store.models import BankAccount
 from app.store.secrets import generate_key
 from app.store.states import Trigger
-from app.webhooks.signature import sign
 from bench.nightly_bench import REDIS_URL, ROOT, SIGNING_KEY, drop_db, fresh_db, seed
 
 SECRET = "bench-webhook-secret"
@@ -82,7 +82,7 @@ def report(label: str, samples: list[tuple[int, float, float, float]]) -> None:
 
 
 def nightly(settings: Any, sandbox: Sandbox) -> tuple[int, dict[str, Any], float]:
-    from app.tasks import enqueue_plan
+    from app.worker.tasks import enqueue_plan
 
     sandbox.state.reset_stats()
     t0 = time.perf_counter()

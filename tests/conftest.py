@@ -16,7 +16,7 @@ from hypothesis import settings as hypothesis_settings
 from sqlalchemy import text
 
 from app.config import Settings, load_settings, use_settings
-from app.powens.sandbox import Sandbox, SandboxState
+from app.devtools.sandbox import Sandbox, SandboxState
 from app.store.db import get_engine
 from app.store.migrate import upgrade
 from app.store.models import Base

@@ -16,8 +16,8 @@ from pathlib import Path
 import requests
 
 from app.celery import worker_argv
+from app.devtools.sandbox import Sandbox
 from app.jsonio import loads
-from app.powens.sandbox import Sandbox
 from tests.conftest import ENCRYPTION_KEY, SIGNING_KEY
 
 ROOT = Path(__file__).resolve().parent.parent

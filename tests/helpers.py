@@ -10,11 +10,11 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from app.accounts import link_powens_user, sync_accounts
+from app.admin.accounts import link_powens_user, sync_accounts
 from app.config import Settings
-from app.deps import Deps
+from app.devtools.sandbox import Sandbox, SUser
 from app.policy import ADMIN, Actor
-from app.powens.sandbox import Sandbox, SUser
+from app.refresh.deps import Deps
 from app.store import repo
 from app.store.db import session_scope
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import redis
 
-from app import tasks
 from app.celery import app
+from app.worker import tasks
 
 
 @app.task(name="tests.poison")

@@ -1,4 +1,5 @@
-"""The nightly refresh in batches (app.batch) as plain functions: real PostgreSQL, the sandbox as Powens.
+"""The nightly refresh in batches (app.nightly.batch) as plain functions: real PostgreSQL, the sandbox
+as Powens.
 
 What a batch must keep from the single refresh: an outcome per account (audit row under its item's
 task id, run item, counter), one Powens call per user, one bad account failing alone, nothing written
@@ -19,12 +20,12 @@ import redis
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
-from app import pipeline
-from app.batch import BatchResult, Item, run_batch
 from app.config import Settings
-from app.deps import Deps
+from app.devtools.sandbox import Sandbox
 from app.jsonio import loads
-from app.powens.sandbox import Sandbox
+from app.nightly import pipeline
+from app.nightly.batch import BatchResult, Item, run_batch
+from app.refresh.deps import Deps
 from app.store import repo, runs
 from app.store.db import get_engine, session_scope
 from app.store.models import (
@@ -37,7 +38,7 @@ from app.store.models import (
     RunTenant,
 )
 from app.store.states import Trigger
-from app.tasks import split_by_user
+from app.worker.tasks import split_by_user
 from tests.helpers import Seeded, refreshed_total, seed_tenant
 
 
@@ -257,8 +258,8 @@ def test_a_bug_inside_a_batch_hands_its_accounts_to_single_refreshes(
 ) -> None:
     """Not acknowledged with nothing recorded (the run would wait for the sweeper, and a bug that
     repeats would never finish): each account goes on alone, where a bug ends as a recorded failure."""
-    from app import batch as batch_module
-    from app.tasks import refresh_batch
+    from app.nightly import batch as batch_module
+    from app.worker.tasks import refresh_batch
 
     seed(settings, sandbox, tenants=2, accounts=2)
     run_id, items = plan(settings)
@@ -302,7 +303,7 @@ def test_an_account_handed_to_the_single_refresh_keeps_its_attempt_count(
 ) -> None:
     """Handed over at the last attempt (its user's list lacked it), the single refresh does not
     start again at attempt 1: a retryable failure there is the last one, recorded."""
-    from app.tasks import publish_refreshes, refresh_account
+    from app.worker.tasks import publish_refreshes, refresh_account
 
     (t,) = seed(settings, sandbox, tenants=1, accounts=2)
     missing = t.account_ids[0]
@@ -332,7 +333,7 @@ def test_available_balance_is_the_exact_sum_however_many_digits_powens_sends() -
     from zoneinfo import ZoneInfo
 
     from app.powens.models import PowensAccount
-    from app.records import map_balances
+    from app.refresh.records import map_balances
 
     raw = {
         "id": 1,
@@ -366,7 +367,7 @@ def test_a_redelivered_batch_claims_the_summary_its_first_delivery_did_not(
 ) -> None:
     """The first delivery committed every outcome, then died before claiming its tenant's summary:
     the redelivery finds nothing to do but the claim."""
-    from app.tasks import refresh_batch
+    from app.worker.tasks import refresh_batch
 
     (t,) = seed(settings, sandbox, tenants=1, accounts=2)
     run_id, items = plan(settings)

@@ -10,7 +10,7 @@ import time
 import pytest
 import redis
 
-from app.coordination import RedisCoordinator, Throttled
+from app.refresh.coordination import RedisCoordinator, Throttled
 from tests.e2e import ROOT
 
 
@@ -24,8 +24,8 @@ def coord(redis_url: str) -> RedisCoordinator:
 def test_a_shared_read_or_failure_planted_in_redis_is_not_believed(coord: RedisCoordinator) -> None:
     # Anyone who can write to Redis knows the keys (run and Powens user ids are visible there): a value
     # they plant must not become an account's balances, nor a failure its recorded reason.
-    from app.coordination import Sharing
     from app.errors import RefreshError
+    from app.refresh.coordination import Sharing
 
     sharing = Sharing(failure_key="planted:failed:1", failure_ttl=5, lease=2)
     coord.r.set("balances:shared:planted", '{"accounts": [{"id": 1, "balance": 99999999}]}')
@@ -68,7 +68,7 @@ def test_a_killed_holder_frees_its_lock_within_one_lease(coord: RedisCoordinator
             sys.executable,
             "-c",
             "import redis, sys, time\n"
-            "from app.coordination import RedisCoordinator\n"
+            "from app.refresh.coordination import RedisCoordinator\n"
             f"c = RedisCoordinator(redis.Redis.from_url({redis_url!r}), rate_limit=0,"
             " seal_keys=[b'k' * 40])\n"
             "with c.account_lock('acc-dead', lease=2.0, wait=1):\n"
@@ -92,8 +92,8 @@ def test_deliveries_are_counted_per_task_and_retry(coord: RedisCoordinator) -> N
 
 
 def test_a_shared_failure_is_shared_by_its_attempt_only(coord: RedisCoordinator) -> None:
-    from app.coordination import Sharing
     from app.errors import Reason, RefreshError
+    from app.refresh.coordination import Sharing
 
     calls: list[int] = []
 

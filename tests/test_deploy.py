@@ -74,8 +74,8 @@ def test_every_alert_is_tested_documented_and_has_a_runbook_section() -> None:
 def exported_metric_names() -> set[str]:
     from prometheus_client import REGISTRY
 
-    import app.metrics  # noqa: F401
-    from app.queues import Queue  # the queues the beat's ServiceCollector measures
+    import app.ops.metrics  # noqa: F401
+    from app.worker.queues import Queue  # the queues the beat's ServiceCollector measures
 
     names: set[str] = {"up"}
     for family in REGISTRY.collect():

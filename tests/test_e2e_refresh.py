@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
-from app.powens.sandbox import Sandbox
+from app.devtools.sandbox import Sandbox
 from app.store import repo
 from app.store.db import session_scope
 from tests.e2e import ENCRYPTION_KEY, Worker, run_cli, run_worker, service_env
@@ -167,7 +167,7 @@ def test_no_wait_prints_the_task_id_and_show_reads_the_store(
     assert proc.returncode == 0, proc.stderr
     task_id = proc.stdout.strip()
     assert len(task_id) == 36
-    from app.outcomes import Succeeded, wait_for
+    from app.refresh.outcomes import Succeeded, wait_for
 
     outcome = wait_for(settings, task_id, None, timeout=60, poll=0.1)
     assert isinstance(outcome, Succeeded), "no outcome"
@@ -220,7 +220,7 @@ def test_worker_logs_are_json_with_context_and_never_carry_a_secret(
         if not line.strip() or line.startswith("worker: Warm shutdown"):
             continue
         docs.append(json.loads(line))  # every line after the banner is one JSON document
-    mine = [d for d in docs if d.get("account_id") == acc and d.get("logger") == "app.tasks"]
+    mine = [d for d in docs if d.get("account_id") == acc and d.get("logger") == "app.worker.tasks"]
     assert mine and all(d["tenant_id"] == "e2e-logs" and d["task_id"] for d in mine)
     text = "\n".join(lines)
     secrets = [t.user.token, ENCRYPTION_KEY] + [a.iban for a in t.user.accounts.values() if a.iban]

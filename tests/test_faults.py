@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.config import Settings
-from app.powens.sandbox import Sandbox
+from app.devtools.sandbox import Sandbox
 from app.store import runs
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BalanceSnapshot, RefreshAttempt, RunItem, TenantSummary

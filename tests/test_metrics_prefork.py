@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
-from app.outcomes import wait_for
-from app.powens.sandbox import Sandbox
+from app.devtools.sandbox import Sandbox
+from app.refresh.outcomes import wait_for
 from tests.e2e import Worker, run_worker, service_env
 from tests.helpers import seed_tenant, sum_scrape
 
@@ -34,7 +34,7 @@ def test_one_scrape_counts_every_refresh_of_every_child_even_after_recycling(
 
     from app.contract import OpenBankingRefreshBalancesInput
     from app.store.states import Trigger
-    from app.tasks import app, dispatch_refresh
+    from app.worker.tasks import app, dispatch_refresh
 
     app.conf.broker_url = recycling_worker.env["CELERY_BROKER_URL"]
     first = recycling_worker.scrape()

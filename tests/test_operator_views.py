@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from app.config import Settings
-from app.exporter import ServiceCollector
-from app.powens.sandbox import Sandbox
+from app.devtools.sandbox import Sandbox
+from app.ops.exporter import ServiceCollector
 from app.reports.attention import age_bucket, age_text, tenant_views
 from app.store.db import session_scope
 from tests.e2e import run_cli, service_env
@@ -72,7 +72,7 @@ def test_accounts_list_and_show_print_the_bank_datas_age(settings: Settings, san
     assert "(old)" in listed.stdout and "bank data age" in listed.stdout
     as_json = run_cli(env, "--as", "alice", "accounts", "list", "--tenant", "ops-cli", "--json")
     assert '"powensLastUpdate"' in as_json.stdout and '"consentExpiresAt"' in as_json.stdout
-    from app.refresh import refresh_balances
+    from app.refresh.handler import refresh_balances
 
     for acc in t.account_ids:
         refresh_balances({"tenantId": "ops-cli", "accountId": acc}, "alice", "on_demand")

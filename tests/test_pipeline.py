@@ -22,10 +22,10 @@ import redis
 from sqlalchemy import func, select
 
 from app.config import Settings
-from app.deps import Deps
-from app.outcomes import Attempt
-from app.powens.sandbox import Sandbox
-from app.refresh import refresh_balances
+from app.devtools.sandbox import Sandbox
+from app.refresh.deps import Deps
+from app.refresh.handler import refresh_balances
+from app.refresh.outcomes import Attempt
 from app.store import repo, runs
 from app.store.db import session_scope
 from app.store.models import (
@@ -163,7 +163,7 @@ def test_fault_free_run_makes_one_powens_call_per_powens_user(
     # a second Powens user for c-3
     from datetime import UTC, datetime
 
-    from app.accounts import link_powens_user, sync_accounts
+    from app.admin.accounts import link_powens_user, sync_accounts
     from tests.helpers import ADMIN_ACTOR
 
     extra = sandbox.state.create_user(connections=1, accounts_per_connection=3)
@@ -174,7 +174,7 @@ def test_fault_free_run_makes_one_powens_call_per_powens_user(
     assert t3.user.id != extra.id
 
     # An account opened at the bank since the last discovery: the run's shared read registers it.
-    from app.powens.sandbox import SAccount
+    from app.devtools.sandbox import SAccount
 
     conn_id = next(iter(extra.connections))
     sandbox.state.users[extra.id].accounts[99_001] = SAccount(

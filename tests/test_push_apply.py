@@ -13,16 +13,16 @@ from sqlalchemy import select
 
 from app import jsonio
 from app.config import Settings
-from app.deps import Deps
-from app.outcomes import Attempt, Failed, Succeeded
-from app.powens.sandbox import SAccount, Sandbox
-from app.refresh import execute
+from app.devtools.sandbox import SAccount, Sandbox
+from app.push import apply as apply_module
+from app.push.apply import apply
+from app.push.events import Event, reduce
+from app.refresh.deps import Deps
+from app.refresh.handler import execute
+from app.refresh.outcomes import Attempt, Failed, Succeeded
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BankAccount, BankConnection, RefreshAttempt
 from app.store.states import AccountStatus, Trigger
-from app.webhooks import apply as apply_module
-from app.webhooks.apply import apply
-from app.webhooks.events import Event, reduce
 from tests.helpers import Seeded, seed_tenant
 
 

@@ -10,12 +10,12 @@ import pytest
 from sqlalchemy import func, select
 
 from app.config import Settings
-from app.deps import Deps
+from app.devtools.sandbox import Sandbox
 from app.errors import Reason, RefreshError
-from app.outcomes import Attempt, RetryLater
 from app.policy import SCHEDULER
-from app.powens.sandbox import Sandbox
-from app.refresh import check_policy, refresh_balances
+from app.refresh.deps import Deps
+from app.refresh.handler import check_policy, refresh_balances
+from app.refresh.outcomes import Attempt, RetryLater
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BalanceSnapshot, ForcedSync, RefreshAttempt
@@ -266,7 +266,7 @@ def test_forced_sync_honours_the_quota_of_four_per_day(settings: Settings, sandb
 def test_a_rate_limited_refresh_says_when_it_may_be_tried_again(settings: Settings, sandbox: Sandbox) -> None:
     from collections import deque
 
-    from app.outcomes import replay
+    from app.refresh.outcomes import replay
 
     t = seed_tenant(settings, sandbox, "t-429")
     acc = t.account_ids[0]

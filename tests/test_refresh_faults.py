@@ -10,13 +10,13 @@ from decimal import Decimal
 
 from sqlalchemy import func, select
 
-from app.accounts import sync_accounts
+from app.admin.accounts import sync_accounts
 from app.config import Settings
-from app.coordination import get_coordinator, throttle
-from app.deps import Deps
 from app.errors import Reason
-from app.outcomes import Attempt, Failed, Requeue, Retry, Succeeded
-from app.refresh import execute, give_up_refresh
+from app.refresh.coordination import get_coordinator, throttle
+from app.refresh.deps import Deps
+from app.refresh.handler import execute, give_up_refresh
+from app.refresh.outcomes import Attempt, Failed, Requeue, Retry, Succeeded
 from app.store import repo, runs
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, ForcedSync, RunItem, RunTenant
@@ -277,7 +277,7 @@ def test_discovery_retries_a_transient_503(settings, sandbox) -> None:
 
 
 def test_summaries_use_the_business_day_the_run_started_with(settings, sandbox) -> None:
-    from app import pipeline
+    from app.nightly import pipeline
     from app.reports import jobs
     from app.reports.summary import latest_summary
 

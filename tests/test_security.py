@@ -25,18 +25,18 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from app import signing
-from app.admin import grant, revoke, rotate_keys
+from app.admin.manage import grant, revoke, rotate_keys
 from app.config import Settings
 from app.contract import parse_input
-from app.deps import Deps
+from app.devtools.sandbox import Sandbox
 from app.errors import InvalidInput, PolicyDenied, Reason, RefreshError
-from app.outcomes import Attempt, Failed, Succeeded
 from app.policy import ADMIN, Actor
 from app.powens.errors import PowensError
 from app.powens.models import PowensAccount
-from app.powens.sandbox import Sandbox
-from app.records import map_balances
-from app.refresh import check_policy, execute
+from app.refresh.deps import Deps
+from app.refresh.handler import check_policy, execute
+from app.refresh.outcomes import Attempt, Failed, Succeeded
+from app.refresh.records import map_balances
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import AccountBalance, ForcedSync, PowensUser, RefreshAttempt, Tenant
@@ -464,7 +464,7 @@ def test_a_reconnect_link_carries_a_fresh_code_and_is_never_stored(
 ) -> None:
     from urllib.parse import parse_qs, urlsplit
 
-    from app.connections import reconnect_link
+    from app.admin.connections import reconnect_link
 
     t = seed_tenant(settings, sandbox, "sec-link", accounts=1)
     with session_scope(settings) as s:
@@ -786,7 +786,7 @@ def test_every_log_format_is_scrubbed() -> None:
     import io
     import logging
 
-    from app import logs
+    from app.ops import logs
 
     stream = io.StringIO()
     logs.configure("INFO", "text", stream=stream)
@@ -806,7 +806,7 @@ def test_the_sandbox_admin_routes_need_its_token(sandbox: Sandbox) -> None:
     import requests
 
     assert requests.get(sandbox.admin_url + "stats", timeout=5).status_code == 401
-    from app.powens.sandbox import admin_call
+    from app.devtools.sandbox import admin_call
 
     assert "total" in admin_call(sandbox.admin_url, sandbox.state.admin_token, "stats")
 
@@ -965,7 +965,7 @@ def pg_dump(url: str) -> str:
 def test_the_scrubbers_fast_path_changes_nothing(line: str) -> None:
     """Each pattern runs only when what it needs is in the line: the result is the same as always
     running every pattern."""
-    from app import logs
+    from app.ops import logs
 
     expected = line
     for pattern, repl in logs._SCRUB:

@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, update
 
-from app import pipeline
 from app.config import Settings
-from app.powens.sandbox import Sandbox
+from app.devtools.sandbox import Sandbox
+from app.nightly import pipeline
 from app.reports import jobs
 from app.store import recovery, runs
 from app.store.db import session_scope
@@ -240,8 +240,8 @@ def test_a_stalled_run_whose_refreshes_are_all_still_queued_is_not_redriven(
 
 
 def test_a_nightly_tick_is_keyed_by_the_beats_clock_not_the_workers(settings: Settings) -> None:
-    from app import tasks
     from app.store.models import RefreshRun
+    from app.worker import tasks
 
     use = settings.model_copy(update={"nightly_cron": "0 4 * * *", "timezone": "Europe/Paris"})
     from app.config import use_settings

@@ -12,10 +12,10 @@ from app.backoff import backoff_seconds
 from app.config import Settings, load_settings
 from app.contract import AccountBalanceRecord, OpenBankingRefreshBalancesOutput
 from app.errors import Reason, RefreshError
-from app.outcomes import Attempt, Failed, Requeue, Retry, Succeeded
-from app.pipeline import schedule_slot
-from app.queues import Queue, queue_for
-from app.taskbase import Again, Finish, action_for
+from app.nightly.pipeline import schedule_slot
+from app.refresh.outcomes import Attempt, Failed, Requeue, Retry, Succeeded
+from app.worker.queues import Queue, queue_for
+from app.worker.taskbase import Again, Finish, action_for
 from tests.helpers import metric
 
 
@@ -117,7 +117,7 @@ def test_one_router_places_every_task(name: str, args: tuple[object, ...], queue
 
 def test_the_base_task_retries_its_declared_exceptions_and_counts_each_execution(settings: Settings) -> None:
     from app.celery import app
-    from app.taskbase import BalancesTask
+    from app.worker.taskbase import BalancesTask
 
     calls: list[int] = []
 
@@ -188,8 +188,8 @@ def test_every_task_of_the_service_retries_infrastructure_errors() -> None:
     import kombu.exceptions
     import sqlalchemy.exc
 
-    from app import tasks
-    from app.queues import REFRESH_TASK, ROUTES
+    from app.worker import tasks
+    from app.worker.queues import REFRESH_TASK, ROUTES
 
     for name in [REFRESH_TASK, *ROUTES]:
         task = tasks.app.tasks[name]
@@ -205,7 +205,7 @@ def test_a_denial_that_cannot_be_recorded_is_ignored_and_never_republished(
     from celery.exceptions import Ignore
     from sqlalchemy.exc import OperationalError
 
-    from app.tasks import sweep_runs
+    from app.worker.tasks import sweep_runs
 
     published: list[object] = []
     task_type = type(sweep_runs._get_current_object())

@@ -15,9 +15,9 @@ import requests
 from sqlalchemy import func, select
 
 from app.config import Settings
+from app.devtools.sandbox import Sandbox
+from app.devtools.sandbox_push import Pusher
 from app.jsonio import loads
-from app.powens.sandbox import Sandbox
-from app.powens.sandbox_push import Pusher
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, BankConnection, RefreshAttempt
@@ -178,7 +178,7 @@ def test_a_bad_missing_or_stale_signature_is_401_and_writes_and_queues_nothing(
         status = pushing.send("CONNECTION_SYNCED", body, secret="not-the-secret")
     elif how == "altered body":
         from app.jsonio import dumps
-        from app.webhooks.signature import sign
+        from app.push.signature import sign
 
         date = datetime.now(UTC).isoformat()
         signature = sign(

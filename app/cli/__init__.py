@@ -1,7 +1,7 @@
 """The ``balances`` admin shell (typer + rich). Command names are fixed (README "The admin shell").
 
 Every read command has ``--json``. The actor is ``--as NAME``, else the OS user. Every command names
-its operation (``app.operations``) and is authorized through ``app.policy.authorize`` first.
+its operation (``app.admin.operations``) and is authorized through ``app.policy.authorize`` first.
 """
 
 from __future__ import annotations

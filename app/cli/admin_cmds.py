@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from app import operations as ops
+from app.admin import operations as ops
 from app.cli.shell import (
     JsonOpt,
     acting,
@@ -46,7 +46,7 @@ def tenant_add(
     tenant_id: Annotated[str, typer.Argument(help="Tenant id (1-128 characters).")],
     name: Annotated[str | None, typer.Option(help="Display name.")] = None,
 ) -> None:
-    from app.admin import add_tenant
+    from app.admin.manage import add_tenant
 
     settings, _ = authorized(ops.TENANT_ADD)
     try:
@@ -58,7 +58,7 @@ def tenant_add(
 
 @tenant_cli.command("list")
 def tenant_list(json_: JsonOpt = False) -> None:
-    from app.admin import list_tenants
+    from app.admin.manage import list_tenants
 
     settings, _ = authorized(ops.TENANT_LIST, as_json=json_)
     tenants = list_tenants(settings)
@@ -80,7 +80,7 @@ def admin_grant(
 ) -> None:
     """Grant a role. The first admin may be granted by anyone who can reach the database (the
     bootstrap); from then on only an admin may grant. Audited either way."""
-    from app.admin import grant
+    from app.admin.manage import grant
 
     settings = load()
     try:
@@ -95,7 +95,7 @@ def admin_grant(
 def admin_revoke(
     name: Annotated[str, typer.Argument()], role: Annotated[str, typer.Option()] = ADMIN
 ) -> None:
-    from app.admin import revoke
+    from app.admin.manage import revoke
 
     settings, actor = authorized(ops.ADMIN_REVOKE)
     try:
@@ -107,7 +107,7 @@ def admin_revoke(
 
 @admin_cli.command("list")
 def admin_list(json_: JsonOpt = False) -> None:
-    from app.admin import list_actors
+    from app.admin.manage import list_actors
 
     settings, _ = authorized(ops.ADMIN_LIST, as_json=json_)
     actors = list_actors(settings)
@@ -146,7 +146,7 @@ def sandbox_serve(
     """Serve the Powens-compatible sandbox until interrupted (admin routes under /_sandbox/)."""
     import threading
 
-    from app.powens.sandbox import Knobs, SandboxHTTPServer, SandboxState
+    from app.devtools.sandbox import Knobs, SandboxHTTPServer, SandboxState
 
     authorized(ops.SANDBOX_SERVE)
     knobs = Knobs(
@@ -184,7 +184,7 @@ def demo_cmd(
     tenants: Annotated[int, typer.Option(help="Demo tenants to seed.")] = 3,
 ) -> None:
     """Seed demo tenants against a local sandbox and refresh every account (no services needed)."""
-    from app.demo import run_demo
+    from app.devtools.demo import run_demo
 
     if "database_url" in load().model_fields_set:  # not its own embedded database: an admin's call
         authorized(ops.DEMO)
@@ -197,7 +197,7 @@ def keys_rotate() -> None:
 
     Rotation without downtime: 1) put the new key first, the old one second, everywhere, and restart;
     2) run this; 3) remove the old key everywhere."""
-    from app.admin import rotate_keys
+    from app.admin.manage import rotate_keys
 
     settings, actor = authorized(ops.KEYS_ROTATE)
     err.print(f"{rotate_keys(settings, actor)} Powens tokens re-encrypted under the newest key")
@@ -209,7 +209,7 @@ def webhooks_serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
 ) -> None:
     """Receive Powens webhooks: POST /webhooks/powens/{EVENT}, GET /healthz (uvicorn, until stopped)."""
-    from app.webhooks.receiver import serve
+    from app.push.receiver import serve
 
     settings, _ = authorized(ops.WEBHOOKS_SERVE)
     missing = [

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from app import operations as ops
+from app.admin import operations as ops
+from app.cli.render import accounts_table, balances_table
 from app.cli.shell import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
@@ -32,7 +33,6 @@ from app.cli.shell import (
 )
 from app.config import ConfigError
 from app.errors import Reason, RefreshError
-from app.render import accounts_table, balances_table
 
 
 @cli.command("refresh")
@@ -52,11 +52,11 @@ def refresh_cmd(
     json_: JsonOpt = False,
 ) -> None:
     """Refresh one account's balances (openbanking.balances.refresh) on a worker."""
-    from app.deps import Deps
-    from app.outcomes import Failed, wait_for
-    from app.refresh import check_policy
+    from app.refresh.deps import Deps
+    from app.refresh.handler import check_policy
+    from app.refresh.outcomes import Failed, wait_for
     from app.store.states import Trigger
-    from app.tasks import dispatch_refresh
+    from app.worker.tasks import dispatch_refresh
 
     settings = load()
     raw: dict[str, object] = {"tenantId": tenant, "accountId": account}
@@ -117,7 +117,7 @@ def show(
     json_: JsonOpt = False,
 ) -> None:
     """Canonical balance records from the store (openbanking.balances.get; no Powens call)."""
-    from app.records import get_balances
+    from app.refresh.records import get_balances
 
     settings, _ = authorized(ops.SHOW, as_json=json_)
     result = get_balances(settings, tenant, account, balance_type)
@@ -133,7 +133,7 @@ def powens_link(
     user_id: Annotated[int, typer.Option("--user-id", min=1, max=2**63 - 1, help="Powens id_user.")],
 ) -> None:
     """Store a Powens user's permanent token, read from stdin (never from argv), encrypted at rest."""
-    from app.accounts import link_powens_user
+    from app.admin.accounts import link_powens_user
 
     settings, _ = authorized(ops.POWENS_LINK)
     token = read_secret("Powens permanent token: ")
@@ -149,8 +149,8 @@ def powens_link(
 @accounts_cli.command("sync")
 def accounts_sync(tenant: TenantOpt, json_: JsonOpt = False) -> None:
     """Discover the tenant's accounts at Powens and register them."""
-    from app.accounts import sync_accounts
-    from app.deps import Deps
+    from app.admin.accounts import sync_accounts
+    from app.refresh.deps import Deps
 
     settings, actor = authorized(ops.ACCOUNTS_SYNC, as_json=json_)
     try:
@@ -171,7 +171,7 @@ def accounts_sync(tenant: TenantOpt, json_: JsonOpt = False) -> None:
 
 @accounts_cli.command("list")
 def accounts_list(tenant: TenantOpt, json_: JsonOpt = False) -> None:
-    from app.records import account_records
+    from app.refresh.records import account_records
 
     settings, _ = authorized(ops.ACCOUNTS_LIST, as_json=json_)
     records = account_records(settings, tenant)
@@ -189,8 +189,8 @@ def reconnect_link_cmd(
 ) -> None:
     """A Powens reconnect link for a connection that needs its user, with a fresh temporary code.
     Made now, shown once, never stored: send it to the end user."""
-    from app.connections import reconnect_link
-    from app.deps import Deps
+    from app.admin.connections import reconnect_link
+    from app.refresh.deps import Deps
 
     settings, actor = authorized(ops.RECONNECT_LINK, as_json=json_)
     try:

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from app import operations as ops
+from app.admin import operations as ops
+from app.cli.render import print_forecast, print_status, print_summary, watch_run
 from app.cli.shell import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
@@ -23,7 +24,6 @@ from app.cli.shell import (
     run_cli,
 )
 from app.errors import Reason
-from app.render import print_forecast, print_status, print_summary, watch_run
 from app.store.states import RunStatus
 
 
@@ -39,9 +39,9 @@ def run_nightly(
     json_: JsonOpt = False,
 ) -> None:
     """Start the nightly pipeline now (refresh every active account, then summaries and forecasts)."""
-    from app import pipeline
+    from app.nightly import pipeline
     from app.store.states import Trigger
-    from app.tasks import enqueue_plan
+    from app.worker.tasks import enqueue_plan
 
     settings, actor = authorized(ops.RUN_NIGHTLY, as_json=json_)
     run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor=actor.name)
@@ -74,7 +74,7 @@ def run_status_cmd(
 @run_cli.command("sweep")
 def run_sweep(json_: JsonOpt = False) -> None:
     """Run the sweeper once now (beat runs it every BALANCES_SWEEP_INTERVAL_SECONDS)."""
-    from app.tasks import sweep_runs
+    from app.worker.tasks import sweep_runs
 
     authorized(ops.RUN_SWEEP, as_json=json_)
     report = sweep_runs.run()

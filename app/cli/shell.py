@@ -83,7 +83,7 @@ def main_callback(
     as_: Annotated[str | None, typer.Option("--as", help="Act as this actor (default: the OS user).")] = None,
 ) -> None:
     name = as_ or default_actor_name()
-    from app import logs
+    from app.ops import logs
 
     settings = load()
     # Structured logs (and telemetry events such as an audited denial) go to stderr; stdout stays
@@ -153,7 +153,7 @@ def publish_or_fail(publish: Callable[[], T], *, as_json: bool) -> T:
 
 
 def acting(settings: Settings) -> Actor:
-    from app.deps import Deps
+    from app.refresh.deps import Deps
 
     return Deps(settings).actor(state.actor_name)
 
@@ -167,7 +167,7 @@ def authorized(operation: OperationMeta, *, as_json: bool = False) -> tuple[Sett
     try:
         authorize(operation, actor)
     except PolicyDenied as exc:
-        from app.admin import record_denial
+        from app.admin.manage import record_denial
 
         record_denial(settings, actor, operation.qualified_name, exc.message)
         fail(

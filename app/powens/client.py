@@ -19,10 +19,10 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from app import metrics
 from app.config import Settings
 from app.errors import Reason
 from app.jsonio import loads
+from app.ops import metrics
 from app.powens.errors import PowensError, error_from_response
 from app.powens.models import Answer, PowensAccount, PowensConnection, invalid
 

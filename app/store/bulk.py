@@ -1,11 +1,12 @@
 """Set-based writes of a nightly refresh batch: a handful of statements for a whole batch of accounts.
 
-The single refresh (``app.write_path.store``, ``app.outcomes.record``) writes one account in about a
-dozen statements; a batch of a hundred accounts would pay that a hundred times. Here each kind of
-row is written once per batch: the run items claimed in one conditional UPDATE (RETURNING the ones
-this batch won: a redelivered batch wins none), the latest records and the day's snapshots in one
-multi-row ``INSERT ... ON CONFLICT DO UPDATE ... WHERE older`` each, the balance types Powens stopped
-sending in one DELETE, the audit rows in one multi-row INSERT, the tenants' counters by tenant.
+The single refresh (``app.refresh.write_path.store``, ``app.refresh.outcomes.record``) writes one
+account in about a dozen statements; a batch of a hundred accounts would pay that a hundred times.
+Here each kind of row is written once per batch: the run items claimed in one conditional UPDATE
+(RETURNING the ones this batch won: a redelivered batch wins none), the latest records and the day's
+snapshots in one multi-row ``INSERT ... ON CONFLICT DO UPDATE ... WHERE older`` each, the balance
+types Powens stopped sending in one DELETE, the audit rows in one multi-row INSERT, the tenants'
+counters by tenant.
 The rules are the single refresh's, unchanged: a record is never replaced by an older one, only the
 first terminal outcome of an item counts, and everything commits in the transaction of its audit row.
 See docs/performance.md.

@@ -47,7 +47,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 def _count_statements(engine: Engine) -> None:
     """``balances_db_statements_total``: what the database executes (the cost model's unit). Imported
     here, at the first engine of the process: after the worker chose its metrics directory."""
-    from app.metrics import DB_STATEMENTS
+    from app.ops.metrics import DB_STATEMENTS
 
     @event.listens_for(engine, "before_cursor_execute")
     def _count(_conn: Any, _cursor: Any, _stmt: str, params: Any, _ctx: Any, executemany: bool) -> None:

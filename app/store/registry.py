@@ -18,11 +18,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.ops.telemetry import mask_value
 from app.powens.models import PowensAccount, PowensConnection
 from app.store.models import BankAccount, BankConnection, PowensUser
 from app.store.repo import new_id
 from app.store.states import AccountStatus
-from app.telemetry import mask_value
 
 
 def masked(value: str | None) -> str | None:

@@ -20,7 +20,7 @@ class Trigger(StrEnum):
 
     SCHEDULED = "scheduled"  # the nightly pipeline (beat)
     ON_DEMAND = "on_demand"  # an operator, from the admin shell
-    WEBHOOK = "webhook"  # a Powens push (app.webhooks)
+    WEBHOOK = "webhook"  # a Powens push (app.push)
 
 
 class AccountStatus(StrEnum):

@@ -26,10 +26,10 @@ from app.backoff import backoff_seconds
 from app.config import Settings, get_settings
 from app.infra import INFRA_ERRORS
 from app.jsonio import to_plain
-from app.queues import PUSH_TASK
+from app.worker.queues import PUSH_TASK
 
 if TYPE_CHECKING:  # imported lazily: this module loads with the Celery app, before prometheus_client may
-    from app.outcomes import Attempt, Outcome
+    from app.refresh.outcomes import Attempt, Outcome
 
 log = logging.getLogger(__name__)
 _rng = random.SystemRandom()
@@ -46,7 +46,7 @@ def _plain(secret: Any) -> str | None:
 
 def _denial_budget() -> bool:
     """Whether this denial may still be recorded: a forger must not fill the audit tables."""
-    from app.coordination import get_coordinator
+    from app.refresh.coordination import get_coordinator
 
     try:
         minute = int(time.time() // 60)
@@ -74,7 +74,7 @@ class Again:
 
 
 def action_for(outcome: Outcome, attempt: Attempt, settings: Settings, rng: random.Random) -> Finish | Again:
-    from app.outcomes import Failed, Requeue, Retry, Succeeded
+    from app.refresh.outcomes import Failed, Requeue, Retry, Succeeded
 
     if isinstance(outcome, Succeeded):
         # Decimals as strings: a result backend is JSON and must not round money through float.
@@ -115,8 +115,8 @@ class BalancesTask(Task):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Imported here: prometheus_client must not load before the worker chose its directory.
-        from app import metrics
-        from app.metrics import TaskOutcome
+        from app.ops import metrics
+        from app.ops.metrics import TaskOutcome
 
         started = time.perf_counter()
         if not self._authentic(args, kwargs):
@@ -219,7 +219,7 @@ class BalancesTask(Task):
 
     def deny(self, *args: Any, **kwargs: Any) -> Any:
         """A message without a valid signature: not run, audited (operation = the task's name)."""
-        from app.admin import record_denial
+        from app.admin.manage import record_denial
 
         log.error("task %s[%s] denied: its message is not signed by the service", self.name, self.request.id)
         record_denial(
@@ -235,7 +235,7 @@ class BalancesTask(Task):
         Counted only on redelivery, so the normal path costs nothing."""
         if not (self.request.delivery_info or {}).get("redelivered"):
             return 0
-        from app.coordination import get_coordinator
+        from app.refresh.coordination import get_coordinator
 
         coord = get_coordinator(get_settings())
         return coord.count_delivery(f"{self.request.id}:{self.request.retries}", ttl=86_400)

@@ -1,7 +1,7 @@
 """What the admin shell and the demo print: tables, summaries, forecasts, a run's progress.
 
 Plain functions over a rich ``Console``; no command logic, no data access except the run-progress
-poll. Shared by ``app.cli`` and ``app.demo`` so that neither imports the other.
+poll. Shared by ``app.cli`` and ``app.devtools.demo`` so that neither imports the other.
 """
 
 from __future__ import annotations

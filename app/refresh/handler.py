@@ -1,6 +1,6 @@
 """The command handler of ``openbanking.balances.refresh`` v1.0.0. Plain functions, no Celery inside.
 
-``execute`` runs one attempt and returns its outcome as a value (``app.outcomes``); every terminal
+``execute`` runs one attempt and returns its outcome as a value (``app.refresh.outcomes``); every terminal
 outcome — success, failure, denial — is recorded there exactly once. ``refresh_balances`` is the
 same call in the contract's shape (returns the output or raises). See docs/design.md "The refresh".
 """
@@ -15,7 +15,6 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from app import metrics, tokens
 from app.config import Settings
 from app.contract import (
     REFRESH_OPERATION,
@@ -23,12 +22,17 @@ from app.contract import (
     OpenBankingRefreshBalancesOutput,
     parse_input,
 )
-from app.coordination import Throttled
-from app.deps import Deps
 from app.errors import NotFound, PolicyDenied, Reason, RefreshError
-from app.forced_sync import force_sync
 from app.infra import is_infrastructure
-from app.outcomes import (
+from app.ops import metrics
+from app.policy import Actor, authorize
+from app.powens.errors import PowensError
+from app.powens.models import PowensAccount
+from app.refresh import tokens
+from app.refresh.coordination import Throttled
+from app.refresh.deps import Deps
+from app.refresh.forced_sync import force_sync
+from app.refresh.outcomes import (
     Attempt,
     Failed,
     Outcome,
@@ -40,15 +44,12 @@ from app.outcomes import (
     replay,
     unwrap,
 )
-from app.policy import Actor, authorize
-from app.powens.errors import PowensError
-from app.powens.models import PowensAccount
-from app.shared_read import shared_account
+from app.refresh.shared_read import shared_account
+from app.refresh.tokens import UserToken
+from app.refresh.write_path import Read, Where, judge, pushed_recently, say_when, set_status, store
 from app.store import repo
 from app.store.db import session_scope
 from app.store.states import AccountStatus, Trigger
-from app.tokens import UserToken
-from app.write_path import Read, Where, judge, pushed_recently, say_when, set_status, store
 
 log = logging.getLogger(__name__)
 _rng = random.SystemRandom()

@@ -2,12 +2,13 @@
 Celery inside and no Powens call.
 
 Balance events (``CONNECTION_SYNCED``, ``ACCOUNT_SYNCED``) go through the refresh's own write path
-(``app.write_path``): the same mapping, the same "never replace by older data" rule, the same snapshot,
-the same audit row, counter and telemetry event (trigger ``webhook``, actor ``system:powens-webhook``).
-Each account of an event is its own outcome, recorded under a key made of Powens' user, account,
-``last_update`` and state: a redelivered event finds its outcome already recorded and writes nothing,
-and an event older than what is stored writes nothing either. Status events (``ACCOUNT_DISABLED``,
-``ACCOUNT_ENABLED``, ``CONNECTION_DELETED``) update the account or connection only.
+(``app.refresh.write_path``): the same mapping, the same "never replace by older data" rule, the
+same snapshot, the same audit row, counter and telemetry event (trigger ``webhook``, actor
+``system:powens-webhook``). Each account of an event is its own outcome, recorded under a key made
+of Powens' user, account, ``last_update`` and state: a redelivered event finds its outcome already
+recorded and writes nothing, and an event older than what is stored writes nothing either. Status
+events (``ACCOUNT_DISABLED``, ``ACCOUNT_ENABLED``, ``CONNECTION_DELETED``) update the account or
+connection only.
 
 Rows are found by Powens' ids within the Powens user a tenant linked, so a push never reaches another
 tenant's rows. A Powens user no tenant linked is counted and logged (nothing written). An account
@@ -29,22 +30,23 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app import jsonio, metrics
+from app import jsonio
 from app.contract import OpenBankingRefreshBalancesInput
-from app.deps import Deps
 from app.errors import Reason, RefreshError
-from app.metrics import PushOutcome
-from app.outcomes import Attempt, Subject, Succeeded, record, replay
+from app.ops import metrics
+from app.ops.metrics import PushOutcome
 from app.policy import POWENS_PUSH
 from app.powens.errors import PowensError
 from app.powens.models import PowensAccount, PowensConnection
+from app.push.events import Event
+from app.refresh.deps import Deps
+from app.refresh.outcomes import Attempt, Subject, Succeeded, record, replay
+from app.refresh.write_path import Where, judge, store
 from app.store import external
 from app.store.db import session_scope
 from app.store.models import BankAccount
 from app.store.registry import register_accounts
 from app.store.states import AccountStatus, Trigger
-from app.webhooks.events import Event
-from app.write_path import Where, judge, store
 
 log = logging.getLogger(__name__)
 ENDPOINT = "webhook"
@@ -59,7 +61,7 @@ class Applied:
 
 
 def apply(deps: Deps, payload: str, received_at: datetime) -> list[Applied]:
-    """Apply one queued event (``payload``: its JSON text, as ``app.webhooks.events.reduce`` made it)."""
+    """Apply one queued event (``payload``: its JSON text, as ``app.push.events.reduce`` made it)."""
     event_doc: dict[str, Any] = jsonio.loads(payload)
     event = Event(event_doc["event"])
     results = list(_apply(deps, event, event_doc, received_at))

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import requests
 
 from app.jsonio import dumps
-from app.webhooks.signature import DATE_HEADER, SIGNATURE_HEADER, sign
+from app.push.signature import DATE_HEADER, SIGNATURE_HEADER, sign
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
+from app.devtools.sandbox_push import Pusher, connection_synced, transactions
 from app.jsonio import dumps, loads
-from app.powens.sandbox_push import Pusher, connection_synced, transactions
 
 log = logging.getLogger(__name__)
 PARIS = ZoneInfo("Europe/Paris")

@@ -1,4 +1,4 @@
-"""Prometheus objects (fixed names: docs/design.md "Observability"). Export: ``app.exporter``.
+"""Prometheus objects (fixed names: docs/design.md "Observability"). Export: ``app.ops.exporter``.
 
 No tenant or account id ever goes into a label: cardinality stays bounded by the taxonomy.
 Label sets known in advance are created at import with value 0, so ``rate()`` sees the first failure.

@@ -6,15 +6,15 @@ goes only to the person who asked.
 
 from __future__ import annotations
 
-from app import operations as ops
-from app import tokens
-from app.deps import Deps
+from app.admin import operations as ops
 from app.errors import NotFound
 from app.policy import Actor, authorize
 from app.powens.links import reconnect_url
+from app.refresh import tokens
+from app.refresh.deps import Deps
+from app.refresh.tokens import UserToken
 from app.store import repo
 from app.store.db import session_scope
-from app.tokens import UserToken
 
 
 def reconnect_link(deps: Deps, actor: Actor, tenant_id: str, connection_id: str) -> str:

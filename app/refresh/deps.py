@@ -13,9 +13,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from app.config import Settings, get_settings
-from app.coordination import Coordinator, get_coordinator, throttle
 from app.policy import Actor, resolve
 from app.powens.client import PowensClient, build_client
+from app.refresh.coordination import Coordinator, get_coordinator, throttle
 from app.store import repo
 from app.store.db import session_scope
 from app.store.secrets import TokenCipher

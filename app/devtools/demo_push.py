@@ -14,7 +14,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from app.config import Settings
-from app.powens.sandbox import Sandbox
+from app.devtools.sandbox import Sandbox
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BankAccount, PowensUser, RefreshAttempt
 from app.store.states import Trigger
@@ -24,7 +24,7 @@ def start_receiver(settings: Settings) -> str:
     """``balances webhooks serve`` on a loopback port of this process; returns its /webhooks/powens URL."""
     import uvicorn
 
-    from app.webhooks.receiver import create_app
+    from app.push.receiver import create_app
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -3,7 +3,7 @@
 A Powens sandbox runs on loopback; tenants are seeded through the real Powens calls (``/auth/init``,
 connections, accounts); every account is refreshed by the same task and handler a worker runs, on a
 Celery worker embedded in this process (a thread). Then Powens pushes a sync to the webhook receiver
-(``app.demo_push``), and the nightly run reads only what no push made fresh. With no
+(``app.devtools.demo_push``), and the nightly run reads only what no push made fresh. With no
 ``CELERY_BROKER_URL`` in the environment the broker is Celery's in-memory transport and coordination
 stays in this process; with one, that broker is used. ``DATABASE_URL`` is used when set, else the
 embedded SQLite file.
@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from app.config import Settings, load_settings, use_settings
+from app.devtools.sandbox import Sandbox, SandboxState
 from app.policy import ADMIN
-from app.powens.sandbox import Sandbox, SandboxState
 
 DEMO_ACTOR = "demo-admin"
 TENANTS = ("demo-acme", "demo-globex", "demo-initech", "demo-umbrella", "demo-hooli")
@@ -125,12 +125,12 @@ def start_embedded_worker(settings: Settings) -> None:
 
 
 def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console, started: float) -> int:
-    from app.accounts import link_powens_user, sync_accounts
-    from app.admin import add_tenant, grant
-    from app.deps import Deps
+    from app.admin.accounts import link_powens_user, sync_accounts
+    from app.admin.manage import add_tenant, grant
+    from app.devtools.sandbox import admin_call
     from app.policy import Actor
     from app.powens.client import build_client
-    from app.powens.sandbox import admin_call
+    from app.refresh.deps import Deps
     from app.store import repo
     from app.store.db import session_scope
     from app.store.migrate import upgrade
@@ -195,7 +195,7 @@ def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console,
         f"{stats['total']} Powens calls; {time.perf_counter() - started:.2f}s "
         f"({how}, on an embedded celery worker)"
     )
-    from app.demo_push import show_push
+    from app.devtools.demo_push import show_push
 
     push_ok = show_push(settings, sandbox, console, TENANTS[0])
     nightly_ok = _nightly(settings, sandbox, console, list(TENANTS[:n_tenants]))
@@ -206,9 +206,9 @@ def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console,
 def _refresh_all(settings: Settings, accounts: list[tuple[str, str, str]]) -> list[Row]:
     """Dispatch every refresh as the admin shell does, then wait for each outcome in the audit table."""
     from app.contract import OpenBankingRefreshBalancesInput
-    from app.outcomes import Failed, wait_for
+    from app.refresh.outcomes import Failed, wait_for
     from app.store.states import Trigger
-    from app.tasks import dispatch_refresh
+    from app.worker.tasks import dispatch_refresh
 
     task_ids = [
         dispatch_refresh(
@@ -266,14 +266,14 @@ def _print(console: Console, rows: list[Row], faults: dict[str, str]) -> None:
 
 def _nightly(settings: Settings, sandbox: Sandbox, console: Console, tenants: list[str]) -> bool:
     """The nightly pipeline over the demo tenants: progress, then each tenant's summary and forecast."""
-    from app import pipeline
+    from app.cli.render import print_forecast, print_summary, watch_run
+    from app.nightly import pipeline
     from app.policy import SCHEDULER
-    from app.render import print_forecast, print_summary, watch_run
     from app.reports.jobs import latest_forecasts
     from app.reports.summary import latest_summary
     from app.store.db import session_scope
     from app.store.states import RunStatus, Trigger
-    from app.tasks import enqueue_plan
+    from app.worker.tasks import enqueue_plan
 
     days = _backfill_history(settings)
     if days:

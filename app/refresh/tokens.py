@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from app.deps import Deps
 from app.powens.errors import PowensError
+from app.refresh.deps import Deps
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import PowensUser

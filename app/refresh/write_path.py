@@ -3,7 +3,7 @@ read it) and of a push (which Powens sent). Plain functions, no Celery and no Po
 
 ``judge`` turns a Powens account payload into what will be written, or into the failure a refresh
 would record (deleted, disabled, a connection that needs its user); ``store`` writes it inside the
-transaction of the outcome's audit row (``app.outcomes.record``): the latest records and the day's
+transaction of the outcome's audit row (``app.refresh.outcomes.record``): the latest records and the day's
 snapshot, never replacing a record by an older one, then the account and its connection.
 See docs/design.md "The refresh" and "The push path".
 """
@@ -17,13 +17,13 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.contract import OpenBankingRefreshBalancesInput, OpenBankingRefreshBalancesOutput
-from app.deps import Deps
 from app.errors import NotFound, Reason, RefreshError
-from app.outcomes import Attempt
 from app.powens.errors import classify_state, is_transient_state
 from app.powens.links import needs_user
 from app.powens.models import PowensAccount, decimal_places
-from app.records import map_balances, to_record
+from app.refresh.deps import Deps
+from app.refresh.outcomes import Attempt
+from app.refresh.records import map_balances, to_record
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import BankAccount, BankConnection

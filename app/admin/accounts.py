@@ -16,20 +16,21 @@ from datetime import datetime
 from functools import partial
 from typing import TypeVar
 
-from app import telemetry, tokens
 from app.backoff import backoff_seconds
 from app.config import Settings
 from app.contract import ACCOUNTS_SYNC_OPERATION, TelemetryEvents
-from app.deps import Deps
 from app.errors import NotFound, RefreshError
+from app.ops import telemetry
 from app.policy import Actor, authorize
 from app.powens.client import PowensClient
 from app.powens.models import Answer, PowensAccount, PowensConnection
+from app.refresh import tokens
+from app.refresh.deps import Deps
+from app.refresh.tokens import UserToken
 from app.store import repo
 from app.store.db import session_scope
 from app.store.registry import register_accounts
 from app.store.secrets import TokenCipher
-from app.tokens import UserToken
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

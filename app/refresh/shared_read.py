@@ -15,16 +15,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from app import tokens
-from app.coordination import Sharing
-from app.deps import Deps
-from app.outcomes import Attempt
 from app.powens.client import EP_ACCOUNTS
 from app.powens.errors import PowensError
 from app.powens.models import PowensAccount, essential
+from app.refresh import tokens
+from app.refresh.coordination import Sharing
+from app.refresh.deps import Deps
+from app.refresh.outcomes import Attempt
+from app.refresh.tokens import UserToken
 from app.store.db import session_scope
 from app.store.registry import register_accounts
-from app.tokens import UserToken
 
 log = logging.getLogger(__name__)
 

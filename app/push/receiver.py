@@ -28,10 +28,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app import jsonio, metrics
+from app import jsonio
 from app.config import Settings
-from app.metrics import PushOutcome
-from app.webhooks import events, signature
+from app.ops import metrics
+from app.ops.metrics import PushOutcome
+from app.push import events, signature
 
 log = logging.getLogger(__name__)
 LIMIT_CONCURRENCY = 32
@@ -45,7 +46,7 @@ class TooLarge(Exception):
 
 def celery_publisher(settings: Settings) -> Publisher:
     from app.celery import app as celery_app
-    from app.queues import PUSH_TASK
+    from app.worker.queues import PUSH_TASK
 
     def publish(payload: str, received_at: str) -> None:
         # A short retry only: Powens is waiting on the answer, and a 503 makes it send the event again.
@@ -216,7 +217,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
     """Run the receiver (one uvicorn process; run several behind the load balancer to scale)."""
     import uvicorn
 
-    from app import exporter, logs
+    from app.ops import exporter, logs
 
     logs.configure(settings.log_level, settings.log_format)
     exporter.serve_worker_metrics(settings, restore_nightly=False)

@@ -1,7 +1,7 @@
 """Thin Celery tasks: each calls plain functions and turns what they return into a Celery action.
 
-Every task has the same base (``app.taskbase.BalancesTask``: metrics, declared retry policy); queues
-come from the one router (``app.queues``), never from a call site.
+Every task has the same base (``app.worker.taskbase.BalancesTask``: metrics, declared retry policy); queues
+come from the one router (``app.worker.queues``), never from a call site.
 """
 
 from __future__ import annotations
@@ -13,19 +13,20 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any
 
-from app import metrics, pipeline
 from app.celery import app
 from app.config import Settings, get_settings
 from app.contract import OpenBankingRefreshBalancesInput
 from app.infra import is_infrastructure
-from app.outcomes import Attempt
+from app.nightly import pipeline
+from app.ops import metrics
 from app.policy import SCHEDULER
-from app.queues import PUSH_TASK, REFRESH_TASK, ROUTES, Queue
-from app.refresh import deny_refresh, execute, give_up_refresh
+from app.refresh.handler import deny_refresh, execute, give_up_refresh
+from app.refresh.outcomes import Attempt
 from app.reports import jobs
 from app.store import runs
 from app.store.states import Trigger
-from app.taskbase import Again, BalancesTask, Finish, action_for
+from app.worker.queues import PUSH_TASK, REFRESH_TASK, ROUTES, Queue
+from app.worker.taskbase import Again, BalancesTask, Finish, action_for
 
 log = logging.getLogger(__name__)
 _rng = random.SystemRandom()  # retry jitter
@@ -237,10 +238,10 @@ class BatchTask(BalancesTask):
 def refresh_batch(
     self: BatchTask, run_id: str, items: list[list[Any]], day: str | None = None, attempt: int = 1
 ) -> dict[str, int]:
-    """One attempt at a batch of a nightly run's items (``app.batch``). Our infrastructure failing
+    """One attempt at a batch of a nightly run's items (``app.nightly.batch``). Our infrastructure failing
     re-queues the whole message (the base class): whatever it recorded is skipped then."""
-    from app.batch import run_batch
-    from app.deps import Deps
+    from app.nightly.batch import run_batch
+    from app.refresh.deps import Deps
 
     settings = get_settings()
     parsed = [_item(i) for i in items]
@@ -368,12 +369,12 @@ def sweep_runs() -> dict[str, Any]:
 
 @app.task(name=PUSH_TASK)
 def apply_push(payload: str, received_at: str) -> dict[str, int]:
-    """A Powens push the receiver verified and queued (app.webhooks.receiver): applied to the store.
+    """A Powens push the receiver verified and queued (app.push.receiver): applied to the store.
     Idempotent per account, so a redelivery (or Powens sending it twice) writes nothing twice."""
     from collections import Counter
 
-    from app.deps import Deps
-    from app.webhooks.apply import apply
+    from app.push.apply import apply
+    from app.refresh.deps import Deps
 
     applied = apply(Deps.default(), payload, datetime.fromisoformat(received_at))
     return dict(Counter(a.outcome.value for a in applied))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from app import operations as ops
+from app.admin import operations as ops
 from app.config import Settings
 from app.contract import ID_MAX_LENGTH
 from app.errors import InvalidInput, PolicyDenied

@@ -68,7 +68,7 @@ class ServiceCollector:
             r = redis.Redis.from_url(
                 self.settings.celery_broker_url, socket_timeout=2, socket_connect_timeout=2
             )
-            from app.queues import Queue
+            from app.worker.queues import Queue
 
             for q in Queue:
                 # kombu's Redis transport keeps priority sub-queues as "<queue>\x06\x16<n>".
@@ -124,7 +124,7 @@ def serve_worker_metrics(
         return
     from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
-    from app import metrics
+    from app.ops import metrics
 
     if restore_nightly:
         _restore_nightly_gauge(settings, metrics)

@@ -3,7 +3,7 @@
 The handler returns one of four values: ``Succeeded``, ``Failed`` (terminal), ``Retry`` (a retryable
 failure before the last attempt: nothing recorded) or ``Requeue`` (the rate limiter or a concurrent
 refresh of the account asks to come back later: no attempt consumed). The task turns the value into
-a Celery action (``app.taskbase.action_for``).
+a Celery action (``app.worker.taskbase.action_for``).
 
 ``record`` writes a terminal outcome in one transaction — the success's own writes when there are
 any, the audit row, the nightly run item — then counts it and emits its telemetry event, exactly
@@ -24,7 +24,6 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import metrics, telemetry
 from app.config import Settings
 from app.contract import (
     ID_MAX_LENGTH,
@@ -34,7 +33,8 @@ from app.contract import (
     TelemetryEvents,
 )
 from app.errors import Reason, RefreshError
-from app.records import to_record
+from app.ops import metrics, telemetry
+from app.refresh.records import to_record
 from app.store import repo, runs
 from app.store.db import session_scope
 from app.store.states import AttemptOutcome, ItemStatus, Trigger
@@ -154,7 +154,7 @@ def unwrap(outcome: Outcome) -> OpenBankingRefreshBalancesOutput:
         raise outcome.error
     if isinstance(outcome, Retry):
         raise RetryLater(outcome.error)
-    from app.coordination import Throttled
+    from app.refresh.coordination import Throttled
 
     raise Throttled(outcome.seconds, outcome.why)
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from app import tokens
-from app.coordination import Throttled
-from app.deps import Deps
 from app.errors import Reason
-from app.outcomes import Attempt
 from app.policy import Actor
 from app.powens.errors import PowensError, classify_state
 from app.powens.links import needs_user
+from app.refresh import tokens
+from app.refresh.coordination import Throttled
+from app.refresh.deps import Deps
+from app.refresh.outcomes import Attempt
+from app.refresh.tokens import UserToken
 from app.store import repo
 from app.store.db import session_scope
-from app.tokens import UserToken
 
 
 def force_sync(

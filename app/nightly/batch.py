@@ -3,7 +3,7 @@
 A nightly message carries the run items of a few whole Powens users (about
 ``BALANCES_REFRESH_BATCH_ACCOUNTS`` accounts). Its worker reads each user's account list once,
 several users at once (``BALANCES_REFRESH_BATCH_READERS`` threads: the wait is Powens', not our
-CPU), judges every account exactly as a single refresh does (``app.write_path.judge``), and records
+CPU), judges every account exactly as a single refresh does (``app.refresh.write_path.judge``), and records
 the whole batch in one transaction of set-based statements (``app.store.bulk``). Every account keeps
 its own outcome: its audit row (under its item's task id), its run item, its counter increment and
 its telemetry event.
@@ -36,25 +36,26 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app import metrics, tokens
 from app.backoff import backoff_seconds
 from app.contract import REFRESH_OPERATION, OpenBankingRefreshBalancesInput
-from app.coordination import Throttled
-from app.deps import Deps
 from app.errors import NotFound, Reason, RefreshError
 from app.infra import is_infrastructure
-from app.outcomes import Attempt, Subject, announce_failed, announce_refreshed
+from app.ops import metrics
 from app.policy import SCHEDULER
 from app.powens.client import EP_ACCOUNTS
 from app.powens.models import PowensAccount, essential
-from app.shared_read import register_listed
+from app.refresh import tokens
+from app.refresh.coordination import Throttled
+from app.refresh.deps import Deps
+from app.refresh.outcomes import Attempt, Subject, announce_failed, announce_refreshed
+from app.refresh.shared_read import register_listed
+from app.refresh.tokens import UserToken
+from app.refresh.write_path import Read, Where, judge, pushed_recently, say_when
 from app.store import bulk
 from app.store.db import session_scope
 from app.store.models import BankAccount, BankConnection, PowensUser, RunItem
 from app.store.runs import Item
 from app.store.states import AccountStatus, AttemptOutcome, ItemStatus, Trigger
-from app.tokens import UserToken
-from app.write_path import Read, Where, judge, pushed_recently, say_when
 
 log = logging.getLogger(__name__)
 _rng = random.SystemRandom()

@@ -1,0 +1,1 @@
+"""What the admin shell manages besides refreshes: tenants, actors, account discovery, links."""

@@ -1,0 +1,1 @@
+"""What operators observe: Prometheus metrics and their exporter, JSON logs, telemetry events."""

@@ -1,0 +1,1 @@
+"""The single refresh and what Powens' word about an account does to the store."""

@@ -1,0 +1,1 @@
+"""The Celery glue: thin tasks, their shared base, the router, the beat scheduler."""
