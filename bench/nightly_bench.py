@@ -552,7 +552,10 @@ class Workers:
                 self.procs.append(
                     subprocess.Popen(
                         worker_argv(
-                            name, concurrency=self.concurrency, loglevel="WARNING", extra=["-P", self.pool]
+                            name,
+                            concurrency=self.concurrency,
+                            loglevel="WARNING",
+                            extra=["-P", self.pool, "--include", "bench.tasks"],
                         ),
                         cwd=ROOT,
                         env=dict(
@@ -678,7 +681,7 @@ def queue_len(r: redis.Redis, queue: str = "refresh") -> int:
 def publish_noops(n: int) -> float:
     """N signed no-op messages over one producer; returns the seconds it took."""
     from app.celery import app
-    from app.worker.tasks import noop
+    from bench.tasks import noop
 
     t0 = time.perf_counter()
     with app.producer_or_acquire() as producer:

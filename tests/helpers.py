@@ -73,3 +73,17 @@ def sum_scrape(body: str, name: str) -> float:
         if re.match(rf"^{re.escape(name)}(\{{|\s)", line):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def nightly_run(settings: Settings, name: str) -> str:
+    """The nightly run keyed ``name`` (its tick), planned over today's active accounts when new: the
+    run items a scheduled refresh records its outcome against."""
+    from app.nightly import pipeline
+    from app.store.states import Trigger
+
+    run_id, created = pipeline.start_run(
+        settings, trigger=Trigger.SCHEDULED, actor="system:scheduler", tick=name
+    )
+    if created:
+        pipeline.plan_run(settings, run_id, lambda *_: None, lambda *_: None)
+    return run_id

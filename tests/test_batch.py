@@ -24,9 +24,9 @@ from app.config import Settings
 from app.devtools.sandbox import Sandbox
 from app.jsonio import loads
 from app.nightly import pipeline
-from app.nightly.batch import BatchResult, Item, run_batch
+from app.nightly.batch import BatchResult, Item, run_batch, split_by_user
 from app.refresh.deps import Deps
-from app.store import repo, runs
+from app.store import runs
 from app.store.db import get_engine, session_scope
 from app.store.models import (
     AccountBalance,
@@ -38,7 +38,6 @@ from app.store.models import (
     RunTenant,
 )
 from app.store.states import Trigger
-from app.worker.tasks import split_by_user
 from tests.helpers import Seeded, refreshed_total, seed_tenant
 
 
@@ -216,7 +215,7 @@ def test_an_account_missing_from_its_users_list_goes_to_the_single_refresh(
 
 
 def test_batches_never_split_a_powens_user() -> None:
-    items = [(f"t{i}", "ten", f"a{i}", user) for i, user in enumerate([1, 1, 1, 2, 2, 3, 3, 3, 3, 4])]
+    items = [Item(f"t{i}", "ten", f"a{i}", user) for i, user in enumerate([1, 1, 1, 2, 2, 3, 3, 3, 3, 4])]
     parts = split_by_user(items, 3)
     assert [len(p) for p in parts] == [3, 2, 4, 1]
     users_in = [{i[3] for i in p} for p in parts]
@@ -289,7 +288,8 @@ def test_the_connection_state_follows_the_batchs_newer_answer_even_if_it_changed
     with session_scope(settings) as s:
         conn_id = s.scalar(select(BankAccount.connection_id).where(BankAccount.id == t.account_ids[0]))
     deps = while_reading(
-        settings, lambda s: repo.set_connection_state(s, conn_id, "SCARequired", datetime.now(UTC))
+        settings,
+        lambda s: s.get(BankConnection, conn_id).set_state("SCARequired", datetime.now(UTC)),  # type: ignore[union-attr]
     )
     result = run_batch(deps, run_id, items, date(2026, 11, 24), 1)
 
@@ -354,7 +354,7 @@ def test_a_batch_never_revives_an_account_deleted_while_it_read(settings: Settin
     run_id, items = plan(settings)
     gone = t.account_ids[0]
     # A CONNECTION_DELETED push, say, lands while the batch reads.
-    deps = while_reading(settings, lambda s: repo.set_account_status(s, gone, "deleted", datetime.now(UTC)))
+    deps = while_reading(settings, lambda s: setattr(s.get(BankAccount, gone), "status", "deleted"))
     run_batch(deps, run_id, items, date(2026, 11, 24), 1)
 
     with session_scope(settings) as s:

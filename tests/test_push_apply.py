@@ -23,7 +23,7 @@ from app.refresh.outcomes import Attempt, Failed, Succeeded
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BankAccount, BankConnection, RefreshAttempt
 from app.store.states import AccountStatus, Trigger
-from tests.helpers import Seeded, seed_tenant
+from tests.helpers import Seeded, nightly_run, seed_tenant
 
 
 def push(settings: Settings, event: Event, body: dict[str, Any]) -> list[str]:
@@ -38,11 +38,12 @@ def only_connection(t: Seeded) -> Any:
 
 def nightly_refresh(settings: Settings, t: Seeded, account_id: str) -> Any:
     """One nightly-run refresh of the account (a run id: the push-fresh skip applies)."""
+    run_id = nightly_run(settings, "run-push-test")
     return execute(
         {"tenantId": t.tenant_id, "accountId": account_id},
         "system:scheduler",
         Trigger.SCHEDULED,
-        attempt=Attempt(task_id=f"nightly-{account_id}", run_id="run-push-test"),
+        attempt=Attempt(task_id=f"{run_id}:{account_id}", run_id=run_id),
         deps=Deps(settings),
     )
 
@@ -86,17 +87,17 @@ def test_an_older_event_that_loses_the_race_to_a_newer_one_writes_nothing(
     time.sleep(1.05)  # Powens' last_update has one-second resolution
     sandbox.state.sync_connection(t.user, conn, push=False)
     newer = sandbox.state.connection_synced_body(t.user, conn)
-    real_replay = apply_module.replay
+    real_judge = apply_module.judge
     newer_outcomes: list[list[str]] = []
     raced: list[bool] = []
 
-    def newer_commits_first(*args: Any) -> Any:  # the newer event lands between the older's reads
+    def newer_commits_first(*args: Any, **kw: Any) -> Any:  # the newer lands while the older is judged
         if not raced:
             raced.append(True)
             newer_outcomes.append(push(settings, Event.CONNECTION_SYNCED, newer))
-        return real_replay(*args)
+        return real_judge(*args, **kw)
 
-    monkeypatch.setattr(apply_module, "replay", newer_commits_first)
+    monkeypatch.setattr(apply_module, "judge", newer_commits_first)
     assert push(settings, Event.CONNECTION_SYNCED, older) == ["out_of_order"]
     assert newer_outcomes == [["stored"]]
     with session_scope(settings) as s:
@@ -151,11 +152,12 @@ def test_the_nightly_run_reads_again_an_account_whose_last_push_said_the_connect
     conn.state = "SCARequired"  # the next sync failed: same last_update, a state that needs the user
     body = sandbox.state.connection_synced_body(t.user, conn)
     assert push(settings, Event.CONNECTION_SYNCED, body) == ["needs_user"]
+    run2 = nightly_run(settings, "run-push-test-2")
     again = execute(
         {"tenantId": "pa-sca", "accountId": t.account_ids[0]},
         "system:scheduler",
         Trigger.SCHEDULED,
-        attempt=Attempt(task_id="nightly-2", run_id="run-push-test-2"),
+        attempt=Attempt(task_id=f"{run2}:{t.account_ids[0]}", run_id=run2),
         deps=Deps(settings),
     )
     assert isinstance(again, Failed) and again.error.reason.value == "needs_user_action"  # not hidden

@@ -18,9 +18,9 @@ from app.refresh.handler import check_policy, refresh_balances
 from app.refresh.outcomes import Attempt, RetryLater
 from app.store import repo
 from app.store.db import session_scope
-from app.store.models import AccountBalance, BalanceSnapshot, ForcedSync, RefreshAttempt
+from app.store.models import AccountBalance, ForcedSync, RefreshAttempt
 from app.store.states import Trigger
-from tests.helpers import failed_total, refreshed_total, seed_tenant, telemetry_events
+from tests.helpers import failed_total, nightly_run, refreshed_total, seed_tenant, telemetry_events
 
 
 def _inp(seeded_tenant: str, account_id: str, **extra: object) -> dict[str, object]:
@@ -32,7 +32,7 @@ def _count(settings: Settings, model: type) -> int:
         return int(s.scalar(select(func.count()).select_from(model)) or 0)
 
 
-def test_success_writes_latest_records_snapshot_and_audit(
+def test_success_writes_latest_records_and_audit(
     settings: Settings, sandbox: Sandbox, caplog: pytest.LogCaptureFixture
 ) -> None:
     t = seed_tenant(settings, sandbox, "t-ok")
@@ -54,11 +54,9 @@ def test_success_writes_latest_records_snapshot_and_audit(
     assert by_type["current"].metadata and by_type["current"].metadata["powensAccountId"] == sacc.id
     with session_scope(settings) as s:
         assert s.scalar(select(func.count()).select_from(AccountBalance)) == 2
-        snaps = repo.snapshots(s, acc_id)
-        assert len(snaps) == 2 and {x.current_balance for x in snaps} == {
-            Decimal("1000.10"),
-            Decimal("-0.20"),
-        }
+        # On demand, the latest records only: the day's snapshot is the nightly run's (one point in
+        # time for every account of the day).
+        assert repo.snapshots(s, acc_id) == []
         [audit] = repo.attempts(s, "t-ok", acc_id)
         assert (audit.outcome, audit.actor, audit.trigger, audit.balance_count) == (
             "succeeded",
@@ -155,21 +153,28 @@ def test_redelivered_task_is_idempotent(settings: Settings, sandbox: Sandbox) ->
     assert sandbox.state.stats()["total"] == calls  # no Powens call for a replay
     assert refreshed_total() == counted  # and no second count
     assert _count(settings, RefreshAttempt) == 1
-    assert _count(settings, BalanceSnapshot) == len(first.balances)
+    assert _count(settings, AccountBalance) == len(first.balances)
 
 
-def test_same_day_refreshes_update_one_snapshot_row(settings: Settings, sandbox: Sandbox) -> None:
+def test_same_day_nightly_refreshes_update_one_snapshot_row(settings: Settings, sandbox: Sandbox) -> None:
     t = seed_tenant(settings, sandbox, "t-day")
     acc_id = t.account_ids[0]
     sacc = t.user.accounts[t.external[acc_id]]
     sacc.coming = None
-    refresh_balances(_inp("t-day", acc_id), "alice", "on_demand")
+    day = settings.business_day(datetime.now(UTC))
+
+    def nightly(name: str) -> None:
+        run_id = nightly_run(settings, name)
+        attempt = Attempt(1, 3, f"{run_id}:{acc_id}", run_id, business_day=day)
+        refresh_balances(_inp("t-day", acc_id), SCHEDULER.name, "scheduled", attempt=attempt)
+
+    nightly("day-1")
     sacc.balance += Decimal("10")
     sacc.last_update = (sacc.last_update or datetime.now(UTC)) + timedelta(minutes=1)
-    refresh_balances(_inp("t-day", acc_id), "alice", "on_demand")
+    nightly("day-2")  # a second run of the same business day (re-run by hand)
     with session_scope(settings) as s:
         [snap] = repo.snapshots(s, acc_id)
-        assert snap.current_balance == sacc.balance
+        assert (snap.current_balance, snap.day, snap.carried) == (sacc.balance, day, False)
 
 
 def test_older_powens_data_never_replaces_a_newer_record(settings: Settings, sandbox: Sandbox) -> None:

@@ -21,7 +21,7 @@ from app.store import repo, runs
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, ForcedSync, RunItem, RunTenant
 from app.store.states import AccountStatus, ItemStatus, TenantStatus, Trigger
-from tests.helpers import ADMIN_ACTOR, failed_total, seed_tenant
+from tests.helpers import ADMIN_ACTOR, failed_total, nightly_run, seed_tenant
 
 ACCOUNTS_LIST = "GET /users/{id_user}/accounts"
 ONE_ACCOUNT = "GET /users/{id_user}/accounts/{id_account}"
@@ -29,7 +29,8 @@ FORCED_SYNC = "PUT /users/{id_user}/connections/{id_connection}"
 
 
 def scheduled(settings: Settings, tenant: str, account: str, run_id: str, number: int = 1) -> object:
-    """One attempt of a nightly refresh, as the worker runs it."""
+    """One attempt of a nightly refresh, as the worker runs it (in the run keyed ``run_id``)."""
+    run_id = nightly_run(settings, run_id)
     attempt = Attempt(number, settings.max_attempts, f"{run_id}:{account}", run_id)
     return execute(
         {"tenantId": tenant, "accountId": account}, "system:scheduler", Trigger.SCHEDULED, attempt=attempt
@@ -177,10 +178,10 @@ def test_an_uncleared_record_leaves_when_powens_stops_sending_coming(settings, s
     acc = t.account_ids[0]
     sacc = t.user.accounts[t.external[acc]]
     sacc.coming = Decimal("-42.00")
-    assert isinstance(on_demand("f-coming", acc, "coming-1"), Succeeded)
+    assert isinstance(scheduled(settings, "f-coming", acc, "run-coming-1"), Succeeded)
     sacc.coming = None
     sacc.last_update = (sacc.last_update or datetime.now(UTC)) + timedelta(minutes=5)
-    out = on_demand("f-coming", acc, "coming-2")
+    out = scheduled(settings, "f-coming", acc, "run-coming-2")
     assert isinstance(out, Succeeded)
     assert [b.balance_type for b in out.output.balances] == ["current"]
     with session_scope(settings) as s:

@@ -5,15 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.devtools.sandbox import Sandbox
 from app.nightly import pipeline
 from app.reports import jobs
-from app.store import recovery, runs
+from app.store import recovery, runs, writes
 from app.store.db import session_scope
 from app.store.models import RefreshRun, RunItem, RunTenant
-from app.store.states import Trigger
+from app.store.states import ItemStatus, Trigger
 from tests.helpers import seed_tenant
 
 
@@ -39,6 +40,13 @@ class Recorder:
             lambda r, t: self.forecasts.append((r, t)),
             now=now,
         )
+
+
+def finish_item(session: Session, run_id: str, account_id: str) -> bool:
+    """What a refresh's terminal transaction does to its run item and tenant counter."""
+    won = writes.claim_items(session, run_id, {account_id: (ItemStatus.SUCCEEDED, None)}, datetime.now(UTC))
+    writes.count_down_tenants(session, run_id, won)
+    return bool(won)
 
 
 def test_planning_writes_each_item_once_and_tenants_without_accounts_go_straight_to_summary(
@@ -141,7 +149,6 @@ def test_marking_items_stale_never_counts_an_item_a_refresh_finished_meanwhile(
     import threading
 
     from app.store.db import session_factory
-    from app.store.states import ItemStatus
 
     t = seed_tenant(settings, sandbox, "s-race", accounts=2)
     rec = Recorder()
@@ -149,7 +156,7 @@ def test_marking_items_stale_never_counts_an_item_a_refresh_finished_meanwhile(
     pipeline.plan_run(settings, run_id, rec.publish, rec.summary)
     refresh = session_factory(settings)()
     refresh.begin()
-    assert runs.record_item(refresh, run_id, t.account_ids[0], ItemStatus.SUCCEEDED, None)  # not committed
+    assert finish_item(refresh, run_id, t.account_ids[0])  # not committed
     marked: list[int] = []
     sweeper = threading.Thread(
         target=lambda: marked.append(recovery.mark_items_stale(settings, run_id, datetime.now(UTC)))
@@ -201,7 +208,6 @@ def test_a_lost_plan_is_sent_again_a_bounded_number_of_times(settings: Settings)
 
 
 def test_a_run_that_keeps_progressing_is_never_given_up(settings: Settings, sandbox: Sandbox) -> None:
-    from app.store.states import ItemStatus
 
     t = seed_tenant(settings, sandbox, "s-long", accounts=3)
     rec = Recorder()
@@ -209,7 +215,7 @@ def test_a_run_that_keeps_progressing_is_never_given_up(settings: Settings, sand
     pipeline.plan_run(settings, run_id, rec.publish, rec.summary)
     long_after = datetime.now(UTC) + timedelta(seconds=settings.run_deadline_seconds * 2)
     with session_scope(settings) as s:  # a slow but healthy run: an item finished a minute ago
-        runs.record_item(s, run_id, t.account_ids[0], ItemStatus.SUCCEEDED, None)
+        finish_item(s, run_id, t.account_ids[0])
         s.execute(
             update(RunItem)
             .where(RunItem.run_id == run_id, RunItem.account_id == t.account_ids[0])

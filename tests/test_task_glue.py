@@ -8,12 +8,12 @@ from decimal import Decimal
 
 import pytest
 
-from app.backoff import backoff_seconds
 from app.config import Settings, load_settings
 from app.contract import AccountBalanceRecord, OpenBankingRefreshBalancesOutput
 from app.errors import Reason, RefreshError
 from app.nightly.pipeline import schedule_slot
 from app.refresh.outcomes import Attempt, Failed, Requeue, Retry, Succeeded
+from app.retry import backoff_seconds
 from app.worker.queues import Queue, queue_for
 from app.worker.taskbase import Again, Finish, action_for
 from tests.helpers import metric

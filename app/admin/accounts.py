@@ -16,7 +16,6 @@ from datetime import datetime
 from functools import partial
 from typing import TypeVar
 
-from app.backoff import backoff_seconds
 from app.config import Settings
 from app.contract import ACCOUNTS_SYNC_OPERATION, TelemetryEvents
 from app.errors import NotFound, RefreshError
@@ -27,6 +26,7 @@ from app.powens.models import Answer, PowensAccount, PowensConnection
 from app.refresh import tokens
 from app.refresh.deps import Deps
 from app.refresh.tokens import UserToken
+from app.retry import backoff_seconds
 from app.store import repo
 from app.store.db import session_scope
 from app.store.registry import register_accounts

@@ -154,7 +154,7 @@ class Knobs:
 
 
 # One scripted answer: (HTTP status, Retry-After) or (a named fault, its argument).
-Step = tuple[int | str, float | None]
+Step = tuple[int | str, float | str | None]  # a Retry-After may be given as the raw header text
 MISSING = "__missing__"
 ADMIN_HEADER = "X-Sandbox-Admin-Token"
 CURRENCY_NAMES = {
@@ -381,7 +381,9 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 
 
 class PowensError(Exception):
-    def __init__(self, status: int, code: str, description: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, description: str, retry_after: float | str | None = None
+    ) -> None:
         super().__init__(description)
         self.status, self.code, self.description, self.retry_after = status, code, description, retry_after
 
@@ -475,7 +477,13 @@ class Handler(BaseHTTPRequestHandler):
         except PowensError as err:
             headers = {"X-Request-Id": request_id}
             if err.retry_after is not None:
-                headers["Retry-After"] = str(int(err.retry_after)) if err.retry_after >= 1 else "0"
+                headers["Retry-After"] = (
+                    err.retry_after  # a header as given, however absurd (a fault to survive)
+                    if isinstance(err.retry_after, str)
+                    else str(int(err.retry_after))
+                    if err.retry_after >= 1
+                    else "0"
+                )
             self._send(
                 err.status,
                 {
@@ -556,11 +564,11 @@ class Handler(BaseHTTPRequestHandler):
         if step is not None:
             what, arg = step
             if what == "slow":
-                time.sleep(arg or 1.0)  # then answer normally
+                time.sleep(float(arg or 1.0))  # then answer normally
             elif what == "maintenance":
                 raise PowensError(503, "maintenance", "Powens is under maintenance")
             elif isinstance(what, str):
-                raise RawFault(what, arg)
+                raise RawFault(what, float(arg) if arg is not None else None)
             elif what == 429:
                 raise PowensError(429, "tooManyRequests", "Rate limit reached", arg)
             else:

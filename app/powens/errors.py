@@ -11,6 +11,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from app.errors import Reason, RefreshError
+from app.retry import bounded_retry_after
 
 # Connection states (docs/powens.md "Syncing with the bank"), lower-cased.
 USER_ACTION_STATES = frozenset(
@@ -70,21 +71,22 @@ def is_transient_state(state: str | None) -> bool:
 
 
 def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Parse a Retry-After header (delta-seconds or HTTP date)."""
+    """Parse a Retry-After header (delta-seconds or HTTP date), bounded (``app.retry``): whatever
+    the header says, the wait is a number of seconds between 0 and a day."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        return bounded_retry_after(float(value))
     except ValueError:
         pass
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return bounded_retry_after((when - (now or datetime.now(UTC))).total_seconds())
 
 
 def error_from_response(

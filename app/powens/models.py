@@ -26,8 +26,17 @@ def invalid(what: str, endpoint: str) -> PowensError:
 
 
 def parse_powens_datetime(value: Any, zone: ZoneInfo, *, field: str, endpoint: str) -> datetime | None:
+    return powens_datetime_readings(value, zone, field=field, endpoint=endpoint)[0]
+
+
+def powens_datetime_readings(
+    value: Any, zone: ZoneInfo, *, field: str, endpoint: str
+) -> tuple[datetime | None, datetime | None]:
+    """A Powens datetime in UTC, and its second reading when it is a naive wall time the zone shows
+    twice (the repeated hour of the autumn change): which one Powens meant is decided against what is
+    stored (``app.refresh.verdict.resolve``). The second is None for every other time."""
     if value is None or value == "":
-        return None
+        return None, None
     if not isinstance(value, str):
         raise invalid(f"{field} is not a datetime string", endpoint)
     text = value.strip()
@@ -44,10 +53,13 @@ def parse_powens_datetime(value: Any, zone: ZoneInfo, *, field: str, endpoint: s
                 continue
     if parsed is None:
         raise invalid(f"{field} {text[:40]!r} is not a datetime", endpoint)
-    if parsed.tzinfo is None:
+    naive = parsed.tzinfo is None
+    if naive:
         parsed = parsed.replace(tzinfo=zone)
     try:
-        return parsed.astimezone(UTC)
+        first = parsed.astimezone(UTC)
+        later = parsed.replace(fold=1).astimezone(UTC) if naive else first
+        return first, later if later > first else None  # shown twice (not a spring gap's time)
     except (OverflowError, ValueError):  # a date UTC cannot hold once converted (year 1 or 9999)
         raise invalid(f"{field} {text[:40]!r} is out of range", endpoint) from None
 
@@ -138,6 +150,8 @@ class PowensAccount:
     disabled: datetime | None
     deleted: datetime | None
     error: str | None
+    # ``last_update``'s second reading, when Powens' naive time falls in the repeated autumn hour.
+    last_update_later: datetime | None = None
 
     @classmethod
     def parse(cls, raw: Any, zone: ZoneInfo, endpoint: str) -> PowensAccount:
@@ -158,6 +172,9 @@ class PowensAccount:
         conn_id = _int(raw.get("id_connection"), field="id_connection", endpoint=endpoint)
         assert acc_id is not None and conn_id is not None
         balance = parse_amount(raw.get("balance"), field="balance", endpoint=endpoint)
+        last_update, last_update_later = powens_datetime_readings(
+            raw.get("last_update"), zone, field="last_update", endpoint=endpoint
+        )
         return cls(
             id=acc_id,
             id_connection=conn_id,
@@ -175,12 +192,11 @@ class PowensAccount:
             else None,
             type=_str(raw.get("type") or "unknown", field="type", endpoint=endpoint, limit=64) or "unknown",
             usage=_str(raw.get("usage"), field="usage", endpoint=endpoint, limit=16),
-            last_update=parse_powens_datetime(
-                raw.get("last_update"), zone, field="last_update", endpoint=endpoint
-            ),
+            last_update=last_update,
             disabled=parse_powens_datetime(raw.get("disabled"), zone, field="disabled", endpoint=endpoint),
             deleted=parse_powens_datetime(raw.get("deleted"), zone, field="deleted", endpoint=endpoint),
             error=_str(raw.get("error"), field="error", endpoint=endpoint, limit=64),
+            last_update_later=last_update_later,
         )
 
 

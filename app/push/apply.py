@@ -1,21 +1,25 @@
 """A queued Powens push applied to the store: the worker side of the push path. Plain functions, no
 Celery inside and no Powens call.
 
-Balance events (``CONNECTION_SYNCED``, ``ACCOUNT_SYNCED``) go through the refresh's own write path
-(``app.refresh.write_path``): the same mapping, the same "never replace by older data" rule, the
-same snapshot, the same audit row, counter and telemetry event (trigger ``webhook``, actor
-``system:powens-webhook``). Each account of an event is its own outcome, recorded under a key made
-of Powens' user, account, ``last_update`` and state: a redelivered event finds its outcome already
-recorded and writes nothing, and an event older than what is stored writes nothing either. Status
-events (``ACCOUNT_DISABLED``, ``ACCOUNT_ENABLED``, ``CONNECTION_DELETED``) update the account or
-connection only.
+Balance events (``CONNECTION_SYNCED``, ``ACCOUNT_SYNCED``) are judged and written by the refresh's own
+write path (``app.refresh.verdict``, ``app.refresh.write``): the same mapping, the same rules, the
+same audit row, counter and telemetry event (trigger ``webhook``, actor ``system:powens-webhook``), in
+one transaction for the whole event (the connection's own fields included). Each account of an event
+is its own outcome, recorded under a key made of Powens' user, account, ``last_update`` and state: a
+redelivered event finds its outcome recorded and writes nothing. A push that brings nothing newer than
+what is stored, or concerns a deleted account, is superseded: nothing is written or recorded (a push
+updates the latest records only; the day's snapshot is the nightly run's).
+
+Status events (``ACCOUNT_DISABLED``, ``ACCOUNT_ENABLED``, ``CONNECTION_DELETED``) change statuses
+only, by the write path's status rule (``app.store.states.next_account_status``): a word older than
+the one that set the current status changes nothing, so a redelivered ``ACCOUNT_DISABLED`` cannot
+undo a later enable. A push's word is dated when the receiver took it (the message carries that
+time).
 
 Rows are found by Powens' ids within the Powens user a tenant linked, so a push never reaches another
 tenant's rows. A Powens user no tenant linked is counted and logged (nothing written). An account
 Powens found that we have not registered yet is registered from the push, through the one registration
 path and in that user's tenant — with webhooks flowing, the nightly run may never list that user again.
-A push for a deleted account (or one older than what is stored, found again under the account's row
-lock) writes nothing.
 """
 
 from __future__ import annotations
@@ -28,28 +32,30 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import jsonio
-from app.contract import OpenBankingRefreshBalancesInput
-from app.errors import Reason, RefreshError
+from app.errors import Reason
 from app.ops import metrics
 from app.ops.metrics import PushOutcome
 from app.policy import POWENS_PUSH
 from app.powens.errors import PowensError
 from app.powens.models import PowensAccount, PowensConnection
 from app.push.events import Event
+from app.refresh import write
 from app.refresh.deps import Deps
-from app.refresh.outcomes import Attempt, Subject, Succeeded, record, replay
-from app.refresh.write_path import Where, judge, store
+from app.refresh.outcomes import Attempt, Subject
+from app.refresh.verdict import Where, judge
 from app.store import external
 from app.store.db import session_scope
-from app.store.models import BankAccount
+from app.store.models import BankAccount, RefreshAttempt
 from app.store.registry import register_accounts
-from app.store.states import AccountStatus, Trigger
+from app.store.states import AccountStatus, Trigger, next_account_status
 
 log = logging.getLogger(__name__)
 ENDPOINT = "webhook"
+RECORDED = frozenset({PushOutcome.STORED, PushOutcome.REGISTERED, PushOutcome.NEEDS_USER, PushOutcome.FAILED})
 
 
 @dataclass(frozen=True)
@@ -64,9 +70,13 @@ def apply(deps: Deps, payload: str, received_at: datetime) -> list[Applied]:
     """Apply one queued event (``payload``: its JSON text, as ``app.push.events.reduce`` made it)."""
     event_doc: dict[str, Any] = jsonio.loads(payload)
     event = Event(event_doc["event"])
+    t0 = time.perf_counter()
     results = list(_apply(deps, event, event_doc, received_at))
+    elapsed = time.perf_counter() - t0
     for result in results:
         metrics.WEBHOOKS.labels(event=event.value, outcome=result.outcome.value).inc()
+        if result.outcome in RECORDED:  # as a batch does: the event's time, for each account it recorded
+            metrics.DURATION.labels(provider=metrics.PROVIDER, trigger=Trigger.WEBHOOK.value).observe(elapsed)
     return results
 
 
@@ -83,13 +93,13 @@ def _apply(deps: Deps, event: Event, doc: dict[str, Any], received_at: datetime)
         yield Applied(PushOutcome.UNKNOWN_USER)
         return
     if event is Event.CONNECTION_DELETED:
-        yield _connection_deleted(deps, user_pk, int(doc["connection"]["id"]))
+        yield _connection_deleted(deps, user_pk, int(doc["connection"]["id"]), received_at)
         return
     if event in (Event.ACCOUNT_DISABLED, Event.ACCOUNT_ENABLED):
         for raw in doc["accounts"]:
-            yield _account_status(deps, user_pk, raw, event)
+            yield _account_status(deps, user_pk, raw, event, received_at)
         return
-    state: str | None = None
+    conn: PowensConnection | None = None
     if event is Event.CONNECTION_SYNCED:
         try:
             conn = PowensConnection.parse(doc["connection"], settings.powens_zone, ENDPOINT)
@@ -97,10 +107,7 @@ def _apply(deps: Deps, event: Event, doc: dict[str, Any], received_at: datetime)
             log.warning("Powens push %s: unreadable connection: %s", event, err.message)
             yield Applied(PushOutcome.INVALID_PAYLOAD)
             return
-        state = conn.state  # None: the connection is fine (each account's own error still counts)
-        _update_connection(deps, user_pk, conn)
-    for raw in doc["accounts"]:
-        yield _balances(deps, user_pk, powens_user_id, raw, state, received_at)
+    yield from _balances(deps, user_pk, powens_user_id, doc["accounts"], conn, received_at)
 
 
 def push_key(powens_user_id: int, pacc: PowensAccount, state: str | None) -> str:
@@ -111,149 +118,147 @@ def push_key(powens_user_id: int, pacc: PowensAccount, state: str | None) -> str
     return "push-" + hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
-class Superseded(Exception):
-    """Found under the account's row lock: what is stored is newer than this push, or the account is
-    deleted. The push's transaction is rolled back: nothing written, no audit row."""
-
-    def __init__(self, outcome: PushOutcome) -> None:
-        super().__init__(outcome.value)
-        self.outcome = outcome
-
-
 def _balances(
-    deps: Deps, user_pk: int, powens_user_id: int, raw: Any, state: str | None, received_at: datetime
-) -> Applied:
+    deps: Deps,
+    user_pk: int,
+    powens_user_id: int,
+    raws: list[Any],
+    conn: PowensConnection | None,
+    received_at: datetime,
+) -> Iterator[Applied]:
+    """The event's accounts, judged and recorded as one batch of the write path."""
     settings = deps.settings
-    try:
-        pacc = PowensAccount.parse(raw, settings.powens_zone, ENDPOINT)
-    except PowensError as err:
-        log.warning("Powens push: unreadable account: %s", err.message)
-        return Applied(PushOutcome.INVALID_PAYLOAD)
-    registered = False
+    parsed: list[PowensAccount] = []
+    for raw in raws:
+        try:
+            parsed.append(PowensAccount.parse(raw, settings.powens_zone, ENDPOINT))
+        except PowensError as err:
+            log.warning("Powens push: unreadable account: %s", err.message)
+            yield Applied(PushOutcome.INVALID_PAYLOAD)
+    state = conn.state if conn is not None else None  # None: fine (each account's own error counts)
+    entries: list[write.Entry] = []
+    registered: set[str] = set()
     with session_scope(settings) as session:
-        found = external.account(session, user_pk, pacc.id)
-        if found is None:
-            # Powens found an account we had not registered: registered now, in the tenant that linked
-            # this Powens user (the one registration path), so pushes keep discovery going too.
-            register_accounts(session, user_pk, [], [pacc], deps.clock(), update_existing=False)
-            session.flush()
-            found = external.account(session, user_pk, pacc.id)
-            registered = found is not None
+        for pacc in parsed:
+            found = _find_or_register(deps, session, user_pk, powens_user_id, pacc)
             if found is None:
-                return Applied(PushOutcome.UNKNOWN_ACCOUNT)
-            log.info("Powens push: account %s of Powens user %s registered", pacc.id, powens_user_id)
-        account, connection = found
-        tenant_id, account_id = account.tenant_id, account.id
-        where = Where(connection.id, connection.external_id)
-        held, deleted = account.powens_last_update, account.status == AccountStatus.DELETED
-    if deleted:
-        return Applied(PushOutcome.DELETED, account_id)
-    key = push_key(powens_user_id, pacc, state)
-    if replay(settings, key) is not None:
-        return Applied(PushOutcome.DUPLICATE, account_id)
-    if _older(pacc, held):
-        return Applied(PushOutcome.OUT_OF_ORDER, account_id)
-    inp = OpenBankingRefreshBalancesInput(tenant_id=tenant_id, account_id=account_id)
-    subject = Subject.of(inp, POWENS_PUSH, Trigger.WEBHOOK)
-    attempt = Attempt(task_id=key)
+                yield Applied(PushOutcome.UNKNOWN_ACCOUNT)
+                continue
+            account, connection, new = found
+            if new:
+                registered.add(account.id)
+            where = Where(account.tenant_id, account.id, connection.id, connection.external_id)
+            verdict = judge(pacc, where, at=received_at, state=state, pushed=True)
+            subject = Subject(account.tenant_id, account.id, POWENS_PUSH.name, Trigger.WEBHOOK)
+            key = push_key(powens_user_id, pacc, state)
+            entries.append(write.Entry(subject, verdict, Attempt(task_id=key), 1, received_at))
+        keys = [e.attempt.task_id for e in entries]
+        seen = set(session.scalars(select(RefreshAttempt.task_id).where(RefreshAttempt.task_id.in_(keys))))
+    duplicates = [e for e in entries if e.attempt.task_id in seen]
+    for e in duplicates:
+        yield Applied(PushOutcome.DUPLICATE, e.subject.account_id)
+    fresh = [e for e in entries if e.attempt.task_id not in seen]
+    if not fresh and (conn is None or duplicates):
+        return  # nothing new (a redelivery): the first delivery wrote the connection's fields too
 
-    def store_unless_superseded(session: Session) -> Any:
-        # Checked again under the row lock the write takes anyway: a newer push (or a delete) may have
-        # committed since the checks above.
-        row = session.get(BankAccount, account_id, with_for_update=True)
-        if row is None or row.status == AccountStatus.DELETED:
-            raise Superseded(PushOutcome.DELETED)
-        if _older(pacc, row.powens_last_update):
-            raise Superseded(PushOutcome.OUT_OF_ORDER)
-        return store(session, deps, inp, read, None)
+    def connection_fields(session: Session) -> None:
+        if conn is not None:
+            _update_connection(session, user_pk, conn, received_at)
 
-    t0 = time.perf_counter()
-    try:
-        read = judge(deps, inp, where, pacc, None, [], state=state, pushed=True)
-        read.refreshed_at = received_at
-        outcome = record(
-            settings,
-            subject,
-            attempt,
-            attempts=1,
-            started_at=received_at,
-            clock=deps.clock,
-            store=store_unless_superseded,
-        )
-    except Superseded as late:
-        return Applied(late.outcome, account_id)
-    except RefreshError as err:
-        failed = record(
-            settings, subject, attempt, attempts=1, started_at=received_at, clock=deps.clock, error=err
-        )
-        if failed.replayed:
-            return Applied(PushOutcome.DUPLICATE, account_id)
-        needs_user = err.reason is Reason.NEEDS_USER_ACTION
-        return Applied(PushOutcome.NEEDS_USER if needs_user else PushOutcome.FAILED, account_id)
-    finally:
-        metrics.DURATION.labels(provider=metrics.PROVIDER, trigger=Trigger.WEBHOOK.value).observe(
-            time.perf_counter() - t0
-        )
-    if isinstance(outcome, Succeeded) and not outcome.replayed:
-        return Applied(PushOutcome.REGISTERED if registered else PushOutcome.STORED, account_id)
-    return Applied(PushOutcome.DUPLICATE, account_id)
+    applied = write.record(settings, fresh, deps.clock, before=connection_fields)
+    for done in applied.recorded:
+        account_id = done.entry.subject.account_id
+        if done.status == "superseded":
+            deleted = done.superseded == "deleted"
+            yield Applied(PushOutcome.DELETED if deleted else PushOutcome.OUT_OF_ORDER, account_id)
+        elif done.status != "recorded":
+            yield Applied(PushOutcome.DUPLICATE, account_id)
+        elif done.error is None:
+            yield Applied(
+                PushOutcome.REGISTERED if account_id in registered else PushOutcome.STORED, account_id
+            )
+        elif done.error.reason is Reason.NEEDS_USER_ACTION:
+            yield Applied(PushOutcome.NEEDS_USER, account_id)
+        else:
+            yield Applied(PushOutcome.FAILED, account_id)
 
 
-def _older(pacc: PowensAccount, held: datetime | None) -> bool:
-    older = held is not None and pacc.last_update is not None and pacc.last_update < held
-    if older:
-        log.info("Powens push for account %s is older than the stored data: nothing written", pacc.id)
-    return older
+def _find_or_register(
+    deps: Deps, session: Session, user_pk: int, powens_user_id: int, pacc: PowensAccount
+) -> tuple[Any, Any, bool] | None:
+    found = external.account(session, user_pk, pacc.id)
+    if found is not None:
+        return found[0], found[1], False
+    # Powens found an account we had not registered: registered now, in the tenant that linked this
+    # Powens user (the one registration path), so pushes keep discovery going too.
+    register_accounts(session, user_pk, [], [pacc], deps.clock(), update_existing=False)
+    session.flush()
+    found = external.account(session, user_pk, pacc.id)
+    if found is None:
+        return None
+    log.info("Powens push: account %s of Powens user %s registered", pacc.id, powens_user_id)
+    return found[0], found[1], True
 
 
-def _update_connection(deps: Deps, user_pk: int, conn: PowensConnection) -> None:
-    """The connection's own fields, when this sync is not older than the one held."""
-    now = deps.clock()
-    with session_scope(deps.settings) as session:
-        row = external.connection(session, user_pk, conn.id)
-        if row is None:
-            return
-        if (
-            row.last_update is not None
-            and conn.last_update is not None
-            and conn.last_update < row.last_update
-        ):
-            return
-        row.error_message = conn.error_message
-        row.last_update = conn.last_update or row.last_update
-        row.next_try = conn.next_try
-        if row.active:  # a connection CONNECTION_DELETED deactivated stays so, whatever a late push says
-            row.active = conn.active
-        if conn.consent_expires_at is not None:
-            row.consent_expires_at = conn.consent_expires_at
-        row.updated_at = now
+def _update_connection(session: Session, user_pk: int, conn: PowensConnection, now: datetime) -> None:
+    """The connection's own fields, when this sync is not older than the one held (its state is the
+    write path's, with the accounts')."""
+    row = external.connection(session, user_pk, conn.id)
+    if row is None:
+        return
+    if row.last_update is not None and conn.last_update is not None and conn.last_update < row.last_update:
+        return
+    row.error_message = conn.error_message
+    row.last_update = conn.last_update or row.last_update
+    row.next_try = conn.next_try
+    if row.active:  # a connection CONNECTION_DELETED deactivated stays so, whatever a late push says
+        row.active = conn.active
+    if conn.consent_expires_at is not None:
+        row.consent_expires_at = conn.consent_expires_at
+    row.updated_at = now
 
 
-def _account_status(deps: Deps, user_pk: int, raw: Any, event: Event) -> Applied:
+def _account_status(deps: Deps, user_pk: int, raw: Any, event: Event, said_at: datetime) -> Applied:
     try:
         pacc = PowensAccount.parse(raw, deps.settings.powens_zone, ENDPOINT)
     except PowensError as err:
         log.warning("Powens push %s: unreadable account: %s", event, err.message)
         return Applied(PushOutcome.INVALID_PAYLOAD)
-    status = AccountStatus.DISABLED if event is Event.ACCOUNT_DISABLED else AccountStatus.ACTIVE
+    word = AccountStatus.DISABLED if event is Event.ACCOUNT_DISABLED else AccountStatus.ACTIVE
     with session_scope(deps.settings) as session:
         found = external.account(session, user_pk, pacc.id)
         if found is None:
             return Applied(PushOutcome.UNKNOWN_ACCOUNT)
-        account, _ = found
-        if account.status != AccountStatus.DELETED or status is AccountStatus.ACTIVE:
-            account.status = status
-            account.updated_at = deps.clock()
-        return Applied(PushOutcome.STATUS_UPDATED, account.id)
+        account = session.get(BankAccount, found[0].id, with_for_update=True, populate_existing=True)
+        assert account is not None
+        if _say(account, word, said_at):
+            return Applied(PushOutcome.STATUS_UPDATED, account.id)
+        return Applied(PushOutcome.OUT_OF_ORDER, account.id)
 
 
-def _connection_deleted(deps: Deps, user_pk: int, external_id: int) -> Applied:
-    now = deps.clock()
+def _say(account: BankAccount, word: AccountStatus, said_at: datetime) -> bool:
+    """Powens' word on the account's status, by the write path's rule. True when it applied."""
+    moved = next_account_status(account.status, account.status_at, word, said_at)
+    if moved is None:
+        return False
+    account.status, account.status_at = moved
+    account.updated_at = said_at
+    return True
+
+
+def _connection_deleted(deps: Deps, user_pk: int, external_id: int, said_at: datetime) -> Applied:
     with session_scope(deps.settings) as session:
         row = external.connection(session, user_pk, external_id)
         if row is None:
             return Applied(PushOutcome.UNKNOWN_ACCOUNT)
         row.active = False
-        row.updated_at = now
-        external.set_connection_accounts_status(session, row.id, AccountStatus.DELETED, now)
+        row.updated_at = said_at
+        accounts = session.scalars(
+            select(BankAccount)
+            .where(BankAccount.connection_id == row.id)
+            .order_by(BankAccount.id)
+            .with_for_update()
+        )
+        for account in accounts:
+            _say(account, AccountStatus.DELETED, said_at)
     return Applied(PushOutcome.STATUS_UPDATED)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from app.errors import Reason
 from app.policy import Actor
-from app.powens.errors import PowensError, classify_state
-from app.powens.links import needs_user
+from app.powens.errors import PowensError
 from app.refresh import tokens
 from app.refresh.coordination import Throttled
 from app.refresh.deps import Deps
@@ -30,14 +28,16 @@ def force_sync(
     user: UserToken,
     connection_id: str,
     connection_external_id: int,
-) -> list[str]:
-    """Force a bank sync within the quota; past it, say so (the refresh reads what Powens has)."""
+) -> tuple[list[str], str | None]:
+    """Force a bank sync within the quota; past it, say so (the refresh reads what Powens has).
+    Returns the notes and the connection's state as the sync left it (the refresh's verdict records
+    it, in the refresh's own transaction)."""
     settings = deps.settings
     now = deps.clock()
     with session_scope(settings) as session:
         repo.lock_connection(session, connection_id)
         if attempt.task_id is not None and repo.forced_by_task(session, connection_id, attempt.task_id):
-            return ["forced sync already made by an earlier attempt of this refresh; read its result"]
+            return ["forced sync already made by an earlier attempt of this refresh; read its result"], None
         used = repo.forced_syncs_since(session, connection_id, now - timedelta(hours=24))
         if used >= settings.force_sync_quota:
             oldest = repo.oldest_forced_sync_since(session, connection_id, now - timedelta(hours=24))
@@ -46,7 +46,7 @@ def force_sync(
                 f"forced sync skipped: quota of {settings.force_sync_quota} background syncs per 24 h "
                 f"reached for connection {connection_external_id}; next forced sync allowed at "
                 f"{when.replace(microsecond=0).isoformat().replace('+00:00', 'Z')}; read the last synced data"
-            ]
+            ], None
         slot = repo.record_forced_sync(session, connection_id, now, actor.name, attempt.task_id).id
     try:
         answer = tokens.call(
@@ -58,15 +58,9 @@ def force_sync(
     except PowensError as err:
         if err.status == 409:
             _release(deps, slot)
-            return ["forced sync not started: a sync of this connection is already running"]
+            return ["forced sync not started: a sync of this connection is already running"], None
         raise
-    conn = answer.value
-    with session_scope(settings) as session:
-        repo.set_connection_state(session, connection_id, conn.state, deps.clock())
-    if classify_state(conn.state) is Reason.NEEDS_USER_ACTION:
-        tenant_id = user.tenant_id
-        raise needs_user(tenant_id, connection_id, connection_external_id, conn.state, answer.request_id)
-    return []
+    return [], answer.value.state
 
 
 def _release(deps: Deps, slot: int) -> None:

@@ -1,8 +1,10 @@
 """The command handler of ``openbanking.balances.refresh`` v1.0.0. Plain functions, no Celery inside.
 
-``execute`` runs one attempt and returns its outcome as a value (``app.refresh.outcomes``); every terminal
-outcome — success, failure, denial — is recorded there exactly once. ``refresh_balances`` is the
-same call in the contract's shape (returns the output or raises). See docs/design.md "The refresh".
+``execute`` runs one attempt and returns its outcome as a value (``app.refresh.outcomes``). It reads
+Powens, judges the answer (``app.refresh.verdict``) and records the outcome through the one write path
+(``app.refresh.write``): a single refresh is a batch of one, written by the same statements as a
+nightly batch or a push. ``refresh_balances`` is the same call in the contract's shape (returns the
+output or raises). See docs/design.md "The refresh".
 """
 
 from __future__ import annotations
@@ -23,12 +25,11 @@ from app.contract import (
     parse_input,
 )
 from app.errors import NotFound, PolicyDenied, Reason, RefreshError
-from app.infra import is_infrastructure
 from app.ops import metrics
 from app.policy import Actor, authorize
 from app.powens.errors import PowensError
 from app.powens.models import PowensAccount
-from app.refresh import tokens
+from app.refresh import tokens, write
 from app.refresh.coordination import Throttled
 from app.refresh.deps import Deps
 from app.refresh.forced_sync import force_sync
@@ -40,19 +41,44 @@ from app.refresh.outcomes import (
     Retry,
     Subject,
     Terminal,
-    record,
     replay,
     unwrap,
 )
 from app.refresh.shared_read import shared_account
 from app.refresh.tokens import UserToken
-from app.refresh.write_path import Read, Where, judge, pushed_recently, say_when, set_status, store
+from app.refresh.verdict import (
+    Verdict,
+    Where,
+    connection_needs_user,
+    deleted,
+    judge,
+    pushed_note,
+    pushed_recently,
+)
+from app.retry import as_failure, infra_requeue_seconds, is_infrastructure, say_when
 from app.store import repo
 from app.store.db import session_scope
 from app.store.states import AccountStatus, Trigger
 
 log = logging.getLogger(__name__)
 _rng = random.SystemRandom()
+
+
+def record_one(deps: Deps, subject: Subject, verdict: Verdict, attempt: Attempt, attempts: int) -> Terminal:
+    """One terminal outcome through the write path (a batch of one), as the handler returns it."""
+    started = verdict.at
+    entry = write.Entry(subject, verdict, attempt, attempts, started)
+    [done] = write.record(deps.settings, [entry], deps.clock).recorded
+    if done.status == "skipped":
+        # Its run item was finished already: by another delivery (its outcome stands) or the sweeper.
+        found = replay(deps.settings, attempt.task_id, subject.balance_types) if attempt.task_id else None
+        return found or Failed(
+            RefreshError(
+                Reason.INTERNAL, "the run's item for this account was already finished: not recorded"
+            ),
+            replayed=True,
+        )
+    return done.terminal()
 
 
 def check_policy(
@@ -73,7 +99,7 @@ def check_policy(
         return inp, who
     except RefreshError as err:
         subject = Subject.of(raw_input, actor, trigger)
-        record(deps.settings, subject, Attempt(), attempts=0, started_at=started, clock=deps.clock, error=err)
+        record_one(deps, subject, Verdict.failed(started, err), Attempt(), attempts=0)
         raise
 
 
@@ -117,10 +143,8 @@ def execute(
 
 
 def _infra_requeue(deps: Deps, attempt: Attempt, exc: BaseException) -> Requeue:
-    ceiling = min(deps.settings.infra_retry_cap_seconds, 2.0 ** (attempt.infra_failures + 1))
-    return Requeue(
-        _rng.uniform(ceiling / 2, ceiling), f"infrastructure unavailable ({type(exc).__name__})", True
-    )
+    wait = infra_requeue_seconds(attempt.infra_failures, deps.settings, _rng)
+    return Requeue(wait, f"infrastructure unavailable ({type(exc).__name__})", True)
 
 
 def _attempt(raw_input: Any, actor: Actor | str, trigger: Trigger, attempt: Attempt, deps: Deps) -> Outcome:
@@ -136,50 +160,22 @@ def _attempt(raw_input: Any, actor: Actor | str, trigger: Trigger, attempt: Atte
         subject = Subject.of(inp, actor, trigger)  # the validated ids (trimmed), from here on
         who = deps.actor(actor)
         authorize(REFRESH_OPERATION, who)
-        read = _read(inp, who, attempt, deps)
-        success = record(
-            deps.settings,
-            subject,
-            attempt,
-            attempts=attempt.number,
-            started_at=read.refreshed_at,
-            clock=deps.clock,
-            store=lambda session: store(session, deps, inp, read, attempt.business_day),
-            request_id=read.request_id,
-        )
+        verdict = _read(inp, who, attempt, deps)
     except Throttled as th:
         return Requeue(th.wait, th.why)
-    except RefreshError as err:
-        error = err
     except Exception as exc:
-        if is_infrastructure(exc):
-            raise
-        log.exception("refresh failed with an unexpected error")  # a bug: classified once, here
-        error = RefreshError(Reason.INTERNAL, f"internal error ({type(exc).__name__})")
-    else:
-        _observe(trigger, t0)
-        return success
-    _observe(trigger, t0)
-    if error.retryable and not attempt.final:
+        verdict = Verdict.failed(started, as_failure(exc, "refresh"))  # our infrastructure: raised on
+    finally:
+        metrics.DURATION.labels(provider=metrics.PROVIDER, trigger=trigger.value).observe(
+            time.perf_counter() - t0
+        )
+    error = verdict.error
+    if error is not None and error.retryable and not attempt.final:
         metrics.RETRIES.labels(provider=metrics.PROVIDER, reason=error.reason.value).inc()
         return Retry(error)
-    if error.reason is Reason.RATE_LIMITED:
-        say_when(deps.settings, error, attempt, deps.clock())
-    return record(
-        deps.settings,
-        subject,
-        attempt,
-        attempts=attempt.number,
-        started_at=started,
-        clock=deps.clock,
-        error=error,
-    )
-
-
-def _observe(trigger: Trigger, t0: float) -> None:
-    metrics.DURATION.labels(provider=metrics.PROVIDER, trigger=trigger.value).observe(
-        time.perf_counter() - t0
-    )
+    if error is not None and error.reason is Reason.RATE_LIMITED:
+        say_when(deps.settings, error, attempt.number, deps.clock())
+    return record_one(deps, subject, verdict, attempt, attempt.number)
 
 
 def _pushed_recently(
@@ -190,14 +186,14 @@ def _pushed_recently(
     connection_state: str | None,
     now: datetime,
 ) -> datetime | None:
-    """The nightly skip of a push-fresh account (``write_path.pushed_recently``); on demand, or forcing
+    """The nightly skip of a push-fresh account (``verdict.pushed_recently``); on demand, or forcing
     a sync, an operator always gets a read."""
     if attempt.run_id is None or inp.force_refresh:
         return None
     return pushed_recently(settings, pushed_at, connection_state, now)
 
 
-def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, deps: Deps) -> Read:
+def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, deps: Deps) -> Verdict:
     settings = deps.settings
     started = deps.clock()
     # Single flight per account: a concurrent refresh of the same account (on-demand and scheduled at
@@ -213,27 +209,32 @@ def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, 
             if inp.connection_id is not None and inp.connection_id != ctx.connection.id:
                 raise NotFound(f"account {inp.account_id!r} not found in connection {inp.connection_id!r}")
             if ctx.account.status == AccountStatus.DELETED:
-                raise NotFound(f"account {inp.account_id!r} was deleted at Powens")
+                return Verdict.failed(started, deleted(inp.account_id))  # no Powens call for it
             user = UserToken.of(deps, ctx.user)
             account_external_id = ctx.account.external_id
-            connection_id = ctx.connection.id
-            connection_external_id = ctx.connection.external_id
+            where = Where(inp.tenant_id, inp.account_id, ctx.connection.id, ctx.connection.external_id)
             last = ctx.account.last_refreshed_at
             fresh = last is not None and last >= started
             pushed = _pushed_recently(
                 settings, attempt, inp, ctx.account.pushed_at, ctx.connection.state, started
             )
+        types = tuple(inp.balance_types) if inp.balance_types else None
         if fresh:
             note = "coalesced with a concurrent refresh of this account; its result is returned"
-            return Read(refreshed_at=started, errors=[note])
+            return Verdict(started, notes=(note,), balance_types=types)
         if pushed is not None:
             # The push path made it fresh: the nightly run is the reconciliation, not a second read.
-            note = f"refreshed from a Powens push at {pushed.isoformat()}; not read again"
-            return Read(refreshed_at=started, errors=[note])
+            return Verdict(started, notes=(pushed_note(pushed),), balance_types=types)
 
-        errors: list[str] = []
+        notes: list[str] = []
         if inp.force_refresh:
-            errors.extend(force_sync(deps, actor, attempt, user, connection_id, connection_external_id))
+            forced, state = force_sync(
+                deps, actor, attempt, user, where.connection_id, where.connection_external_id
+            )
+            notes.extend(forced)
+            stuck = connection_needs_user(where, state, at=deps.clock())
+            if stuck is not None:
+                return stuck
         pacc: PowensAccount | None = None
         request_id: str | None = None
         if attempt.run_id is not None and not inp.force_refresh:
@@ -247,10 +248,12 @@ def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, 
                 )
             except PowensError as err:
                 if err.status == 404 and err.reason is Reason.NOT_FOUND:
-                    set_status(deps, inp.account_id, AccountStatus.DELETED)
+                    return Verdict.failed(deps.clock(), err, word=AccountStatus.DELETED)
                 raise
             pacc, request_id = answer.value, answer.request_id
-        return judge(deps, inp, Where(connection_id, connection_external_id), pacc, request_id, errors)
+        return judge(
+            pacc, where, at=deps.clock(), request_id=request_id, notes=tuple(notes), balance_types=types
+        )
 
 
 def deny_refresh(
@@ -264,8 +267,7 @@ def deny_refresh(
     )
     named = Trigger(trigger) if trigger in tuple(Trigger) else Trigger.ON_DEMAND
     subject = Subject.of(raw_input, str(actor)[:128] if actor is not None else "unknown", named)
-    now = deps.clock()
-    outcome = record(settings, subject, Attempt(), attempts=0, started_at=now, clock=deps.clock, error=error)
+    outcome = record_one(deps, subject, Verdict.failed(deps.clock(), error), Attempt(), attempts=0)
     assert isinstance(outcome, Failed)
     return outcome
 
@@ -285,6 +287,4 @@ def give_up_refresh(
     error = RefreshError(Reason.INTERNAL, why)
     subject = Subject.of(raw_input, actor, Trigger(trigger))
     attempt = Attempt(task_id=task_id, run_id=run_id)
-    return record(
-        settings, subject, attempt, attempts=0, started_at=deps.clock(), clock=deps.clock, error=error
-    )
+    return record_one(deps, subject, Verdict.failed(deps.clock(), error), attempt, attempts=0)

@@ -1,28 +1,27 @@
-"""A refresh's outcome as a value, and the one place a terminal outcome is recorded and announced.
+"""A refresh's outcome as a value: what the handler returns, how it is announced, how it is read back.
 
 The handler returns one of four values: ``Succeeded``, ``Failed`` (terminal), ``Retry`` (a retryable
 failure before the last attempt: nothing recorded) or ``Requeue`` (the rate limiter or a concurrent
 refresh of the account asks to come back later: no attempt consumed). The task turns the value into
 a Celery action (``app.worker.taskbase.action_for``).
 
-``record`` writes a terminal outcome in one transaction — the success's own writes when there are
-any, the audit row, the nightly run item — then counts it and emits its telemetry event, exactly
-once: the audit row is unique per task id, so a second delivery of the same task finds the first
-one's outcome (``replay``) and writes nothing. The audit table is also how the admin shell waits for
-an outcome, so correctness never depends on a Celery result backend. See docs/design.md "Outcomes".
+Terminal outcomes are recorded by ``app.refresh.write.record`` (the one writer: one transaction for
+the success's writes, the audit row and the nightly run item), then counted and announced here
+(``announce_refreshed`` / ``announce_failed``): one counter increment and one telemetry event per
+terminal outcome, after the commit, so at most once. The audit row is unique per task id, so a
+second delivery of the same task finds the first one's outcome (``replay``) and writes nothing. The
+audit table is also how the admin shell waits for an outcome (``wait_for``), so correctness never
+depends on a Celery result backend. See docs/design.md "Outcomes".
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
-
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.contract import (
@@ -35,9 +34,9 @@ from app.contract import (
 from app.errors import Reason, RefreshError
 from app.ops import metrics, telemetry
 from app.refresh.records import to_record
-from app.store import repo, runs
+from app.store import repo
 from app.store.db import session_scope
-from app.store.states import AttemptOutcome, ItemStatus, Trigger
+from app.store.states import AttemptOutcome, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -159,82 +158,7 @@ def unwrap(outcome: Outcome) -> OpenBankingRefreshBalancesOutput:
     raise Throttled(outcome.seconds, outcome.why)
 
 
-# -- recording -------------------------------------------------------------------------------------
-
-
-def record(
-    settings: Settings,
-    subject: Subject,
-    attempt: Attempt,
-    *,
-    attempts: int,
-    started_at: datetime,
-    clock: Callable[[], datetime],
-    error: RefreshError | None = None,
-    store: Callable[[Session], OpenBankingRefreshBalancesOutput] | None = None,
-    request_id: str | None = None,
-) -> Terminal:
-    """Record one terminal outcome: a failure (``error``) or a success (``store`` writes the records
-    and returns the output), in one transaction with its audit row and run item; then announce it."""
-    try:
-        with session_scope(settings) as session:
-            output = store(session) if store is not None else None
-            repo.add_attempt(
-                session,
-                task_id=attempt.task_id,
-                run_id=attempt.run_id,
-                operation=REFRESH_OPERATION.qualified_name,
-                tenant_id=subject.tenant_id,
-                account_id=subject.account_id,
-                actor=subject.actor,
-                trigger=subject.trigger,
-                outcome=AttemptOutcome.SUCCEEDED if error is None else AttemptOutcome.FAILED,
-                reason=error.reason.value if error else None,
-                message=error.message if error else None,
-                attempts=attempts,
-                balance_count=len(output.balances) if output else None,
-                force_refresh=subject.force_refresh,
-                powens_request_id=error.request_id if error else request_id,
-                errors=output.errors if output else None,
-                next_attempt_at=error.next_attempt_at if error else None,
-                started_at=started_at,
-                finished_at=clock(),
-            )
-            if attempt.run_id is not None and subject.account_id is not None:
-                runs.record_item(
-                    session,
-                    attempt.run_id,
-                    subject.account_id,
-                    ItemStatus.SUCCEEDED if error is None else ItemStatus.FAILED,
-                    error.reason.value if error else None,
-                )
-    except IntegrityError:
-        # Another delivery of this task committed its terminal outcome first: that one stands.
-        replayed = replay(settings, attempt.task_id, subject.balance_types) if attempt.task_id else None
-        if replayed is None:
-            raise
-        log.info("terminal outcome already recorded for task %s", attempt.task_id)
-        return replayed
-    outcome: Terminal = Failed(error) if error is not None else Succeeded(_present(output), request_id)
-    announce(subject, attempt, outcome, attempts)
-    return outcome
-
-
-def _present(output: OpenBankingRefreshBalancesOutput | None) -> OpenBankingRefreshBalancesOutput:
-    assert output is not None, "a success records its output"
-    return output
-
-
-def announce(subject: Subject, attempt: Attempt, outcome: Terminal, attempts: int) -> None:
-    """One counter increment and one telemetry event per terminal outcome (after the commit: at most
-    once; a crash in between loses the event, never duplicates it)."""
-    if isinstance(outcome, Succeeded):
-        out = outcome.output
-        announce_refreshed(
-            subject, attempt, attempts, out.refreshed_at, len(out.balances), outcome.request_id
-        )
-    else:
-        announce_failed(subject, attempt, attempts, outcome.error)
+# -- announcing (after the commit of ``app.refresh.write.record``) ------------------------------------
 
 
 def _context(subject: Subject, attempt: Attempt, attempts: int) -> dict[str, Any]:

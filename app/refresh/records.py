@@ -11,24 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from decimal import Decimal, Inexact, localcontext
 
 from app.config import Settings
 from app.contract import AccountBalanceRecord, BankAccountRecord, OpenBankingGetBalancesOutput
+from app.money import exact_sum
 from app.powens.models import PowensAccount
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BankAccount, BankConnection, PowensUser
-
-
-def exact_sum(a: Decimal, b: Decimal) -> Decimal:
-    """``a + b`` to the last digit: Decimal's default context keeps 28 significant digits and would
-    round a sum of amounts that Powens sends (and the parser accepts) with more."""
-    with localcontext() as ctx:
-        low = min(int(a.as_tuple().exponent), int(b.as_tuple().exponent))
-        ctx.prec = max(28, max(a.adjusted(), b.adjusted()) - low + 2)
-        ctx.traps[Inexact] = True
-        return a + b
+from app.store.writes import Stored
 
 
 def map_balances(pacc: PowensAccount, refreshed_at: datetime) -> list[repo.BalanceDraft]:
@@ -71,7 +62,7 @@ def map_balances(pacc: PowensAccount, refreshed_at: datetime) -> list[repo.Balan
     return drafts
 
 
-def to_record(row: AccountBalance) -> AccountBalanceRecord:
+def to_record(row: AccountBalance | Stored) -> AccountBalanceRecord:
     return AccountBalanceRecord(
         id=row.id,
         account_id=row.account_id,

@@ -18,6 +18,8 @@ from datetime import date, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from statistics import median
 
+from app.money import exact_total
+
 CENT = Decimal("0.01")
 Z95 = Decimal("1.96")
 MAD_TO_SIGMA = Decimal("1.4826")
@@ -138,7 +140,7 @@ def daily_totals(
         for acc, days in per_account.items():
             if day in days:
                 last_value[acc] = days[day]
-        out.append((day, sum(last_value.values(), Decimal(0))))
+        out.append((day, exact_total(last_value.values())))
         day += timedelta(days=1)
     return out
 

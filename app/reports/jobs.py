@@ -15,13 +15,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.money import exact_sum
 from app.reports.forecast import Forecast, daily_totals, project
 from app.reports.summary import active_accounts, build_summary
-from app.store.bulk import keyed_only
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BalanceSnapshot, CashflowForecast, RefreshRun, TenantSummary
 from app.store.runs import move_tenant
 from app.store.states import TenantStatus
+from app.store.writes import keyed_only
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def build_forecasts(session: Session, settings: Settings, tenant_id: str, day: d
             AccountBalance.account_id.in_(active),
         )
     ).all():
-        coming[ccy] += amount
+        coming[ccy] = exact_sum(coming[ccy], amount)
     out = []
     for ccy, per_account in sorted(per_ccy.items()):
         history = daily_totals(per_account, start, day)

@@ -12,6 +12,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.money import exact_sum
 from app.reports.attention import tenant_views
 from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, RunItem
 from app.store.states import AccountStatus, ItemStatus
@@ -53,11 +54,11 @@ def build_summary(
     for _acc, btype, ccy, cur, avail in latest:
         t = totals[ccy]
         if btype == "current":
-            t["current"] += cur
-            t["available"] += avail if avail is not None else cur
+            t["current"] = exact_sum(t["current"], cur)
+            t["available"] = exact_sum(t["available"], avail if avail is not None else cur)
             t["accounts"] += 1
         elif btype == "uncleared":
-            t["coming"] += cur
+            t["coming"] = exact_sum(t["coming"], cur)
 
     # Day-over-day: accounts with a current snapshot on both days, so new or lost accounts do not
     # show as money moving.
@@ -82,8 +83,8 @@ def build_summary(
     for days in by_acc.values():
         if day in days and day - timedelta(days=1) in days:
             ccy = days[day][0]
-            change[ccy]["today"] += days[day][1]
-            change[ccy]["yesterday"] += days[day - timedelta(days=1)][1]
+            change[ccy]["today"] = exact_sum(change[ccy]["today"], days[day][1])
+            change[ccy]["yesterday"] = exact_sum(change[ccy]["yesterday"], days[day - timedelta(days=1)][1])
             change[ccy]["accounts"] += 1
 
     items = session.execute(
@@ -119,7 +120,7 @@ def build_summary(
                 **t,
                 "dayOverDay": (
                     {
-                        "change": change[ccy]["today"] - change[ccy]["yesterday"],
+                        "change": exact_sum(change[ccy]["today"], -change[ccy]["yesterday"]),
                         "yesterday": change[ccy]["yesterday"],
                         "comparableAccounts": change[ccy]["accounts"],
                     }

@@ -75,10 +75,17 @@ class Money(TypeDecorator[Decimal]):
 
 
 def _normalize(d: Decimal) -> Decimal:
-    """Give back the amount with its significant places only (a database may pad the scale)."""
-    if d == d.to_integral_value():
-        return d.quantize(Decimal(1))
-    return d.normalize()
+    """Give back the amount with its significant places only (a database may pad the scale): trailing
+    zeros of the fraction dropped, every other digit kept. Decimal's own ``normalize`` rounds to its
+    context's 28 digits; this never rounds (as many digits as the amount has)."""
+    sign, digits, exponent = d.as_tuple()
+    if not isinstance(exponent, int) or exponent >= 0:
+        return d
+    keep = len(digits)
+    while keep > 1 and digits[keep - 1] == 0 and exponent < 0:
+        keep -= 1
+        exponent += 1
+    return Decimal((sign, digits[:keep], exponent))
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -201,6 +208,8 @@ class BankAccount(Base):
     bic: Mapped[str | None] = mapped_column(String(16), nullable=True)
     number_masked: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[str] = mapped_column(String(16), default=AccountStatus.ACTIVE)
+    # When Powens' word set the status (a read's answer, a push's arrival): an older word changes nothing.
+    status_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     balance: Mapped[Decimal | None] = mapped_column(Money(), nullable=True)
     coming: Mapped[Decimal | None] = mapped_column(Money(), nullable=True)
     powens_last_update: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -249,6 +258,9 @@ class BalanceSnapshot(Base):
     currency: Mapped[str] = mapped_column(String(3))
     last_updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     refreshed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Copied from the latest record by the day's run, which did not read the account itself (a push
+    # kept it fresh, or Powens had nothing newer): the balance as the run saw it, not a new reading.
+    carried: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
 
 
 class RefreshAttempt(Base):

@@ -22,7 +22,7 @@ from app.ops.telemetry import mask_value
 from app.powens.models import PowensAccount, PowensConnection
 from app.store.models import BankAccount, BankConnection, PowensUser
 from app.store.repo import new_id
-from app.store.states import AccountStatus
+from app.store.states import AccountStatus, next_account_status
 
 
 def masked(value: str | None) -> str | None:
@@ -130,6 +130,7 @@ def register_accounts(
                     connection_id=conn.id,
                     external_id=a.id,
                     last_synced_at=now,
+                    status_at=now,
                     created_at=now,
                     updated_at=now,
                     **account_fields(a),
@@ -137,13 +138,18 @@ def register_accounts(
             )
             created += 1
         elif update_existing:
+            # An explicit discovery: the row follows the list, a deleted account listed again included.
             row.connection_id = conn.id
             for key, value in account_fields(a).items():
                 setattr(row, key, value)
+            row.status_at = now
             row.last_synced_at = now
             row.updated_at = now
         elif row.status != AccountStatus.ACTIVE and powens_status(a) != row.status:
-            # Not in tonight's run (not active): it follows Powens' word, and comes back when listed.
-            row.status = powens_status(a)
-            row.updated_at = now
+            # Not in tonight's run (not active): it follows Powens' word, by the one status rule (a
+            # disabled account listed again comes back; a deleted one stays deleted).
+            moved = next_account_status(row.status, row.status_at, powens_status(a), now)
+            if moved is not None:
+                row.status, row.status_at = moved
+                row.updated_at = now
     return created

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
 from app.store.models import (
@@ -37,15 +36,6 @@ def new_id(prefix: str) -> str:
 def record_id(account_id: str, balance_type: str) -> str:
     """The latest record of (account, type) keeps one id across refreshes."""
     return f"bal_{uuid.uuid5(RECORD_NAMESPACE, f'{account_id}/{balance_type}').hex}"
-
-
-def _insert(session: Session) -> Any:
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert
-    if name == "sqlite":
-        return sqlite.insert
-    raise RuntimeError(f"unsupported database dialect {name}")
 
 
 # -- tenants and actors ---------------------------------------------------------------------------
@@ -271,34 +261,6 @@ def release_forced_sync(session: Session, forced_sync_id: int) -> None:
     session.execute(delete(ForcedSync).where(ForcedSync.id == forced_sync_id))
 
 
-def set_connection_state(session: Session, connection_id: str, state: str | None, now: datetime) -> None:
-    conn = session.get(BankConnection, connection_id, with_for_update=True)
-    if conn is not None:
-        conn.set_state(state, now)
-
-
-def set_account_status(session: Session, account_id: str, status: str, now: datetime) -> None:
-    session.execute(
-        update(BankAccount)
-        .where(BankAccount.id == account_id, BankAccount.status != status)
-        .values(status=status, updated_at=now)
-    )
-
-
-def drop_unsent_types(
-    session: Session, account_id: str, keep: Sequence[str], not_newer_than: datetime
-) -> None:
-    """Latest records of balance types Powens no longer sends (``coming`` gone: no ``uncleared``)
-    leave the canonical view, unless what is stored is newer than this answer. History stays."""
-    session.execute(
-        delete(AccountBalance).where(
-            AccountBalance.account_id == account_id,
-            AccountBalance.balance_type.not_in(list(keep)),
-            AccountBalance.last_updated_at <= not_newer_than,
-        )
-    )
-
-
 # -- balances --------------------------------------------------------------------------------------
 
 
@@ -310,85 +272,6 @@ class BalanceDraft:
     currency: str
     last_updated_at: datetime
     metadata: dict[str, Any]
-
-
-def keep_newer_latest(stmt: Any) -> Any:
-    """An INSERT of latest records made an upsert that never replaces a record by an older one."""
-    ex = stmt.excluded
-    return stmt.on_conflict_do_update(
-        index_elements=[AccountBalance.account_id, AccountBalance.balance_type],
-        set_={
-            "connection_id": ex.connection_id,
-            "current_balance": ex.current_balance,
-            "available_balance": ex.available_balance,
-            "currency": ex.currency,
-            "last_updated_at": ex.last_updated_at,
-            "refreshed_at": ex.refreshed_at,
-            "metadata": ex.metadata,
-        },
-        where=AccountBalance.last_updated_at <= ex.last_updated_at,
-    )
-
-
-def keep_newer_snapshot(stmt: Any) -> Any:
-    """An INSERT of day snapshots made an upsert that never replaces a snapshot by an older one."""
-    sx = stmt.excluded
-    return stmt.on_conflict_do_update(
-        index_elements=[BalanceSnapshot.account_id, BalanceSnapshot.balance_type, BalanceSnapshot.day],
-        set_={
-            "current_balance": sx.current_balance,
-            "available_balance": sx.available_balance,
-            "currency": sx.currency,
-            "last_updated_at": sx.last_updated_at,
-            "refreshed_at": sx.refreshed_at,
-        },
-        where=BalanceSnapshot.last_updated_at <= sx.last_updated_at,
-    )
-
-
-def upsert_balances(
-    session: Session,
-    account: BankAccount,
-    drafts: Iterable[BalanceDraft],
-    *,
-    refreshed_at: datetime,
-    day: date,
-) -> None:
-    """Latest record per (account, type) and today's snapshot, never replacing newer data by older.
-
-    A redelivered or late task may carry a Powens ``last_update`` older than what is stored: the
-    conditional upsert keeps the stored row then.
-    """
-    insert = _insert(session)
-    for d in drafts:
-        latest = insert(AccountBalance).values(
-            id=record_id(account.id, d.balance_type),
-            account_id=account.id,
-            tenant_id=account.tenant_id,
-            connection_id=account.connection_id,
-            balance_type=d.balance_type,
-            current_balance=d.current_balance,
-            available_balance=d.available_balance,
-            currency=d.currency,
-            last_updated_at=d.last_updated_at,
-            refreshed_at=refreshed_at,
-            created_at=refreshed_at,
-            metadata_=d.metadata,
-        )
-        session.execute(keep_newer_latest(latest))
-
-        snap = insert(BalanceSnapshot).values(
-            account_id=account.id,
-            tenant_id=account.tenant_id,
-            balance_type=d.balance_type,
-            day=day,
-            current_balance=d.current_balance,
-            available_balance=d.available_balance,
-            currency=d.currency,
-            last_updated_at=d.last_updated_at,
-            refreshed_at=refreshed_at,
-        )
-        session.execute(keep_newer_snapshot(snap))
 
 
 def latest_balances(

@@ -13,9 +13,9 @@ transaction each.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import String, delete, func, insert, literal, select, text, tuple_, update
 from sqlalchemy.orm import Session
@@ -24,7 +24,6 @@ from app.config import Settings
 from app.store.db import rowcount, session_scope
 from app.store.models import BankAccount, RefreshRun, RunItem, RunTenant, Tenant
 from app.store.states import (
-    ITEM_MOVES,
     RUN_MOVES,
     TENANT_MOVES,
     AccountStatus,
@@ -36,8 +35,19 @@ from app.store.states import (
     check_move,
 )
 
-# (task_id, tenant_id, account_id, powens_user_pk): what publishing one scheduled refresh needs.
-Item = tuple[str, str, str, int]
+
+class Item(NamedTuple):
+    """One account of a run, as published: what a scheduled refresh needs (a JSON list on the wire)."""
+
+    task_id: str
+    tenant_id: str
+    account_id: str
+    powens_user_pk: int = 0
+
+    @classmethod
+    def of(cls, raw: Sequence[Any]) -> Item:
+        """An item as a message carries it (a list of 3 or 4 values)."""
+        return cls(str(raw[0]), str(raw[1]), str(raw[2]), int(raw[3]) if len(raw) > 3 else 0)
 
 
 def _now() -> datetime:
@@ -232,7 +242,7 @@ def item_pages(settings: Settings, run_id: str, size: int, *, pending_only: bool
             stmt = stmt.where(RunItem.status == ItemStatus.PENDING)
         stmt = stmt.order_by(RunItem.powens_user_pk, RunItem.account_id).limit(size + 1)
         with session_scope(settings) as session:
-            rows = [(r[0], r[1], r[2], int(r[3])) for r in session.execute(stmt).all()]
+            rows = [Item(r[0], r[1], r[2], int(r[3])) for r in session.execute(stmt).all()]
         if not rows:
             return
         page = rows[:size]
@@ -249,41 +259,6 @@ def business_day_of(settings: Settings, run_id: str) -> date | None:
 
 
 # -- completion ----------------------------------------------------------------------------------------
-
-
-def record_item(
-    session: Session, run_id: str, account_id: str, status: ItemStatus, reason: str | None
-) -> bool:
-    """Inside the refresh's terminal transaction: the item's outcome and its tenant's counter.
-
-    Only the first terminal outcome of an item counts (a redelivered or re-dispatched task finds it
-    no longer pending). Returns True when this call recorded it.
-    """
-    check_move(ITEM_MOVES, ItemStatus.PENDING, status)
-    changed = rowcount(
-        session.execute(
-            update(RunItem)
-            .where(
-                RunItem.run_id == run_id,
-                RunItem.account_id == account_id,
-                RunItem.status == ItemStatus.PENDING,
-            )
-            .values(status=status, reason=reason, finished_at=_now())
-        )
-    )
-    if not changed:
-        return False
-    item_tenant = (
-        select(RunItem.tenant_id)
-        .where(RunItem.run_id == run_id, RunItem.account_id == account_id)
-        .scalar_subquery()
-    )
-    session.execute(
-        update(RunTenant)
-        .where(RunTenant.run_id == run_id, RunTenant.tenant_id == item_tenant)
-        .values(remaining=RunTenant.remaining - 1)
-    )
-    return True
 
 
 def claim_summary(settings: Settings, run_id: str, tenant_id: str) -> bool:

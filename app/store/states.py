@@ -11,6 +11,7 @@ See docs/design.md "Runs as a state machine".
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from enum import StrEnum
 from typing import TypeVar
 
@@ -27,6 +28,21 @@ class AccountStatus(StrEnum):
     ACTIVE = "active"
     DISABLED = "disabled"  # Powens no longer syncs it
     DELETED = "deleted"
+
+
+def next_account_status(
+    status: str, status_at: datetime | None, word: AccountStatus | None, at: datetime
+) -> tuple[AccountStatus, datetime] | None:
+    """An account's status after Powens' ``word`` about it, said at ``at`` (a read's answer, a push's
+    arrival); None when it stays. A deleted account stays deleted — only an explicit account
+    discovery (``balances accounts sync``), listing it again, brings it back — and a word older than
+    the one that set the current status changes nothing (a replayed ``ACCOUNT_DISABLED`` cannot undo
+    a later enable). Every writer of an account's status from Powens' word goes through here."""
+    if word is None or status == AccountStatus.DELETED:
+        return None
+    if status_at is not None and at < status_at:
+        return None
+    return word, at
 
 
 class AttemptOutcome(StrEnum):

@@ -22,10 +22,9 @@ from celery import Task
 from celery.exceptions import Ignore, Reject
 from celery.exceptions import Retry as CeleryRetry
 
-from app.backoff import backoff_seconds
 from app.config import Settings, get_settings
-from app.infra import INFRA_ERRORS
 from app.jsonio import to_plain
+from app.retry import INFRA_ERRORS, backoff_seconds
 from app.worker.queues import PUSH_TASK
 
 if TYPE_CHECKING:  # imported lazily: this module loads with the Celery app, before prometheus_client may

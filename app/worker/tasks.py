@@ -9,17 +9,20 @@ from __future__ import annotations
 import logging
 import random
 import uuid
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Any
 
 from app.celery import app
 from app.config import Settings, get_settings
 from app.contract import OpenBankingRefreshBalancesInput
-from app.infra import is_infrastructure
-from app.nightly import pipeline
+from app.nightly import batch, pipeline
 from app.ops import metrics
 from app.policy import SCHEDULER
+from app.push.apply import apply
+from app.refresh.deps import Deps
 from app.refresh.handler import deny_refresh, execute, give_up_refresh
 from app.refresh.outcomes import Attempt
 from app.reports import jobs
@@ -59,9 +62,39 @@ class RefreshTask(BalancesTask):
     def infra_retry_kwargs(self) -> dict[str, Any]:
         """An infrastructure error outside the handler re-queues without using up an attempt."""
         kwargs = dict(self.request.kwargs or {})
-        kwargs["throttled"] = kwargs.get("throttled", 0) + 1
-        kwargs["infra"] = kwargs.get("infra", 0) + 1
-        return kwargs
+        return {**kwargs, **RetryState.of(kwargs).requeued(infrastructure=True).kwargs()}
+
+
+@dataclass(frozen=True)
+class RetryState:
+    """Where a refresh message stands in its retries: one value, carried as three keyword arguments
+    (the message format does not change). ``requeues``: re-publishes that were not attempts (the rate
+    limiter, a busy account, our infrastructure), ``infra`` of them for our infrastructure;
+    ``first_attempt``: the attempt a refresh batch handed the account over at."""
+
+    requeues: int = 0
+    infra: int = 0
+    first_attempt: int = 1
+
+    @classmethod
+    def of(cls, kwargs: dict[str, Any]) -> RetryState:
+        return cls(
+            int(kwargs.get("throttled", 0)), int(kwargs.get("infra", 0)), int(kwargs.get("first_attempt", 1))
+        )
+
+    def attempt_number(self, retries: int) -> int:
+        """Celery counts every re-publish as a retry; only the attempts count here."""
+        return self.first_attempt + retries - self.requeues
+
+    def requeued(self, *, infrastructure: bool) -> RetryState:
+        return replace(self, requeues=self.requeues + 1, infra=self.infra + int(infrastructure))
+
+    def kwargs(self) -> dict[str, Any]:
+        """As the message carries it (``first_attempt`` only when a batch handed it over)."""
+        out: dict[str, Any] = {"throttled": self.requeues, "infra": self.infra}
+        if self.first_attempt != 1:
+            out["first_attempt"] = self.first_attempt
+        return out
 
 
 @app.task(bind=True, base=RefreshTask, name=REFRESH_TASK, max_retries=None, ignore_result=False)
@@ -76,25 +109,26 @@ def refresh_account(
     day: str | None = None,
     first_attempt: int = 1,
 ) -> dict[str, Any]:
-    """One refresh attempt. BALANCES_MAX_ATTEMPTS bounds the attempts; re-queues (``throttled``: the
-    rate limiter, a busy account, or our own infrastructure — ``infra`` of them) are not attempts.
-    A nightly refresh carries its run's business ``day``: its snapshot is that day's. One handed over
-    by a refresh batch carries the batch's attempt (``first_attempt``): it goes on from there."""
+    """One refresh attempt. BALANCES_MAX_ATTEMPTS bounds the attempts; re-queues are not attempts
+    (``throttled``, ``infra`` and ``first_attempt`` are a ``RetryState``). A nightly refresh carries its
+    run's business ``day``: its snapshot is that day's. One handed over by a refresh batch carries the
+    batch's attempt (``first_attempt``): it goes on from there."""
     settings = get_settings()
+    state = RetryState(throttled, infra, first_attempt)
     attempt = Attempt(
-        number=first_attempt + self.request.retries - throttled,
+        number=state.attempt_number(self.request.retries),
         max_attempts=settings.max_attempts,
         task_id=self.request.id,
         run_id=run_id,
-        infra_failures=infra,
+        infra_failures=state.infra,
         business_day=date.fromisoformat(day) if day else None,
     )
     extra = {"tenant_id": input.get("tenantId"), "account_id": input.get("accountId"), "run_id": run_id}
     action = action_for(execute(input, actor, trigger, attempt=attempt), attempt, settings, _rng)
     if isinstance(action, Again):
-        if action.infrastructure and infra >= settings.infra_max_requeues:
+        if action.infrastructure and state.infra >= settings.infra_max_requeues:
             log.error("refresh ends: infrastructure unavailable for too long", extra=extra)
-            why = f"infrastructure unavailable for {infra} re-queues ({action.reason})"
+            why = f"infrastructure unavailable for {state.infra} re-queues ({action.reason})"
             return self.end_failed(why, input, actor, trigger, run_id=run_id)  # re-queued if it cannot
         if action.counts_attempt:
             log.info(
@@ -105,15 +139,8 @@ def refresh_account(
                 action.countdown,
                 extra={**extra, "reason": action.reason, "attempt": attempt.number},
             )
-        kwargs = {
-            "run_id": run_id,
-            "throttled": throttled + (0 if action.counts_attempt else 1),
-            "infra": infra + int(action.infrastructure),
-            "day": day,
-        }
-        if first_attempt != 1:
-            kwargs["first_attempt"] = first_attempt
-        self.again(action.countdown, kwargs)
+        after = state if action.counts_attempt else state.requeued(infrastructure=action.infrastructure)
+        self.again(action.countdown, {"run_id": run_id, **after.kwargs(), "day": day})
     result = action.result
     if result["ok"]:
         log.info("refresh succeeded (%d balances)", len(result["output"]["balances"]), extra=extra)
@@ -175,7 +202,7 @@ def publish_batches(
     (items come grouped by user). Returns the number of messages."""
     settings = get_settings()
     day = runs.business_day_of(settings, run_id)
-    batches = split_by_user(items, settings.refresh_batch_accounts)
+    batches = batch.split_by_user(items, settings.refresh_batch_accounts)
     with app.producer_or_acquire() as producer:
         for part in batches:
             refresh_batch.apply_async(
@@ -187,24 +214,6 @@ def publish_batches(
     return len(batches)
 
 
-def split_by_user(items: Sequence[runs.Item], size: int) -> list[list[runs.Item]]:
-    """Consecutive items in parts of at most ``size`` (a user with more accounts alone is larger),
-    never splitting one Powens user's items."""
-    groups: list[list[runs.Item]] = []
-    for item in items:
-        if groups and groups[-1][-1][3] == item[3]:
-            groups[-1].append(item)
-        else:
-            groups.append([item])
-    parts: list[list[runs.Item]] = []
-    for group in groups:
-        if parts and len(parts[-1]) + len(group) <= size:
-            parts[-1].extend(group)
-        else:
-            parts.append(list(group))
-    return parts
-
-
 def publish_fanout(run_id: str, items: Sequence[runs.Item]) -> None:
     """One message per page: a worker turns it into the page's refresh batches, so planning 100,000
     accounts costs the planner 100 publishes and the per-batch publishing runs on the workers."""
@@ -213,18 +222,14 @@ def publish_fanout(run_id: str, items: Sequence[runs.Item]) -> None:
 
 @app.task(name="balances.fanout_batch")
 def fanout_batch(run_id: str, items: list[list[Any]]) -> int:
-    return publish_batches(run_id, [_item(i) for i in items])
-
-
-def _item(raw: Sequence[Any]) -> runs.Item:
-    return (str(raw[0]), str(raw[1]), str(raw[2]), int(raw[3]) if len(raw) > 3 else 0)
+    return publish_batches(run_id, [runs.Item.of(i) for i in items])
 
 
 class BatchTask(BalancesTask):
     def give_up(self, deliveries: int, *args: Any, **kwargs: Any) -> Any:
         """A batch whose worker died every time: each account goes on alone, as a single refresh
         (with its own poison handling), so one bad account cannot hold its batch back."""
-        run_id, items = args[0], [_item(i) for i in args[1]]
+        run_id, items = args[0], [runs.Item.of(i) for i in args[1]]
         log.error(
             "refresh batch of %d given up after %d deliveries: handed to single refreshes",
             len(items),
@@ -238,31 +243,17 @@ class BatchTask(BalancesTask):
 def refresh_batch(
     self: BatchTask, run_id: str, items: list[list[Any]], day: str | None = None, attempt: int = 1
 ) -> dict[str, int]:
-    """One attempt at a batch of a nightly run's items (``app.nightly.batch``). Our infrastructure failing
-    re-queues the whole message (the base class): whatever it recorded is skipped then."""
-    from app.nightly.batch import run_batch
-    from app.refresh.deps import Deps
-
+    """One attempt at a batch of a nightly run's items (``app.nightly.batch``). Our infrastructure
+    failing re-queues the whole message (the base class): whatever it recorded is skipped then."""
     settings = get_settings()
-    parsed = [_item(i) for i in items]
-    try:
-        result = run_batch(
-            Deps.default(settings), run_id, parsed, date.fromisoformat(day) if day else None, attempt
-        )
-    except Exception as exc:
-        if is_infrastructure(exc):
-            raise  # the base class re-queues the whole message
-        # A bug: acknowledged with nothing recorded, the run would wait for the sweeper, and a bug
-        # that repeats would never finish. Each account goes on alone, where a bug is recorded.
-        log.exception(
-            "refresh batch of %d failed with an unexpected error: handed to single refreshes", len(parsed)
-        )
-        publish_refreshes(run_id, parsed, attempt=attempt)
-        return {"succeeded": 0, "failed": 0, "skipped": 0, "retry": 0, "requeued": 0, "single": len(parsed)}
+    parsed = [runs.Item.of(i) for i in items]
+    result = batch.refresh_or_hand_over(
+        Deps.default(settings), run_id, parsed, date.fromisoformat(day) if day else None, attempt
+    )
     tenants = set(result.emptied_tenants)
     if result.skipped:
         # A redelivery: the first delivery may have died between its commit and its claims.
-        tenants |= {item[1] for item in parsed}
+        tenants |= {item.tenant_id for item in parsed}
     for tenant_id in sorted(tenants):
         pipeline.claim_summary_and_enqueue(settings, run_id, tenant_id, enqueue_summary)
     if result.retry:
@@ -273,14 +264,7 @@ def refresh_batch(
         )
     if result.single:
         publish_refreshes(run_id, result.single, attempt=attempt)
-    return {
-        "succeeded": result.succeeded,
-        "failed": result.failed,
-        "skipped": result.skipped,
-        "retry": len(result.retry),
-        "requeued": len(result.requeue),
-        "single": len(result.single),
-    }
+    return result.counts()
 
 
 def refresh_queue_depth() -> int:
@@ -371,18 +355,8 @@ def sweep_runs() -> dict[str, Any]:
 def apply_push(payload: str, received_at: str) -> dict[str, int]:
     """A Powens push the receiver verified and queued (app.push.receiver): applied to the store.
     Idempotent per account, so a redelivery (or Powens sending it twice) writes nothing twice."""
-    from collections import Counter
-
-    from app.push.apply import apply
-    from app.refresh.deps import Deps
-
     applied = apply(Deps.default(), payload, datetime.fromisoformat(received_at))
     return dict(Counter(a.outcome.value for a in applied))
-
-
-@app.task(name="balances.noop")
-def noop() -> None:
-    """Does nothing: the benchmark's ceiling (what Celery itself costs per task, same configuration)."""
 
 
 metrics.preinitialise_tasks([REFRESH_TASK, *ROUTES])

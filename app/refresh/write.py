@@ -1,0 +1,297 @@
+"""The one writer of Powens' word and of terminal outcomes: a batch of entries, one transaction.
+
+An ``Entry`` is one terminal outcome to record: who asked (``Subject``), under which task id, in which
+nightly run, and what Powens said (a ``Verdict``). ``apply`` writes a batch of entries inside the
+caller's transaction, in set-based statements (``app.store.writes``): the single refresh is a batch
+of one, the nightly batch a few dozen accounts, a push the accounts of one event. ``record`` is
+``apply`` in a transaction of its own, then counts and announces each outcome after the commit.
+
+In the one transaction, for every entry: its account row locked, its verdict settled against it
+(``app.refresh.verdict.settle``: every decision), its run item claimed (only the first terminal
+outcome of an item counts: a redelivered batch claims none), then the account rows, the latest
+records, the day's snapshot (nightly entries only: carried from the latest record when the run did
+not read the account itself), the connections' states, the audit rows (unique per task id) and the
+tenants' counters. A failure writes its audit row and Powens' word (a status, a connection state),
+and nothing else: the previous balances stay.
+
+The day's snapshot is the account's balance as the nightly run of that business day saw it: only a
+nightly run writes it, for every account it recorded a success for, from the latest record after its
+write — read tonight, or carried (marked ``carried``) when a push kept the account fresh, a concurrent
+refresh had just stored it, or Powens had no newer answer. A push or an on-demand refresh updates the
+latest record only, so day D holds one point in time for every account.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime
+from typing import Any, Literal
+
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.contract import REFRESH_OPERATION, OpenBankingRefreshBalancesOutput
+from app.errors import RefreshError
+from app.refresh.outcomes import (
+    Attempt,
+    Failed,
+    Subject,
+    Succeeded,
+    Terminal,
+    announce_failed,
+    announce_refreshed,
+    replay,
+)
+from app.refresh.records import to_record
+from app.refresh.verdict import Change, Verdict, older_notes, settle, shown_types
+from app.store import writes
+from app.store.db import session_scope
+from app.store.repo import BalanceDraft, record_id
+from app.store.states import AttemptOutcome, ItemStatus
+from app.store.writes import Stored
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One terminal outcome to record."""
+
+    subject: Subject
+    verdict: Verdict
+    attempt: Attempt  # its task id, run and business day, and which attempt ends here
+    attempts: int  # the audit row's attempt count (0: refused before any attempt)
+    started_at: datetime
+
+
+Status = Literal["recorded", "replayed", "skipped", "superseded"]
+
+
+@dataclass
+class Recorded:
+    """What became of one entry: ``recorded`` here; ``replayed`` (another delivery recorded it
+    first: ``replay`` is that outcome); ``skipped`` (its run item was already finished); or
+    ``superseded`` (a push with nothing to add). ``records``: the latest records its outcome shows."""
+
+    entry: Entry
+    status: Status
+    error: RefreshError | None = None
+    notes: list[str] = field(default_factory=list)
+    records: list[Stored] = field(default_factory=list)
+    replay: Terminal | None = None
+    superseded: str | None = None  # why a superseded push writes nothing: "older" or "deleted"
+
+    def terminal(self) -> Terminal:
+        """The outcome as the single refresh returns it (the contract's output)."""
+        if self.replay is not None:
+            return self.replay
+        if self.error is not None:
+            return Failed(self.error, replayed=self.status != "recorded")
+        out = OpenBankingRefreshBalancesOutput(
+            balances=[to_record(r) for r in self.records],
+            refreshed_at=self.entry.verdict.at,
+            errors=self.notes or None,
+        )
+        return Succeeded(out, self.entry.verdict.request_id, replayed=self.status != "recorded")
+
+
+class Lost(Exception):
+    """Another delivery of these task ids committed its outcome first: this transaction rolls back."""
+
+    def __init__(self, task_ids: set[str]) -> None:
+        super().__init__(f"{len(task_ids)} outcome(s) already recorded by another delivery")
+        self.task_ids = task_ids
+
+
+@dataclass
+class Applied:
+    recorded: list[Recorded]
+    emptied_tenants: list[str] = field(default_factory=list)  # run counters at zero: claim summaries
+
+
+def apply(session: Session, entries: Sequence[Entry], now: datetime) -> Applied:
+    """Write every entry's outcome inside the caller's transaction (see the module docstring).
+    Raises ``Lost`` when a task id outside a run was recorded meanwhile by another delivery."""
+    runs_of = {e.attempt.run_id for e in entries if e.attempt.run_id is not None}
+    assert len(runs_of) <= 1, "one write covers at most one nightly run"
+    run_id = next(iter(runs_of), None)
+    writes.keyed_only(session)
+    held = writes.lock_accounts(session, [e.subject.account_id for e in entries if e.subject.account_id])
+    out: list[Recorded] = []
+    kept: list[tuple[Entry, Change]] = []
+    for e in entries:
+        row = held.get(e.subject.account_id or "")
+        if row is not None and row.tenant_id != e.subject.tenant_id:
+            row = None  # another tenant's account: never touched, never named
+        change = settle(e.verdict, row, e.subject.account_id)
+        if change.superseded:
+            out.append(Recorded(e, "superseded", superseded=change.superseded))
+        else:
+            kept.append((e, change))
+    won: dict[str, str] = {}
+    if run_id is not None:
+        claims = {e.subject.account_id: _item_outcome(c) for e, c in kept if e.subject.account_id is not None}
+        won = writes.claim_items(session, run_id, claims, now)
+        out.extend(Recorded(e, "skipped") for e, _ in kept if e.subject.account_id not in won)
+        kept = [(e, c) for e, c in kept if e.subject.account_id in won]
+
+    writes.update_accounts(session, [c.account for _, c in kept if c.account is not None])
+    writes.upsert_latest(session, [_latest_row(e, c, d) for e, c in kept for d in c.drafts])
+    writes.drop_unsent(
+        session,
+        [
+            {
+                "account_id": e.subject.account_id,
+                "balance_type": d.balance_type,
+                "last_updated_at": d.last_updated_at,
+            }
+            for e, c in kept
+            if c.drop_unsent
+            for d in c.drafts
+        ],
+    )
+    if run_id is not None and any(e.attempt.business_day is None for e, c in kept if c.error is None):
+        # A nightly entry always knows its run's day; one that does not (a message from before days
+        # travelled with refreshes) takes it from the run: the day was fixed when the run started.
+        day = writes.run_day(session, run_id)
+        kept = [(e if e.attempt.business_day else _on_day(e, day), c) for e, c in kept]
+    stored = writes.latest(
+        session, [e.subject.account_id for e, c in kept if c.error is None and e.subject.account_id]
+    )
+    writes.upsert_snapshots(session, [row for e, c in kept for row in _snapshot_rows(e, c, stored)])
+    writes.set_connection_states(
+        session, {c.connection_state[0]: c.connection_state[1] for _, c in kept if c.connection_state}, now
+    )
+    recorded = [_outcome(e, c, stored) for e, c in kept]
+    written = writes.add_attempts(session, [_audit_row(r, now) for r in recorded])
+    lost = {
+        e.attempt.task_id
+        for e, _ in kept
+        if e.attempt.task_id is not None and e.attempt.run_id is None and e.attempt.task_id not in written
+    }
+    if lost:
+        raise Lost(lost)
+    emptied = writes.count_down_tenants(session, run_id, won) if run_id is not None else []
+    return Applied(out + recorded, emptied)
+
+
+def _on_day(e: Entry, day: date | None) -> Entry:
+    return replace(e, attempt=replace(e.attempt, business_day=day))
+
+
+def _item_outcome(change: Change) -> tuple[ItemStatus, str | None]:
+    if change.error is None:
+        return ItemStatus.SUCCEEDED, None
+    return ItemStatus.FAILED, change.error.reason.value
+
+
+def _latest_row(e: Entry, change: Change, d: BalanceDraft) -> dict[str, Any]:
+    account_id = e.subject.account_id
+    assert account_id is not None
+    return {
+        "id": record_id(account_id, d.balance_type),
+        "account_id": account_id,
+        "tenant_id": e.subject.tenant_id,
+        "connection_id": change.connection_id,
+        "balance_type": d.balance_type,
+        "current_balance": d.current_balance,
+        "available_balance": d.available_balance,
+        "currency": d.currency,
+        "last_updated_at": d.last_updated_at,
+        "refreshed_at": e.verdict.at,
+        "created_at": e.verdict.at,
+        "metadata": d.metadata,
+    }
+
+
+def _snapshot_rows(e: Entry, change: Change, stored: dict[str, list[Stored]]) -> list[dict[str, Any]]:
+    """A nightly success's snapshot of its business day: its latest records after the write, marked
+    ``carried`` where tonight's answer did not write them."""
+    day = e.attempt.business_day
+    if change.error is not None or day is None or not e.subject.account_id:
+        return []
+    read = {d.balance_type: d.last_updated_at for d in change.drafts}
+    return [
+        writes.snapshot_row(r, day, carried=read.get(r.balance_type) != r.last_updated_at)
+        for r in stored[e.subject.account_id]
+    ]
+
+
+def _outcome(e: Entry, change: Change, stored: dict[str, list[Stored]]) -> Recorded:
+    if change.error is not None:
+        return Recorded(e, "recorded", change.error)
+    types = shown_types(e.verdict)
+    shown = [r for r in stored.get(e.subject.account_id or "", []) if not types or r.balance_type in types]
+    notes = list(e.verdict.notes) + older_notes(
+        change.drafts, {r.balance_type: r.last_updated_at for r in shown}
+    )
+    return Recorded(e, "recorded", None, notes, shown)
+
+
+def _audit_row(done: Recorded, now: datetime) -> dict[str, Any]:
+    e, error = done.entry, done.error
+    return {
+        "task_id": e.attempt.task_id,
+        "run_id": e.attempt.run_id,
+        "operation": REFRESH_OPERATION.qualified_name,
+        "tenant_id": e.subject.tenant_id,
+        "account_id": e.subject.account_id,
+        "actor": e.subject.actor,
+        "trigger": e.subject.trigger.value,
+        "outcome": (AttemptOutcome.SUCCEEDED if error is None else AttemptOutcome.FAILED).value,
+        "reason": error.reason.value if error else None,
+        "message": error.message if error else None,
+        "attempts": e.attempts,
+        "balance_count": len(done.records) if error is None else None,
+        "force_refresh": e.subject.force_refresh,
+        "powens_request_id": error.request_id if error else e.verdict.request_id,
+        "errors": done.notes or None,
+        "next_attempt_at": error.next_attempt_at if error else None,
+        "started_at": e.started_at,
+        "finished_at": now,
+    }
+
+
+def record(
+    settings: Settings,
+    entries: Sequence[Entry],
+    clock: Callable[[], datetime],
+    *,
+    before: Callable[[Session], None] | None = None,
+) -> Applied:
+    """``apply`` in a transaction of its own (``before`` writes first in it: a push's connection
+    fields), then one counter increment and one telemetry event per recorded outcome (after the
+    commit: at most once; a crash in between loses the event, never duplicates it). Entries another
+    delivery recorded first come back ``replayed``, with that delivery's outcome."""
+    pending = list(entries)
+    replayed: list[Recorded] = []
+    while True:
+        try:
+            with session_scope(settings) as session:
+                if before is not None:
+                    before(session)
+                applied = apply(session, pending, clock())
+            break
+        except Lost as lost:
+            # Settled in a new transaction without them: each lost id was recorded by its winner.
+            replayed.extend(_replayed(settings, e) for e in pending if e.attempt.task_id in lost.task_ids)
+            pending = [e for e in pending if e.attempt.task_id not in lost.task_ids]
+    for done in applied.recorded:
+        if done.status == "recorded":
+            _announce(done)
+    applied.recorded.extend(replayed)
+    return applied
+
+
+def _announce(done: Recorded) -> None:
+    e = done.entry
+    if done.error is not None:
+        announce_failed(e.subject, e.attempt, e.attempts, done.error)
+    else:
+        announce_refreshed(
+            e.subject, e.attempt, e.attempts, e.verdict.at, len(done.records), e.verdict.request_id
+        )
+
+
+def _replayed(settings: Settings, e: Entry) -> Recorded:
+    found = replay(settings, e.attempt.task_id or "", e.subject.balance_types)
+    return Recorded(e, "replayed", found.error if isinstance(found, Failed) else None, replay=found)
