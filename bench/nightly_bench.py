@@ -50,7 +50,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -81,6 +80,9 @@ from app.store.migrate import upgrade
 from app.store.models import BankAccount, BankConnection, PowensUser, RefreshRun, RunTenant, Tenant
 from app.store.secrets import TokenCipher, generate_key
 from app.store.states import RunStatus, TenantStatus, Trigger
+from tests.support.metrics import Samples, samples
+from tests.support.metrics import total as metric
+from tests.support.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -468,23 +470,6 @@ class Sampler(threading.Thread):
 # -- workers -----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def metric(samples: Samples, name: str, **labels: str) -> float:
-    return sum(
-        v
-        for (n, ls), v in samples.items()
-        if n == name and all(dict(ls).get(k) == want for k, want in labels.items())
-    )
-
-
 def metric_delta(before: Samples, after: Samples, name: str, keys: Sequence[str]) -> dict[str, float]:
     """Non-zero increases of a counter, by the given labels joined with ' '."""
     out: dict[str, float] = {}
@@ -593,18 +578,9 @@ class Workers:
         return time.perf_counter() - t0
 
     def scrape(self) -> list[Samples]:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        out = []
-        for port in self.ports:
-            body = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-            samples: Samples = {}
-            for family in text_string_to_metric_families(body):
-                for s in family.samples:
-                    key = (s.name, tuple(sorted(s.labels.items())))
-                    samples[key] = samples.get(key, 0.0) + s.value
-            out.append(samples)
-        return out
+        return [
+            samples(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text) for port in self.ports
+        ]
 
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM to each worker's process group (warm shutdown), SIGKILL to what is left after

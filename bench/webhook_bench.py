@@ -14,11 +14,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -30,7 +28,6 @@ import redis
 import requests
 from sqlalchemy import func, select
 
-from app.celery import worker_argv
 from app.config import load_settings, use_settings
 from app.devtools.sandbox import Sandbox, SandboxState
 from app.jsonio import dumps
@@ -42,7 +39,8 @@ from app.store.migrate import upgrade
 from app.store.models import BankAccount
 from app.store.secrets import generate_key
 from app.store.states import Trigger
-from bench.nightly_bench import REDIS_URL, ROOT, SIGNING_KEY, drop_db, fresh_db, seed
+from bench.nightly_bench import REDIS_URL, SIGNING_KEY, drop_db, fresh_db, seed
+from tests.support.processes import run_receiver, run_worker
 
 SECRET = "bench-webhook-secret"
 
@@ -106,7 +104,6 @@ def main() -> None:
     args = ap.parse_args()
     name, url = fresh_db()
     key = generate_key()
-    procs: list[subprocess.Popen[bytes]] = []
     try:
         with Sandbox(SandboxState(seed=9)) as sb, TemporaryDirectory() as tmp:
             settings = load_settings(
@@ -139,111 +136,80 @@ def main() -> None:
                     "BALANCES_LOG_LEVEL": "WARNING",
                 }
             )
-            port = 19600
-            receiver = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "app.cli",
-                    "webhooks",
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
-                cwd=ROOT,
-                env=dict(env, BALANCES_METRICS_PORT="19601"),
-                stdout=open(Path(tmp) / "receiver.log", "wb"),  # noqa: SIM115 - closed with the process
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            procs.append(receiver)
-            worker = subprocess.Popen(
-                worker_argv("benchw@%h", concurrency=4, loglevel="WARNING"),
-                cwd=ROOT,
-                env=dict(env, BALANCES_METRICS_PORT="19602", BALANCES_METRICS_DIR=str(Path(tmp) / "m")),
-                stdout=open(Path(tmp) / "worker.log", "wb"),  # noqa: SIM115
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            procs.append(worker)
-            base = f"http://127.0.0.1:{port}/webhooks/powens"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("receiver not up")
-                time.sleep(0.1)
-            time.sleep(3)  # the worker's start (no readiness endpoint): not part of any measurement
-
-            calls_before, status, took = nightly(settings, sb)
-            print(
-                f"nightly without pushes: {accounts} accounts, {users} Powens users: {status['status']} in "
-                f"{took:.1f}s; Powens calls {calls_before} = {calls_before / users:.3f} x users"
-            )
-
-            state = sb.state
-            pushed_users = list(state.users.values())[: int(users * args.pushed)]
-            bodies = []
-            for _round in range(args.rounds):
-                for user in pushed_users:
-                    conn = next(iter(user.connections.values()))
-                    state.sync_connection(user, conn, push=False)  # Powens synced: the push carries it
-                    bodies.append(state.connection_synced_body(user, conn))
-            half = len(bodies) // 2
-            session = requests.Session()
-            sequential = []
-            for body in bodies[:half]:
-                sample = post(session, base, body)
-                sequential.append((*sample, len(dumps(body))))
-            report(f"receive, sequential ({half} pushes)", sequential)  # type: ignore[arg-type]
-
-            def one(body: dict[str, Any]) -> tuple[int, float, float, float, int]:
-                return (*post(requests.Session(), base, body), len(dumps(body)))
-
-            with ThreadPoolExecutor(8) as pool:
-                concurrent = list(pool.map(one, bodies[half:]))
-            report(f"receive, 8 concurrent senders ({len(bodies) - half} pushes)", concurrent)  # type: ignore[arg-type]
-
-            expected = len(pushed_users) * args.accounts_per_user
-            t0 = time.monotonic()
-            while True:
-                with session_scope(settings) as s:
-                    done = s.scalar(
-                        select(func.count())
-                        .select_from(BankAccount)
-                        .where(BankAccount.pushed_at.is_not(None))
-                    )
-                if done and done >= expected and r.llen("push") == 0:
-                    break
-                if time.monotonic() - t0 > 600:
-                    raise RuntimeError(f"pushes not applied: {done}/{expected}")
-                time.sleep(0.2)
-            print(
-                f"applied: {expected} accounts stored from {len(bodies)} pushes, "
-                f"{time.monotonic() - t0:.1f}s after the last answer"
-            )
-
-            calls_after, status, took = nightly(settings, sb)
-            saved = calls_before - calls_after
-            print(
-                f"nightly with pushes for {len(pushed_users)}/{users} users: {status['status']} in "
-                f"{took:.1f}s; {status['accounts']}; Powens calls {calls_after} = "
-                f"{calls_after / users:.3f} x users (saved {saved} of {calls_before}, "
-                f"{saved / calls_before:.0%})"
-            )
+            with contextlib.ExitStack() as running:
+                receiver = running.enter_context(run_receiver(env, Path(tmp) / "receiver.log"))
+                running.enter_context(run_worker(env, Path(tmp) / "worker.log", concurrency=4, name="benchw"))
+                measure(args, settings, sb, r, receiver.url, users, accounts)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout=60)
         use_settings(None)
         drop_db(name)
+
+
+def measure(
+    args: argparse.Namespace,
+    settings: Any,
+    sb: Sandbox,
+    r: redis.Redis,
+    base: str,
+    users: int,
+    accounts: int,
+) -> None:
+    """The nightly run without pushes, the receive latency, the pushes applied, the nightly run with
+    pushes (on a running receiver and worker)."""
+    calls_before, status, took = nightly(settings, sb)
+    print(
+        f"nightly without pushes: {accounts} accounts, {users} Powens users: {status['status']} in "
+        f"{took:.1f}s; Powens calls {calls_before} = {calls_before / users:.3f} x users"
+    )
+
+    state = sb.state
+    pushed_users = list(state.users.values())[: int(users * args.pushed)]
+    bodies = []
+    for _round in range(args.rounds):
+        for user in pushed_users:
+            conn = next(iter(user.connections.values()))
+            state.sync_connection(user, conn, push=False)  # Powens synced: the push carries it
+            bodies.append(state.connection_synced_body(user, conn))
+    half = len(bodies) // 2
+    session = requests.Session()
+    sequential = []
+    for body in bodies[:half]:
+        sample = post(session, base, body)
+        sequential.append((*sample, len(dumps(body))))
+    report(f"receive, sequential ({half} pushes)", sequential)  # type: ignore[arg-type]
+
+    def one(body: dict[str, Any]) -> tuple[int, float, float, float, int]:
+        return (*post(requests.Session(), base, body), len(dumps(body)))
+
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(one, bodies[half:]))
+    report(f"receive, 8 concurrent senders ({len(bodies) - half} pushes)", concurrent)  # type: ignore[arg-type]
+
+    expected = len(pushed_users) * args.accounts_per_user
+    t0 = time.monotonic()
+    while True:
+        with session_scope(settings) as s:
+            done = s.scalar(
+                select(func.count()).select_from(BankAccount).where(BankAccount.pushed_at.is_not(None))
+            )
+        if done and done >= expected and r.llen("push") == 0:
+            break
+        if time.monotonic() - t0 > 600:
+            raise RuntimeError(f"pushes not applied: {done}/{expected}")
+        time.sleep(0.2)
+    print(
+        f"applied: {expected} accounts stored from {len(bodies)} pushes, "
+        f"{time.monotonic() - t0:.1f}s after the last answer"
+    )
+
+    calls_after, status, took = nightly(settings, sb)
+    saved = calls_before - calls_after
+    print(
+        f"nightly with pushes for {len(pushed_users)}/{users} users: {status['status']} in "
+        f"{took:.1f}s; {status['accounts']}; Powens calls {calls_after} = "
+        f"{calls_after / users:.3f} x users (saved {saved} of {calls_before}, "
+        f"{saved / calls_before:.0%})"
+    )
 
 
 if __name__ == "__main__":

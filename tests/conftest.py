@@ -21,6 +21,7 @@ from app.store.db import get_engine
 from app.store.migrate import upgrade
 from app.store.models import Base
 from app.store.secrets import generate_key
+from tests.support.figures import security_figures  # noqa: F401 - the security suites' figures
 
 PG_ADMIN_DSN = os.environ.get("BALANCES_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BALANCES_TEST_REDIS", "redis://127.0.0.1:6379/13")

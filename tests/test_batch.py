@@ -38,7 +38,8 @@ from app.store.models import (
     RunTenant,
 )
 from app.store.states import Trigger
-from tests.helpers import Seeded, refreshed_total, seed_tenant
+from tests.support.data import Seeded, seed_tenant
+from tests.support.metrics import refreshed_total
 
 
 def plan(settings: Settings) -> tuple[str, list[Item]]:

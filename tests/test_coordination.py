@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from app.refresh.coordination import RedisCoordinator, Throttled
-from tests.e2e import ROOT
+from tests.support.processes import ROOT
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.e2e import ROOT
+from tests.support.processes import ROOT
 
 
 def no_service_env() -> dict[str, str]:

@@ -14,8 +14,9 @@ from app.config import Settings
 from app.devtools.sandbox import Sandbox
 from app.store import repo
 from app.store.db import session_scope
-from tests.e2e import ENCRYPTION_KEY, Worker, run_cli, run_worker, service_env
-from tests.helpers import seed_tenant, sum_scrape
+from tests.support.data import seed_tenant
+from tests.support.metrics import sum_scrape, total
+from tests.support.processes import ENCRYPTION_KEY, Worker, run_cli, run_worker, service_env
 
 pytestmark = pytest.mark.e2e
 
@@ -29,17 +30,6 @@ def worker(
     env = service_env(pg_migrated, redis_url, sandbox_server)
     with run_worker(env, tmp_path_factory.mktemp("worker") / "worker.log") as w:
         yield w
-
-
-def sample(body: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(body):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def refresh(worker: Worker, tenant: str, account: str, *extra: str, actor: str = "alice") -> tuple[int, dict]:
@@ -66,7 +56,7 @@ def test_refresh_through_cli_and_worker_succeeds(
     assert str(cur["currentBalance"]) == str(t.user.accounts[t.external[acc]].balance)
     after = worker.scrape()
     name = "openbanking_balances_refreshed_total"
-    assert sample(after, name, trigger="on_demand") == sample(before, name, trigger="on_demand") + 1
+    assert total(after, name, trigger="on_demand") == total(before, name, trigger="on_demand") + 1
     with session_scope(settings) as s:
         [audit] = repo.attempts(s, "e2e-ok", acc)
         assert audit.outcome == "succeeded" and audit.task_id and audit.attempts == 1
@@ -88,14 +78,14 @@ def test_a_503_then_200_account_succeeds_after_one_retry(
 
     assert code == 0, doc
     after = worker.scrape()
-    assert sample(after, "openbanking_balance_refresh_retries_total", reason="provider_unavailable") == (
-        sample(before, "openbanking_balance_refresh_retries_total", reason="provider_unavailable") + 1
+    assert total(after, "openbanking_balance_refresh_retries_total", reason="provider_unavailable") == (
+        total(before, "openbanking_balance_refresh_retries_total", reason="provider_unavailable") + 1
     )
     assert (
-        sample(after, "openbanking_balances_refreshed_total")
-        == sample(before, "openbanking_balances_refreshed_total") + 1
+        total(after, "openbanking_balances_refreshed_total")
+        == total(before, "openbanking_balances_refreshed_total") + 1
     )
-    assert sample(after, "openbanking_balances_refresh_failed_total") == sample(
+    assert total(after, "openbanking_balances_refresh_failed_total") == total(
         before, "openbanking_balances_refresh_failed_total"
     )
     with session_scope(settings) as s:
@@ -125,8 +115,8 @@ def test_sca_required_fails_with_needs_user_action_and_no_retry(
     after = worker.scrape()
     failed = "openbanking_balances_refresh_failed_total"
     assert (
-        sample(after, failed, reason="needs_user_action")
-        == sample(before, failed, reason="needs_user_action") + 1
+        total(after, failed, reason="needs_user_action")
+        == total(before, failed, reason="needs_user_action") + 1
     )
     assert sum_scrape(after, "openbanking_balance_refresh_retries_total") == sum_scrape(
         before, "openbanking_balance_refresh_retries_total"

@@ -2,7 +2,7 @@
 proxy that can be cut, Powens' faults from the sandbox. After each fault the nightly run must finish
 with nothing lost and nothing written twice; the seconds from the end of the fault to the run's
 completion are recorded. Results go to build/faults.json; `python -m tests.report` renders the
-README's "Faults survived" table from them.
+"Faults survived" table of docs/faults.md from them.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,9 +29,12 @@ from app.store import runs
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BalanceSnapshot, RefreshAttempt, RunItem, TenantSummary
 from app.store.states import RunStatus
-from tests.e2e import ROOT, Worker, free_port, run_cli, run_worker, service_env
-from tests.faultkit import PgProxy, PrivateRedis
-from tests.helpers import Seeded, seed_tenant, sum_scrape
+from tests.support import processes
+from tests.support.data import Seeded, seed_tenant
+from tests.support.faults import PgProxy, PrivateRedis
+from tests.support.metrics import sum_scrape
+from tests.support.polling import wait_until
+from tests.support.processes import ROOT, Worker, run_cli, run_worker, service_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -106,34 +108,7 @@ def rig(
 
 
 def start_beat(rig: Rig, name: str) -> subprocess.Popen[bytes]:
-    log = rig.tmp / f"{name}.log"
-    port = free_port()
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "app",
-                "beat",
-                "--loglevel",
-                "INFO",
-                "-s",
-                str(rig.tmp / name),
-            ],
-            cwd=rig.tmp,
-            env=dict(
-                rig.env,
-                BALANCES_METRICS_PORT=str(port),
-                BALANCES_METRICS_DIR=str(rig.tmp / f"m-{name}"),
-                BALANCES_REDBEAT_LOCK_TIMEOUT="4",
-                PYTHONPATH=str(ROOT),
-            ),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc, _log = processes.start_beat(rig.env, rig.tmp, name, BALANCES_REDBEAT_LOCK_TIMEOUT="4")
     rig.beats.append(proc)
     return proc
 
@@ -156,22 +131,11 @@ def status(rig: Rig, run_id: str) -> dict[str, Any]:
     return found
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def finished(rig: Rig, run_id: str, timeout: float = 120) -> dict[str, Any]:
     return wait_until(
         lambda: (s := status(rig, run_id)) and not RunStatus(s["status"]).open and s,
-        timeout,
         "the run to finish",
+        timeout,
     )
 
 
@@ -263,7 +227,7 @@ def test_worker_sigkill_mid_run(rig: Rig) -> None:
     start_beat(rig, "beat")
     with run_worker(rig.env, rig.tmp / "doomed.log", name="doomed", concurrency=2) as doomed:
         run_id = start_run(rig)
-        wait_until(lambda: some_done(rig, run_id), 60, "first refreshes")
+        wait_until(lambda: some_done(rig, run_id), "first refreshes", 60)
         os.killpg(doomed.proc.pid, signal.SIGKILL)  # parent and children, mid-task
         doomed.proc.wait()
     time.sleep(1)  # a new worker one second later, as an orchestrator would restart it
@@ -282,7 +246,7 @@ def test_one_prefork_child_killed(rig: Rig) -> None:
     start_beat(rig, "beat")
     with run_worker(rig.env, rig.tmp / "w.log", concurrency=2) as worker:
         run_id = start_run(rig)
-        wait_until(lambda: some_done(rig, run_id), 60, "first refreshes")
+        wait_until(lambda: some_done(rig, run_id), "first refreshes", 60)
         children = children_of(worker.proc.pid)
         assert children
         os.kill(children[0], signal.SIGKILL)
@@ -303,7 +267,7 @@ def test_redis_restarted_mid_run_losing_every_message(rig: Rig) -> None:
     start_beat(rig, "beat")
     with run_worker(rig.env, rig.tmp / "w.log", concurrency=2) as worker:
         run_id = start_run(rig)
-        wait_until(lambda: some_done(rig, run_id), 60, "first refreshes")
+        wait_until(lambda: some_done(rig, run_id), "first refreshes", 60)
         rig.redis.restart()  # every queued, reserved and scheduled message is gone
         back = time.monotonic()
         finished(rig, run_id)
@@ -323,7 +287,7 @@ def test_postgresql_unreachable_for_20_seconds_mid_run(rig: Rig) -> None:
     start_beat(rig, "beat")
     with run_worker(rig.env, rig.tmp / "w.log", concurrency=2) as worker:
         run_id = start_run(rig)
-        wait_until(lambda: some_done(rig, run_id), 60, "first refreshes")
+        wait_until(lambda: some_done(rig, run_id), "first refreshes", 60)
         rig.proxy.cut()
         time.sleep(20)  # the outage itself
         rig.proxy.restore()
@@ -341,7 +305,7 @@ def test_two_beats_with_the_leader_killed(rig: Rig) -> None:
     rig.env = dict(rig.env, BALANCES_NIGHTLY_INTERVAL_SECONDS="6")
     with run_worker(rig.env, rig.tmp / "w.log", concurrency=2) as worker:
         beats = {"beat-a": start_beat(rig, "beat-a"), "beat-b": start_beat(rig, "beat-b")}
-        first = wait_until(lambda: scheduled_runs(rig), 60, "a scheduled run")[0]
+        first = wait_until(lambda: scheduled_runs(rig), "a scheduled run", 60)[0]
         leader = next(
             p for name, p in beats.items() if "Acquired lock" in (rig.tmp / f"{name}.log").read_text()
         )
@@ -349,7 +313,7 @@ def test_two_beats_with_the_leader_killed(rig: Rig) -> None:
         back = time.monotonic()
         before = set(scheduled_runs(rig))
         later = wait_until(
-            lambda: [r for r in scheduled_runs(rig) if r not in before], 60, "a run from the standby"
+            lambda: [r for r in scheduled_runs(rig) if r not in before], "a run from the standby", 60
         )
         run_id = later[0]
         finished(rig, run_id)
@@ -525,7 +489,7 @@ def test_a_message_that_kills_its_worker_every_time_ends_after_bounded_deliverie
         sender.close()
         back = time.monotonic()
         given_up = 'balances_task_executions_total{outcome="given_up",task="tests.poison"} 1.0'
-        wait_until(lambda: given_up in worker.scrape(), 90, "the poison message to be given up")
+        wait_until(lambda: given_up in worker.scrape(), "the poison message to be given up", 90)
         recovered = time.monotonic() - back
     runs_made = int(redis_lib.Redis.from_url(rig.redis.url).get("poison-runs") or 0)
     assert runs_made == rig.settings.max_deliveries  # then ended without running it again

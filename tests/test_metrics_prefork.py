@@ -11,8 +11,9 @@ import pytest
 from app.config import Settings
 from app.devtools.sandbox import Sandbox
 from app.refresh.outcomes import wait_for
-from tests.e2e import Worker, run_worker, service_env
-from tests.helpers import seed_tenant, sum_scrape
+from tests.support.data import seed_tenant
+from tests.support.metrics import sum_scrape
+from tests.support.processes import Worker, run_worker, service_env
 
 pytestmark = pytest.mark.e2e
 

@@ -11,8 +11,8 @@ from app.devtools.sandbox import Sandbox
 from app.ops.exporter import ServiceCollector
 from app.reports.attention import age_bucket, age_text, tenant_views
 from app.store.db import session_scope
-from tests.e2e import run_cli, service_env
-from tests.helpers import seed_tenant
+from tests.support.data import seed_tenant
+from tests.support.processes import run_cli, service_env
 
 
 def _arrange(settings: Settings, sandbox: Sandbox, tenant: str) -> tuple[Any, Any, Any]:

@@ -8,11 +8,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,10 @@ from app.store.models import (
     TenantSummary,
 )
 from app.store.states import Trigger
-from tests.e2e import ROOT, free_port, run_cli, run_worker, service_env
-from tests.helpers import seed_tenant
+from tests.support import processes
+from tests.support.data import nightly_run, seed_tenant
+from tests.support.polling import wait_until
+from tests.support.processes import run_cli, run_worker, service_env
 
 pytestmark = pytest.mark.e2e
 
@@ -59,17 +60,6 @@ def start_run(env: dict[str, str]) -> str:
     return str(json.loads(proc.stdout)["runId"])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 90, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def finished(settings: Settings, run_id: str) -> dict[str, Any] | None:
     status = runs.run_status(settings, run_id)
     return status if status and status["status"] not in ("pending", "planning", "running") else None
@@ -85,9 +75,16 @@ def test_a_run_with_failures_still_summarises_and_forecasts_every_tenant_exactly
         repo.add_tenant(
             s, "p-empty", "no accounts", ok.user.accounts[next(iter(ok.user.accounts))].last_update
         )  # type: ignore[arg-type]
-    # Previous balances of the SCA tenant, which the failed nightly refresh must keep.
+    # Previous balances of the SCA tenant (an earlier night's: its history), which the failed nightly
+    # refresh must keep.
+    earlier = nightly_run(settings, "p-earlier")
     before = {
-        a: refresh_balances({"tenantId": "p-sca", "accountId": a}, "alice", "on_demand")
+        a: refresh_balances(
+            {"tenantId": "p-sca", "accountId": a},
+            "system:scheduler",
+            "scheduled",
+            attempt=Attempt(1, 3, f"{earlier}:{a}", earlier),
+        )
         for a in sca.account_ids
     }
     next(iter(sca.user.connections.values())).state = "SCARequired"
@@ -95,7 +92,7 @@ def test_a_run_with_failures_still_summarises_and_forecasts_every_tenant_exactly
 
     with run_worker(env, tmp_path / "w.log"):
         run_id = start_run(env)
-        status = wait_for(lambda: finished(settings, run_id), what="run to finish")
+        status = wait_until(lambda: finished(settings, run_id), "run to finish", 90)
 
     assert status["status"] == "completed"
     assert status["accounts"] == {"total": 7, "succeeded": 3, "failed": 4, "stale": 0, "pending": 0}
@@ -164,7 +161,7 @@ def test_fault_free_run_makes_one_powens_call_per_powens_user(
     from datetime import UTC, datetime
 
     from app.admin.accounts import link_powens_user, sync_accounts
-    from tests.helpers import ADMIN_ACTOR
+    from tests.support.data import ADMIN_ACTOR
 
     extra = sandbox.state.create_user(connections=1, accounts_per_connection=3)
     link_powens_user(settings, "c-3", extra.id, extra.token, datetime.now(UTC))
@@ -196,7 +193,7 @@ def test_fault_free_run_makes_one_powens_call_per_powens_user(
     with run_worker(env, tmp_path / "w.log", concurrency=2):
         sandbox.state.reset_stats()
         run_id = start_run(env)
-        status = wait_for(lambda: finished(settings, run_id), what="run to finish")
+        status = wait_until(lambda: finished(settings, run_id), "run to finish", 90)
 
     assert status["status"] == "completed" and status["accounts"]["succeeded"] == accounts
     with session_scope(settings) as s:
@@ -236,7 +233,7 @@ def test_a_worker_killed_mid_run_still_completes_without_duplicate_snapshots(
             st = runs.run_status(settings, run_id)
             return bool(st and st["accounts"]["succeeded"] >= 2)
 
-        wait_for(some_done, 60, "first refreshes")
+        wait_until(some_done, "first refreshes", 60)
         os.killpg(doomed.proc.pid, signal.SIGKILL)  # parent and pool children, no warm shutdown
         doomed.proc.wait()
     sandbox.state.knobs.latency_ms = 0
@@ -248,7 +245,7 @@ def test_a_worker_killed_mid_run_still_completes_without_duplicate_snapshots(
             run_cli(env, "--as", "alice", "run", "sweep", "--json")
             return finished(settings, run_id)
 
-        status = wait_for(swept, 120, "sweeper to finish the run")
+        status = wait_until(swept, "sweeper to finish the run", 120)
 
     assert status["status"] == "completed", json.dumps(status, default=str)
     acc = status["accounts"]
@@ -287,6 +284,7 @@ def test_concurrent_on_demand_and_scheduled_refresh_of_one_account_make_one_powe
     calls_before = sandbox.state.calls_by_user[t.user.id]
     barrier = threading.Barrier(2)
     results: dict[str, Any] = {}
+    run = nightly_run(settings, "sf-run")
 
     def go(name: str, trigger: Trigger, attempt: Attempt, actor: str) -> None:
         barrier.wait()
@@ -298,7 +296,7 @@ def test_concurrent_on_demand_and_scheduled_refresh_of_one_account_make_one_powe
         threading.Thread(target=go, args=("on_demand", Trigger.ON_DEMAND, Attempt(1, 1, "sf-od"), "alice")),
         threading.Thread(
             target=go,
-            args=("scheduled", Trigger.SCHEDULED, Attempt(1, 1, "sf-sc", "run_x"), "system:scheduler"),
+            args=("scheduled", Trigger.SCHEDULED, Attempt(1, 1, f"{run}:{acc}", run), "system:scheduler"),
         ),
     ]
     try:
@@ -337,7 +335,7 @@ def test_rate_limit_holds_across_two_workers(
     with run_worker(env, tmp_path / "a.log", name="rla"), run_worker(env, tmp_path / "b.log", name="rlb"):
         sandbox.state.reset_stats()
         run_id = start_run(env)
-        status = wait_for(lambda: finished(settings, run_id), 120, "rate-limited run")
+        status = wait_until(lambda: finished(settings, run_id), "rate-limited run", 120)
     assert status["status"] == "completed" and status["accounts"]["succeeded"] == 16
     times = sorted(sandbox.state.stats()["times"])
     assert len(times) == 16
@@ -361,34 +359,7 @@ def test_two_beats_start_one_run_per_tick_and_the_standby_takes_over(
     beats: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def start_beat(name: str) -> None:
-        log = tmp_path / f"{name}.log"
-        port = free_port()
-        with log.open("wb") as fh:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "app",
-                    "beat",
-                    "--loglevel",
-                    "INFO",
-                    "-s",
-                    str(tmp_path / f"{name}-schedule"),
-                ],
-                cwd=tmp_path,
-                env=dict(
-                    env,
-                    BALANCES_METRICS_PORT=str(port),
-                    BALANCES_METRICS_DIR=str(tmp_path / f"m-{name}"),
-                    PYTHONPATH=str(ROOT),
-                ),
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        beats.append((proc, log))
+        beats.append(processes.start_beat(env, tmp_path, name))
 
     def runs() -> list[str]:
         with session_scope(settings) as s:
@@ -404,7 +375,7 @@ def test_two_beats_start_one_run_per_tick_and_the_standby_takes_over(
         with run_worker(env, tmp_path / "w.log") as worker:
             start_beat("beat-a")
             start_beat("beat-b")
-            wait_for(lambda: len(runs()) >= 3, 60, "three ticks")
+            wait_until(lambda: len(runs()) >= 3, "three ticks", 60)
             leaders = [
                 i for i, (_p, log) in enumerate(beats) if "Acquired lock" in log.read_text(errors="replace")
             ]
@@ -416,8 +387,10 @@ def test_two_beats_start_one_run_per_tick_and_the_standby_takes_over(
             assert len(ticks) == len(set(ticks)) == sends()  # one run per tick, no tick sent twice
             os.killpg(beats[leaders[0]][0].pid, signal.SIGKILL)
             count = len(ticks)
-            wait_for(lambda: "Acquired lock" in beats[standby][1].read_text(errors="replace"), 30, "takeover")
-            wait_for(lambda: len(runs()) >= count + 2, 60, "ticks from the standby")
+            wait_until(
+                lambda: "Acquired lock" in beats[standby][1].read_text(errors="replace"), "takeover", 30
+            )
+            wait_until(lambda: len(runs()) >= count + 2, "ticks from the standby", 60)
             time.sleep(0.5)
             ticks = runs()
             assert len(ticks) == len(set(ticks)) == sends()

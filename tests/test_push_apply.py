@@ -23,7 +23,7 @@ from app.refresh.outcomes import Attempt, Failed, Succeeded
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BankAccount, BankConnection, RefreshAttempt
 from app.store.states import AccountStatus, Trigger
-from tests.helpers import Seeded, nightly_run, seed_tenant
+from tests.support.data import Seeded, nightly_run, seed_tenant
 
 
 def push(settings: Settings, event: Event, body: dict[str, Any]) -> list[str]:

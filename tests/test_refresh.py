@@ -20,7 +20,8 @@ from app.store import repo
 from app.store.db import session_scope
 from app.store.models import AccountBalance, ForcedSync, RefreshAttempt
 from app.store.states import Trigger
-from tests.helpers import failed_total, nightly_run, refreshed_total, seed_tenant, telemetry_events
+from tests.support.data import nightly_run, seed_tenant, telemetry_events
+from tests.support.metrics import failed_total, refreshed_total
 
 
 def _inp(seeded_tenant: str, account_id: str, **extra: object) -> dict[str, object]:

@@ -21,7 +21,8 @@ from app.store import repo, runs
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, ForcedSync, RunItem, RunTenant
 from app.store.states import AccountStatus, ItemStatus, TenantStatus, Trigger
-from tests.helpers import ADMIN_ACTOR, failed_total, nightly_run, seed_tenant
+from tests.support.data import ADMIN_ACTOR, nightly_run, seed_tenant
+from tests.support.metrics import failed_total
 
 ACCOUNTS_LIST = "GET /users/{id_user}/accounts"
 ONE_ACCOUNT = "GET /users/{id_user}/accounts/{id_account}"

@@ -15,7 +15,7 @@ from app.store import recovery, runs, writes
 from app.store.db import session_scope
 from app.store.models import RefreshRun, RunItem, RunTenant
 from app.store.states import ItemStatus, Trigger
-from tests.helpers import seed_tenant
+from tests.support.data import seed_tenant
 
 
 class Recorder:

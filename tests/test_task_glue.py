@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -16,7 +20,8 @@ from app.refresh.outcomes import Attempt, Failed, Requeue, Retry, Succeeded
 from app.retry import backoff_seconds
 from app.worker.queues import Queue, queue_for
 from app.worker.taskbase import Again, Finish, action_for
-from tests.helpers import metric
+from tests.support.metrics import metric
+from tests.support.processes import ROOT
 
 
 def _settings(**extra: object) -> Settings:
@@ -220,3 +225,27 @@ def test_a_denial_that_cannot_be_recorded_is_ignored_and_never_republished(
     with pytest.raises(Ignore):  # nor may anything re-publish a message that was not verified
         sweep_runs._get_current_object().again(1.0)
     assert published == []
+
+
+def _production_import_path() -> dict[str, Any]:
+    """What a worker process loads of the project (a fresh interpreter: no test's own tasks)."""
+    probe = (
+        "import json, sys, app.celery, app.worker.tasks, app.push.receiver, app.cli; print(json.dumps({"
+        "'tasks': sorted(n for n in app.celery.app.tasks if n.startswith('balances.')), "
+        "'modules': sorted(m for m in sys.modules if m.startswith(('app.devtools', 'bench', 'tests')))}))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    return dict(json.loads(out.stdout))
+
+
+def test_every_task_of_the_service_has_a_queue_and_a_forgotten_one_is_refused() -> None:
+    from app.worker.queues import REFRESH_TASK, ROUTES, Unrouted, queue_for
+
+    assert set(_production_import_path()["tasks"]) == {REFRESH_TASK, *ROUTES}  # each with its route
+    with pytest.raises(Unrouted, match=r"balances\.forgotten"):
+        queue_for("balances.forgotten")  # it would have landed on interactive, beside operators
+
+
+def test_the_sandbox_and_the_benchmarks_task_stay_out_of_the_production_import_path() -> None:
+    loaded = _production_import_path()
+    assert loaded["modules"] == [] and "balances.noop" not in loaded["tasks"]

@@ -22,8 +22,10 @@ from app.store import repo
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, BankConnection, RefreshAttempt
 from app.store.states import AccountStatus, Trigger
-from tests.e2e import Receiver, Worker, run_cli, run_receiver, run_worker, service_env
-from tests.helpers import Seeded, seed_tenant, sum_scrape
+from tests.support.data import Seeded, seed_tenant
+from tests.support.metrics import sum_scrape
+from tests.support.polling import wait_until
+from tests.support.processes import Receiver, Worker, run_cli, run_receiver, run_worker, service_env
 
 SECRET = "whsec-test-0123456789abcdef"
 OLD_SECRET = "whsec-old-fedcba9876543210"
@@ -70,17 +72,6 @@ def pushing(stack: tuple[Receiver, Worker, dict[str, str]], sandbox: Sandbox) ->
     assert sandbox.state.pusher is not None
     yield sandbox.state.pusher
     sandbox.state.configure_webhooks(None, None)
-
-
-def wait_until(check: Any, what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def push_rows(settings: Settings, tenant_id: str) -> list[RefreshAttempt]:
@@ -327,7 +318,7 @@ def test_healthz_is_ready_only_with_the_broker_and_an_unreachable_broker_is_a_50
 ) -> None:
     receiver, _, env = stack
     assert requests.get(receiver.url.replace("/webhooks/powens", "/healthz"), timeout=5).status_code == 200
-    from tests.e2e import free_port
+    from tests.support.processes import free_port
 
     dead = dict(receiver_env(env), CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
     with run_receiver(dead, tmp_path / "dead.log") as orphan:

@@ -48,7 +48,7 @@ from app.store.models import (
 from app.store.runs import Item
 from app.store.states import AccountStatus, Trigger
 from tests.conftest import make_settings
-from tests.helpers import Seeded, seed_tenant
+from tests.support.data import Seeded, seed_tenant
 
 DAY = date(2026, 11, 24)  # the nightly run's business day
 PARIS = "%Y-%m-%d %H:%M:%S"

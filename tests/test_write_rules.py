@@ -34,7 +34,7 @@ from app.store import runs
 from app.store.db import get_engine, session_scope
 from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, BankConnection
 from app.store.states import AccountStatus, Trigger
-from tests.helpers import Seeded, seed_tenant
+from tests.support.data import Seeded, seed_tenant
 
 DAY = date(2026, 11, 24)
 

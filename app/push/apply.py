@@ -135,6 +135,13 @@ def _balances(
         except PowensError as err:
             log.warning("Powens push: unreadable account: %s", err.message)
             yield Applied(PushOutcome.INVALID_PAYLOAD)
+    # One outcome per account: an event naming an account twice keeps its newest word only.
+    newest: dict[int, PowensAccount] = {}
+    for pacc in parsed:
+        held = newest.get(pacc.id)
+        if held is None or (pacc.last_update or received_at) >= (held.last_update or received_at):
+            newest[pacc.id] = pacc
+    parsed = list(newest.values())
     state = conn.state if conn is not None else None  # None: fine (each account's own error counts)
     entries: list[write.Entry] = []
     registered: set[str] = set()

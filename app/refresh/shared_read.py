@@ -23,6 +23,7 @@ from app.refresh.coordination import Sharing
 from app.refresh.deps import Deps
 from app.refresh.outcomes import Attempt
 from app.refresh.tokens import UserToken
+from app.retry import ceiling_seconds
 from app.store.db import session_scope
 from app.store.registry import register_accounts
 
@@ -50,7 +51,8 @@ def shared_account(
         wait=settings.powens_call_budget,
         sharing=Sharing(
             failure_key=f"{key}:failed:{attempt.number}",
-            failure_ttl=min(settings.retry_cap_seconds, settings.retry_base_seconds * 2**attempt.number) + 5,
+            # until this attempt's retries have all come back (their longest backoff), and a margin
+            failure_ttl=ceiling_seconds(attempt.number + 1, settings) + 5,
             lease=settings.lock_lease_seconds,
         ),
     )

@@ -113,9 +113,11 @@ def apply(session: Session, entries: Sequence[Entry], now: datetime) -> Applied:
     Raises ``Lost`` when a task id outside a run was recorded meanwhile by another delivery."""
     runs_of = {e.attempt.run_id for e in entries if e.attempt.run_id is not None}
     assert len(runs_of) <= 1, "one write covers at most one nightly run"
+    accounts = [e.subject.account_id for e in entries if e.subject.account_id]
+    assert len(accounts) == len(set(accounts)), "one outcome per account and write"
     run_id = next(iter(runs_of), None)
     writes.keyed_only(session)
-    held = writes.lock_accounts(session, [e.subject.account_id for e in entries if e.subject.account_id])
+    held = writes.lock_accounts(session, accounts)
     out: list[Recorded] = []
     kept: list[tuple[Entry, Change]] = []
     for e in entries:

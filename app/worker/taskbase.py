@@ -24,7 +24,7 @@ from celery.exceptions import Retry as CeleryRetry
 
 from app.config import Settings, get_settings
 from app.jsonio import to_plain
-from app.retry import INFRA_ERRORS, backoff_seconds
+from app.retry import INFRA_ERRORS, backoff_seconds, infra_requeue_seconds
 from app.worker.queues import PUSH_TASK
 
 if TYPE_CHECKING:  # imported lazily: this module loads with the Celery app, before prometheus_client may
@@ -139,8 +139,8 @@ class BalancesTask(Task):
             # Our database, Redis or broker failed: not this task's fault. Never acknowledged as a
             # failure: published again with backoff, for as long as it takes.
             outcome = TaskOutcome.RETRIED
-            ceiling = min(get_settings().infra_retry_cap_seconds, 2.0 ** (self.request.retries + 1))
-            self.again(_rng.uniform(ceiling / 2, ceiling), self.infra_retry_kwargs(), exc=exc)
+            wait = infra_requeue_seconds(self.request.retries, get_settings(), _rng)
+            self.again(wait, self.infra_retry_kwargs(), exc=exc)
         finally:
             metrics.TASK_DURATION.labels(task=self.name).observe(time.perf_counter() - started)
             metrics.TASK_OUTCOMES.labels(task=self.name, outcome=outcome.value).inc()

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.e2e import free_port
+from tests.support.processes import free_port
 
 
 class PrivateRedis:

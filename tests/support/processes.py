@@ -1,4 +1,5 @@
-"""Real processes for end-to-end tests: ``celery -A app worker`` and the ``balances`` CLI."""
+"""Real processes for end-to-end tests: ``celery -A app worker``, ``celery -A app beat``, the webhook
+receiver and the ``balances`` CLI, each started one way only."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from app.devtools.sandbox import Sandbox
 from app.jsonio import loads
 from tests.conftest import ENCRYPTION_KEY, SIGNING_KEY
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SECRET_ENV = ("BALANCES_ENCRYPTION_KEY", "BALANCES_SIGNING_KEY", "POWENS_CLIENT_SECRET")
 
 
@@ -98,24 +99,62 @@ def run_worker(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a test may kill the whole worker (parent and pool) with killpg
         )
-    worker = Worker(proc, wenv, log, port)
     try:
-        deadline = time.monotonic() + 60
-        while "ready." not in log.read_text(errors="replace"):
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker not ready in 60s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.1)
-        yield worker
+        _until_up(proc, log, "worker", 60, lambda: "ready." in log.read_text(errors="replace"))
+        yield Worker(proc, wenv, log, port)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(proc, 30)
+
+
+def _until_up(
+    proc: subprocess.Popen[bytes], log: Path, what: str, timeout: float, up: Callable[[], bool]
+) -> None:
+    """Until ``up()``; the process dying first, or ``timeout``, fails with the end of its log."""
+    deadline = time.monotonic() + timeout
+    while not up():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not up in {timeout:.0f}s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM (a warm shutdown), then SIGKILL after ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start_beat(
+    env: dict[str, str], workdir: Path, name: str, **extra: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """``celery -A app beat`` in ``workdir`` (its schedule file there, the project importable), in its
+    own process group (a test may kill it with killpg), with its own metrics port and directory.
+    Returns the process and its log; the caller stops it."""
+    log = workdir / f"{name}.log"
+    benv = dict(
+        env,
+        BALANCES_METRICS_PORT=str(free_port()),
+        BALANCES_METRICS_DIR=str(workdir / f"m-{name}"),
+        PYTHONPATH=str(ROOT),
+        **extra,
+    )
+    argv = [sys.executable, "-m", "celery", "-A", "app", "beat", "--loglevel", "INFO"]
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [*argv, "-s", str(workdir / f"{name}-schedule")],
+            cwd=workdir,
+            env=benv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc, log
 
 
 def run_cli(
@@ -168,25 +207,15 @@ def run_receiver(env: dict[str, str], log: Path, **extra: str) -> Iterator[Recei
             stderr=subprocess.STDOUT,
         )
     receiver = Receiver(proc, f"http://127.0.0.1:{port}/webhooks/powens", log, metrics_port)
+
+    def answering() -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code in (200, 503)
+        except requests.ConnectionError:
+            return False
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"receiver exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code in (200, 503):
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"receiver not up in 30s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.1)
+        _until_up(proc, log, "receiver", 30, answering)
         yield receiver
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(proc, 15)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-
-from prometheus_client import REGISTRY
 
 from app.admin.accounts import link_powens_user, sync_accounts
 from app.config import Settings
@@ -45,34 +42,10 @@ def seed_tenant(
     return Seeded(tenant_id, user, [a.id for a in rows], {a.id: a.external_id for a in rows})
 
 
-def metric(name: str, **labels: str) -> float:
-    value = REGISTRY.get_sample_value(name, labels)
-    return value or 0.0
-
-
-def failed_total(reason: str, trigger: str = "on_demand") -> float:
-    return metric(
-        "openbanking_balances_refresh_failed_total", provider="powens", trigger=trigger, reason=reason
-    )
-
-
-def refreshed_total(trigger: str = "on_demand") -> float:
-    return metric("openbanking_balances_refreshed_total", provider="powens", trigger=trigger)
-
-
 def telemetry_events(caplog_records: Iterable[Any]) -> list[dict[str, Any]]:
     from app.jsonio import loads
 
     return [loads(r.getMessage()) for r in caplog_records if r.name == "openbanking.telemetry"]
-
-
-def sum_scrape(body: str, name: str) -> float:
-    """Sum every sample of a counter family in a /metrics text body."""
-    total = 0.0
-    for line in body.splitlines():
-        if re.match(rf"^{re.escape(name)}(\{{|\s)", line):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def nightly_run(settings: Settings, name: str) -> str:
