@@ -2,9 +2,10 @@
 
 - A failure of the work that may pass (Powens unavailable, rate-limited, a bug that may not repeat)
   is retried with exponential backoff and full jitter (``backoff_seconds``): a uniform draw under
-  ``base · 2^(n-1)``, capped, never shorter than Powens' ``Retry-After``. Full jitter spreads the
-  retries of many tasks that failed together, so they do not come back as a thundering herd; the cap
-  keeps every countdown under the broker's visibility timeout (checked in Settings).
+  ``base · 2^(n-1)``, never shorter than Powens' ``Retry-After``, and never longer than the cap.
+  Full jitter spreads the retries of many tasks that failed together, so they do not come back as
+  a thundering herd; the cap keeps every countdown under the broker's visibility timeout (checked
+  in Settings).
 - A failure of our own infrastructure — the database, Redis, the broker (``INFRA_ERRORS``) — says
   nothing about the account: the task is re-queued (``infra_requeue_seconds``, doubling up to
   ``BALANCES_INFRA_RETRY_CAP_SECONDS``) and the attempt does not count; it is never classified
@@ -93,6 +94,12 @@ def infra_requeue_seconds(failures: int, settings: Settings, rng: random.Random)
     (database, Redis, broker): half-jittered, doubling up to BALANCES_INFRA_RETRY_CAP_SECONDS."""
     ceiling = min(settings.infra_retry_cap_seconds, 2.0 ** min(failures + 1, 62))
     return rng.uniform(ceiling / 2, ceiling)
+
+
+def requeue_seconds(wait: float, rng: random.Random) -> float:
+    """A re-queue (the rate limiter, a busy account) after ``wait``, half a second of jitter added so
+    that tasks held back together do not come back together."""
+    return wait + rng.uniform(0, 0.5)
 
 
 def say_when(settings: Settings, error: RefreshError, attempt: int, now: datetime) -> None:

@@ -6,11 +6,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import update
+
 from app.config import Settings
 from app.devtools.sandbox import Sandbox
 from app.ops.exporter import ServiceCollector
 from app.reports.attention import age_bucket, age_text, tenant_views
 from app.store.db import session_scope
+from app.store.models import BankAccount
 from tests.support.data import seed_tenant
 from tests.support.processes import run_cli, service_env
 
@@ -26,6 +29,12 @@ def _arrange(settings: Settings, sandbox: Sandbox, tenant: str) -> tuple[Any, An
     second.state = "websiteUnavailable"
     old_account = next(a for a in t.user.accounts.values() if a.id_connection == first.id)
     old_account.last_update = now - timedelta(days=10)
+    with session_scope(settings) as s:  # as if Powens had not synced it when it was first listed
+        s.execute(
+            update(BankAccount)
+            .where(BankAccount.tenant_id == tenant, BankAccount.external_id == old_account.id)
+            .values(powens_last_update=None)
+        )
     proc_env = service_env(settings.database_url, settings.celery_broker_url, sandbox)
     proc = run_cli(proc_env, "--as", "alice", "accounts", "sync", "--tenant", tenant)
     assert proc.returncode == 0, proc.stderr

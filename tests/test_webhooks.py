@@ -243,7 +243,8 @@ def test_status_events_and_unknown_users_and_accounts(
     t = seed_tenant(settings, sandbox, "wh-status", accounts=2)
     user, conn = connection_of(t)
     first, second = (user.accounts[t.external[a]] for a in t.account_ids)
-    assert pushing.send("ACCOUNT_DISABLED", {**first.wire(None), "disabled": "2026-11-24 10:00:00"}) == 202
+    disabled = datetime.now(UTC).astimezone(settings.powens_zone).strftime("%Y-%m-%d %H:%M:%S")
+    assert pushing.send("ACCOUNT_DISABLED", {**first.wire(None), "disabled": disabled}) == 202
     wait_until(lambda: _status(settings, t.account_ids[0]) == AccountStatus.DISABLED, "disabled")
     assert pushing.send("ACCOUNT_ENABLED", first.wire(None)) == 202
     wait_until(lambda: _status(settings, t.account_ids[0]) == AccountStatus.ACTIVE, "enabled again")

@@ -1,12 +1,14 @@
 """One conformance test for the write path: entry point by backend by situation, the same rows.
 
 Every cell arranges the same stored state (one account refreshed once, at T1, with known amounts),
-has Powens say one thing through one entry point — a nightly single refresh (a batch of one), a
-nightly batch, a push — on PostgreSQL or SQLite, and compares what the store then holds with what
-the situation expects: the latest records, the account row, its connection's state, the day's
-snapshot, and the outcome recorded. What differs between entry points is by design and named here:
-a push writes no snapshot (the day's snapshot is the nightly run's), and records nothing when it
-brings nothing (older than what is stored, or for a deleted account).
+has Powens say one thing through one entry point — an on-demand refresh and a nightly single
+refresh (each a batch of one), a nightly batch, a push — on PostgreSQL or SQLite, and compares what
+the store then holds with what the situation expects: the latest records, the account row (status,
+name, balances, Powens' last_update, when it was last refreshed), its connection's state, the day's
+snapshot, and the outcome recorded (its audit row: outcome, reason, notes, balance count). What
+differs between entry points is by design and named here: only a nightly entry writes the day's
+snapshot, and a push records nothing when it brings nothing (older than what is stored, or for a
+deleted account).
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ class Situation:
     balance: str | None = None  # the account row's balance afterwards (None: the answer's)
     deleted_meanwhile: bool = False
     before_coming: Decimal | None = Decimal("-5.00")
+    last_update: datetime | None = None  # the account row's Powens last_update afterwards (None: T1)
+    notes: tuple[str, ...] = ()  # the success's notes (its audit row's errors), in order
+    connection_state: str | None = None
+    refreshed: bool = True  # the account row's last_refreshed_at moves to the answer's time
+
+    @property
+    def balance_count(self) -> int | None:
+        return len(self.latest) if self.outcome == "succeeded" else None
 
 
 T1 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)  # 10:00 Paris
@@ -93,6 +103,7 @@ SITUATIONS = {
         {"last_update": paris(T2), "balance": A2, "coming": Decimal("-1.50")},
         T2 + timedelta(minutes=1),
         {"current": ("250.5", "249", T2), "uncleared": ("-1.5", None, T2)},
+        last_update=T2,
     ),
     "older": Situation(
         paris(T1),
@@ -102,6 +113,10 @@ SITUATIONS = {
         push_outcome="none",
         carried=frozenset({"current", "uncleared"}),
         balance="100",
+        notes=(
+            "Powens returned current data older than the stored record; kept it",
+            "Powens returned uncleared data older than the stored record; kept it",
+        ),
     ),
     "equal": Situation(
         paris(T1),
@@ -119,6 +134,7 @@ SITUATIONS = {
         push_outcome="none",
         balance="100",
         deleted_meanwhile=True,
+        refreshed=False,
     ),
     "disabled": Situation(
         paris(T1),
@@ -128,12 +144,14 @@ SITUATIONS = {
         status=AccountStatus.DISABLED,
         outcome="failed:not_found",
         balance="100",
+        refreshed=False,
     ),
     "type dropped": Situation(
         paris(T1),
         {"last_update": paris(T2), "balance": A2, "coming": None},
         T2,
         {"current": ("250.5", None, T2)},
+        last_update=T2,
     ),
     "no balance yet": Situation(
         paris(T1),
@@ -142,6 +160,8 @@ SITUATIONS = {
         KEPT,
         carried=frozenset({"current", "uncleared"}),
         balance="100",
+        last_update=T2,
+        notes=("no balance yet: Powens has no balance for this account (the bank has not reported)",),
     ),
     "exact 30 digits": Situation(
         paris(T1),
@@ -151,12 +171,25 @@ SITUATIONS = {
             "current": (str(BIG), "123456789012345678.123456789011999999999999999999", T2),
             "uncleared": (str(TINY), None, T2),
         },
+        last_update=T2,
+        notes=("an amount has more decimal places than EUR's precision (2); kept exactly as Powens sent it",),
     ),
     "DST repeated hour": Situation(
         "2026-10-25 02:45:00",  # the first 02:45 (summer time)
         {"last_update": "2026-10-25 02:15:00", "balance": A2, "coming": Decimal("-1.50")},
         DST_SECOND + timedelta(minutes=5),  # the second 02:15 has happened: it is the newer sync
         {"current": ("250.5", "249", DST_SECOND), "uncleared": ("-1.5", None, DST_SECOND)},
+        last_update=DST_SECOND,
+    ),
+    "needs the user": Situation(
+        paris(T1),
+        {"last_update": paris(T1), "balance": A2, "error": "SCARequired"},
+        T2,
+        KEPT,
+        outcome="failed:needs_user_action",
+        balance="100",
+        connection_state="SCARequired",
+        refreshed=False,
     ),
 }
 
@@ -196,42 +229,48 @@ def _nightly_run(settings: Settings) -> str:
     return run_id
 
 
+def on_demand(
+    settings: Settings, deps: Deps, t: Seeded, acc: str, _wire: dict[str, Any], _at: datetime
+) -> str:
+    out = execute({"tenantId": t.tenant_id, "accountId": acc}, "alice", "on_demand", deps=deps)
+    return _kind(out)
+
+
 def single(settings: Settings, deps: Deps, t: Seeded, acc: str, _wire: dict[str, Any], _at: datetime) -> str:
     run_id = _nightly_run(settings)
     attempt = Attempt(settings.max_attempts, settings.max_attempts, f"{run_id}:{acc}", run_id, 0, DAY)
-    out = execute(
-        {"tenantId": t.tenant_id, "accountId": acc}, SCHEDULER.name, "scheduled", attempt=attempt, deps=deps
-    )
-    return _kind(out)
+    inp = {"tenantId": t.tenant_id, "accountId": acc}
+    return _kind(execute(inp, SCHEDULER.name, "scheduled", attempt=attempt, deps=deps))
 
 
 def batch(settings: Settings, deps: Deps, _t: Seeded, _acc: str, _wire: dict[str, Any], _at: datetime) -> str:
     run_id = _nightly_run(settings)
     with session_scope(settings) as s:
-        items = [
-            Item(r.task_id, r.tenant_id, r.account_id, r.powens_user_pk) for r in s.scalars(select(RunItem))
-        ]
+        rows = s.scalars(select(RunItem)).all()
+        items = [Item(r.task_id, r.tenant_id, r.account_id, r.powens_user_pk) for r in rows]
     result = run_batch(deps, run_id, items, DAY, settings.max_attempts)
     assert not (result.single or result.retry or result.requeue), result
-    with session_scope(settings) as s:
-        [row] = s.scalars(select(RefreshAttempt).where(RefreshAttempt.run_id == run_id)).all()
-        return "succeeded" if row.outcome == "succeeded" else f"failed:{row.reason}"
+    return _kind_of(_audit(settings))
 
 
 def push(settings: Settings, deps: Deps, _t: Seeded, _acc: str, wire: dict[str, Any], at: datetime) -> str:
     payload = jsonio.dumps(reduce(Event.ACCOUNT_SYNCED, jsonio.loads(jsonio.dumps(wire))))
     [applied] = apply(deps, payload, at)
-    return {
-        "stored": "succeeded",
-        "out_of_order": "none",
-        "deleted": "none",
-    }.get(applied.outcome.value, f"failed:{_last_reason(settings)}")
+    if applied.outcome.value in ("out_of_order", "deleted"):
+        return "none"  # superseded: nothing recorded
+    return _kind_of(_audit(settings))
 
 
-def _last_reason(settings: Settings) -> str | None:
+def _audit(settings: Settings) -> RefreshAttempt | None:
+    """The act's audit row (the arrange's refresh has its own, written first)."""
     with session_scope(settings) as s:
-        row = s.scalars(select(RefreshAttempt).order_by(RefreshAttempt.id.desc())).first()
-        return row.reason if row is not None else None
+        rows = s.scalars(select(RefreshAttempt).order_by(RefreshAttempt.id)).all()
+        return rows[1] if len(rows) > 1 else None
+
+
+def _kind_of(row: RefreshAttempt | None) -> str:
+    assert row is not None
+    return "succeeded" if row.outcome == "succeeded" else f"failed:{row.reason}"
 
 
 def _kind(outcome: Any) -> str:
@@ -241,7 +280,13 @@ def _kind(outcome: Any) -> str:
     return f"failed:{outcome.error.reason.value}"
 
 
-PATHS: dict[str, Callable[..., str]] = {"single refresh": single, "batch": batch, "push": push}
+PATHS: dict[str, Callable[..., str]] = {
+    "on-demand refresh": on_demand,
+    "nightly single refresh": single,
+    "nightly batch": batch,
+    "push": push,
+}
+NIGHTLY = {"nightly single refresh", "nightly batch"}
 
 
 # -- the test ------------------------------------------------------------------------------------------
@@ -299,7 +344,11 @@ def _state(settings: Settings, acc: str) -> dict[str, Any]:
             "latest": latest,
             "snapshots": snaps,
             "status": account.status,
+            "name": account.name,
             "balance": None if account.balance is None else str(account.balance),
+            "coming": None if account.coming is None else str(account.coming),
+            "powens_last_update": account.powens_last_update,
+            "last_refreshed_at": account.last_refreshed_at,
             "connection_state": conn.state,
         }
 
@@ -332,9 +381,9 @@ def test_every_entry_point_leaves_the_same_rows(
         deps=Deps(store, clock=lambda: stored_at + timedelta(minutes=1)),
     )
     assert isinstance(arrange, Succeeded)
+    before = _state(store, acc)
     if situation == "DST repeated hour":
-        expected_kept = {k: (v[0], v[1], DST_FIRST) for k, v in KEPT.items()}
-        assert _state(store, acc)["latest"] == expected_kept
+        assert before["latest"] == {k: (v[0], v[1], DST_FIRST) for k, v in KEPT.items()}
 
     # Act: Powens says its word through the entry point.
     sandbox.state.wire_overrides[ext] = {"currency": {"id": "EUR", "precision": 2}, **sit.answer}
@@ -353,10 +402,24 @@ def test_every_entry_point_leaves_the_same_rows(
     assert state["latest"] == sit.latest
     assert state["status"] == sit.status
     assert state["balance"] == (sit.balance or sit.latest["current"][0])
-    assert state["connection_state"] is None
-    if path == "push" or sit.outcome != "succeeded":
-        assert state["snapshots"] == {}  # a failure, or a push: the day's snapshot is the run's only
+    answered = sit.balance is None  # the account row took the answer's amounts
+    uncleared = sit.latest.get("uncleared")
+    assert state["coming"] == ((uncleared[0] if uncleared else None) if answered else before["coming"])
+    assert state["name"] == before["name"]  # the sandbox keeps the account's name
+    assert state["powens_last_update"] == (sit.last_update or before["powens_last_update"])
+    recorded = outcome != "none"
+    moved = sit.refreshed and recorded and sit.outcome == "succeeded"
+    assert state["last_refreshed_at"] == (sit.at if moved else before["last_refreshed_at"])
+    assert state["connection_state"] == sit.connection_state
+    audit = _audit(store)
+    if recorded:
+        assert audit is not None and audit.balance_count == sit.balance_count
+        assert tuple(audit.errors or ()) == (sit.notes if sit.outcome == "succeeded" else ())
     else:
+        assert audit is None  # a superseded push records nothing
+    if path in NIGHTLY and sit.outcome == "succeeded":
         assert state["snapshots"] == {
             kind: (current, when, kind in sit.carried) for kind, (current, _avail, when) in sit.latest.items()
         }
+    else:
+        assert state["snapshots"] == {}  # the day's snapshot is a nightly success's only

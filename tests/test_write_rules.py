@@ -32,7 +32,7 @@ from app.refresh.records import get_balances
 from app.reports.summary import build_summary
 from app.store import runs
 from app.store.db import get_engine, session_scope
-from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, BankConnection
+from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, BankConnection, RefreshAttempt
 from app.store.states import AccountStatus, Trigger
 from tests.support.data import Seeded, seed_tenant
 
@@ -203,7 +203,7 @@ def test_amounts_of_thirty_digits_read_back_and_sum_exactly(settings: Settings, 
     tiny = Decimal("0.000000000000000000000000000001")  # 30 decimal places: accepted too
     for acc in t.account_ids:
         sacc = t.user.accounts[t.external[acc]]
-        sacc.balance, sacc.coming = big, tiny
+        sacc.balance, sacc.coming, sacc.currency = big, tiny, "EUR"  # one currency: one total
         assert isinstance(_single(settings, t, acc), Succeeded)
 
     with localcontext(Context(prec=100)):  # the expected values, computed without rounding
@@ -317,7 +317,7 @@ def test_an_old_account_disabled_push_replayed_after_enabled_leaves_the_account_
     t = seed_tenant(settings, sandbox, "w-order", accounts=1)
     acc = t.account_ids[0]
     wire = t.user.accounts[t.external[acc]].wire(None)
-    disabled_at = datetime.now(UTC)  # after discovery: Powens' word about it, as received
+    disabled_at = datetime.now(UTC) + timedelta(seconds=2)  # after discovery, in whole seconds
     disabled = {
         **wire,
         "disabled": disabled_at.astimezone(settings.powens_zone).strftime("%Y-%m-%d %H:%M:%S"),
@@ -381,3 +381,145 @@ def test_a_push_that_cannot_record_leaves_its_connection_as_it_was(
         assert set(s.scalars(select(BankConnection.state).where(BankConnection.tenant_id == "w-tx3"))) == {
             None
         }
+
+
+# -- review findings: status words dated when they were said, lock order, SQLite, bugs in writing ----
+
+
+def test_a_read_asked_before_a_disable_does_not_undo_it(settings: Settings, sandbox: Sandbox) -> None:
+    t = seed_tenant(settings, sandbox, "w-asked", accounts=1)
+    acc = t.account_ids[0]
+    wire = t.user.accounts[t.external[acc]].wire(None)
+    asked = datetime.now(UTC) + timedelta(seconds=2)  # the read asks Powens at ``asked`` ...
+    disabled = asked + timedelta(seconds=2)  # ... Powens disables the account 2 s later and pushes it
+
+    def disabled_meanwhile(_s: Session) -> None:  # received while Powens computes the (older) answer
+        paris = disabled.astimezone(settings.powens_zone).strftime("%Y-%m-%d %H:%M:%S")
+        _push(
+            settings, Event.ACCOUNT_DISABLED, {**wire, "disabled": paris}, at=disabled + timedelta(seconds=1)
+        )
+
+    deps = _meanwhile(settings, disabled_meanwhile)
+    deps.clock = lambda: asked
+    outcome = _single(settings, t, acc, deps=deps)
+
+    assert isinstance(outcome, Succeeded)  # the answer's balances are stored ...
+    assert _account(settings, acc).status == AccountStatus.DISABLED  # ... but its older status is not
+
+
+def test_an_old_account_disabled_resent_by_powens_after_enabled_changes_nothing(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    t = seed_tenant(settings, sandbox, "w-resent", accounts=1)
+    acc = t.account_ids[0]
+    wire = t.user.accounts[t.external[acc]].wire(None)
+    disabled_at = datetime.now(UTC) + timedelta(seconds=2)  # after discovery, in whole seconds
+    paris = disabled_at.astimezone(settings.powens_zone).strftime("%Y-%m-%d %H:%M:%S")
+    _push(settings, Event.ACCOUNT_DISABLED, {**wire, "disabled": paris}, at=disabled_at)
+    _push(settings, Event.ACCOUNT_ENABLED, wire, at=disabled_at + timedelta(minutes=5))
+
+    # Powens sends the old event again, received now: it says when the account was disabled.
+    _push(
+        settings, Event.ACCOUNT_DISABLED, {**wire, "disabled": paris}, at=disabled_at + timedelta(minutes=9)
+    )
+
+    assert _account(settings, acc).status == AccountStatus.ACTIVE
+
+
+def test_a_disabled_push_without_a_last_update_still_disables(settings: Settings, sandbox: Sandbox) -> None:
+    t = seed_tenant(settings, sandbox, "w-nolast", accounts=1)
+    acc = t.account_ids[0]
+    now = datetime.now(UTC) + timedelta(seconds=2)  # after discovery, in whole seconds
+    wire = {
+        **t.user.accounts[t.external[acc]].wire(None),
+        "last_update": None,
+        "disabled": now.astimezone(settings.powens_zone).strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    assert _push(settings, Event.ACCOUNT_SYNCED, wire, at=now + timedelta(seconds=1)) == ["failed"]
+    assert _account(settings, acc).status == AccountStatus.DISABLED
+
+
+def test_a_push_locks_its_accounts_before_its_connection(settings: Settings, sandbox: Sandbox) -> None:
+    """The lock order every writer keeps (accounts, then connections): a push and a nightly batch of
+    the same connection never wait on each other in a cycle."""
+    t = seed_tenant(settings, sandbox, "w-order-locks", accounts=2)
+    conn = next(iter(t.user.connections.values()))
+    sandbox.state.sync_connection(t.user, conn, push=False)
+    body = sandbox.state.connection_synced_body(t.user, conn)
+    seen: list[str] = []
+
+    def log(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "FOR UPDATE" in statement or statement.lstrip().startswith("UPDATE"):
+            seen.append(" ".join(statement.split()))
+
+    engine = get_engine(settings)
+    event.listen(engine, "before_cursor_execute", log)
+    try:
+        assert _push(settings, Event.CONNECTION_SYNCED, body) == ["stored", "stored"]
+    finally:
+        event.remove(engine, "before_cursor_execute", log)
+    accounts = next(i for i, s in enumerate(seen) if "FROM bank_accounts" in s and "FOR UPDATE" in s)
+    connections = [i for i, s in enumerate(seen) if "bank_connections" in s]
+    assert connections and accounts < min(connections), seen
+
+
+def test_on_sqlite_a_writing_transaction_holds_the_write_lock_from_its_first_read(tmp_path: Any) -> None:
+    """What ``write.apply`` decides against the rows it read cannot change under it: SQLite's one
+    writer at a time is its row lock, taken when the transaction begins."""
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from app.store.db import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'lock.db'}")
+    with engine.begin() as c:
+        c.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, status TEXT)"))
+        c.execute(text("INSERT INTO t VALUES (1, 'active')"))
+    order: list[str] = []
+    read = threading.Event()
+
+    def decide() -> None:
+        with engine.begin() as c:
+            held = c.execute(text("SELECT status FROM t")).scalar()
+            read.set()
+            time.sleep(0.3)  # another writer tries meanwhile
+            c.execute(text("UPDATE t SET status = :s"), {"s": held})
+            order.append("decided")
+
+    def delete() -> None:
+        read.wait(5)
+        with engine.begin() as c:
+            c.execute(text("UPDATE t SET status = 'deleted'"))
+            order.append("deleted")
+
+    threads = [threading.Thread(target=decide), threading.Thread(target=delete)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    with engine.begin() as c:
+        final = c.execute(text("SELECT status FROM t")).scalar()
+    assert (order, final) == (["decided", "deleted"], "deleted")  # the second writer waited its turn
+
+
+def test_a_bug_while_recording_is_recorded_as_internal(
+    settings: Settings, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.store import writes
+
+    t = seed_tenant(settings, sandbox, "w-bug", accounts=1)
+    acc = t.account_ids[0]
+
+    def broken(_session: Any, rows: list[Any]) -> None:
+        if rows:
+            raise KeyError("a bug in writing the latest records")
+
+    monkeypatch.setattr(writes, "upsert_latest", broken)
+    outcome = _single(settings, t, acc, task_id="w-bug-1")
+
+    assert isinstance(outcome, Failed) and outcome.error.reason.value == "internal"
+    with session_scope(settings) as s:
+        [row] = s.scalars(select(RefreshAttempt).where(RefreshAttempt.task_id == "w-bug-1")).all()
+    assert (row.outcome, row.reason) == ("failed", "internal")  # nothing waits for a sweeper

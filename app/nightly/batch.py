@@ -3,10 +3,10 @@
 A nightly message carries the run items of a few whole Powens users (about
 ``BALANCES_REFRESH_BATCH_ACCOUNTS`` accounts). Its worker reads each user's account list once,
 several users at once (``BALANCES_REFRESH_BATCH_READERS`` threads: the wait is Powens', not our
-CPU), judges every account exactly as a single refresh does (``app.refresh.verdict.judge``), and records
-the whole batch in one transaction of set-based statements (``app.store.bulk``). Every account keeps
-its own outcome: its audit row (under its item's task id), its run item, its counter increment and
-its telemetry event.
+CPU), judges every account exactly as a single refresh does (``app.refresh.verdict.judge``), and
+records the whole batch through the one writer (``app.refresh.write.record``: one transaction of
+set-based statements). Every account keeps its own outcome: its audit row (under its item's task
+id), its run item, its counter increment and its telemetry event.
 
 What a batch does not finish goes on as a single refresh would:
 - a user whose read failed retryably comes back as a batch of its own, at the next attempt, after
@@ -192,7 +192,7 @@ def run_batch(
             if entry is None:
                 result.single.append(ld.item)
                 continue
-            verdicts.append((ld, _judge(deps, ld, entry, request_id, answered)))
+            verdicts.append((ld, _judge(deps, ld, entry, request_id, answered, started)))
     if retry_after:
         result.retry_in = max(retry_after)
 
@@ -253,7 +253,9 @@ def _read_user(deps: Deps, group: list[Loaded]) -> tuple[list[Any], str | None] 
         return as_failure(exc, "reading a Powens user's accounts")
 
 
-def _judge(deps: Deps, ld: Loaded, entry: dict[str, Any], request_id: str | None, at: datetime) -> Verdict:
+def _judge(
+    deps: Deps, ld: Loaded, entry: dict[str, Any], request_id: str | None, at: datetime, asked: datetime
+) -> Verdict:
     """One account's entry of its user's list, judged as every path judges it. Parsed alone: one
     unreadable account fails alone."""
     try:
@@ -261,7 +263,7 @@ def _judge(deps: Deps, ld: Loaded, entry: dict[str, Any], request_id: str | None
         # field nobody reads (an over-long account number) never fails the account.
         pacc = PowensAccount.parse(essential(entry), deps.settings.powens_zone, EP_ACCOUNTS)
         where = Where(ld.account.tenant_id, ld.account.id, ld.connection.id, ld.connection.external_id)
-        return judge(pacc, where, at=at, request_id=request_id)
+        return judge(pacc, where, at=at, request_id=request_id, said_at=asked)
     except Exception as exc:
         return Verdict.failed(at, as_failure(exc, "judging a Powens account"))
 

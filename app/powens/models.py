@@ -34,7 +34,7 @@ def powens_datetime_readings(
 ) -> tuple[datetime | None, datetime | None]:
     """A Powens datetime in UTC, and its second reading when it is a naive wall time the zone shows
     twice (the repeated hour of the autumn change): which one Powens meant is decided against what is
-    stored (``app.refresh.verdict.resolve``). The second is None for every other time."""
+    stored (``PowensAccount.last_update_against``). The second is None for every other time."""
     if value is None or value == "":
         return None, None
     if not isinstance(value, str):
@@ -152,6 +152,24 @@ class PowensAccount:
     error: str | None
     # ``last_update``'s second reading, when Powens' naive time falls in the repeated autumn hour.
     last_update_later: datetime | None = None
+
+    def last_update_against(self, held: datetime | None, at: datetime) -> datetime | None:
+        """Powens' ``last_update`` in UTC, read against the one already held. A naive Paris time in
+        the repeated autumn hour has two readings: the later one when the earlier would be older than
+        what is held and the later is not after the answer arrived (``at``: Powens' last sync cannot
+        be in the future); else the earlier one."""
+        first, later = self.last_update, self.last_update_later
+        if first is None or later is None or held is None:
+            return first
+        return later if first < held <= later and later <= at else first
+
+    def is_news_against(self, held: datetime | None, at: datetime) -> bool:
+        """Whether this answer is at least as new as the one held (ties are news): the account row
+        and its connection's state follow only such answers, never back to an older one."""
+        if held is None:
+            return True
+        last = self.last_update_against(held, at)
+        return last is not None and last >= held
 
     @classmethod
     def parse(cls, raw: Any, zone: ZoneInfo, endpoint: str) -> PowensAccount:

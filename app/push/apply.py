@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -111,10 +111,13 @@ def _apply(deps: Deps, event: Event, doc: dict[str, Any], received_at: datetime)
 
 
 def push_key(powens_user_id: int, pacc: PowensAccount, state: str | None) -> str:
-    """The audit key of one account's push: the same account, sync and state is the same push."""
-    last = pacc.last_update.isoformat() if pacc.last_update else f"none:{pacc.balance}:{pacc.coming}"
+    """The audit key of one account's push: the same account, sync, amounts and state is the same push
+    (the amounts tell apart two syncs whose naive time is the same, in the repeated autumn hour)."""
+    last = pacc.last_update.isoformat() if pacc.last_update else "none"
     flags = f"{'disabled' if pacc.disabled else ''}:{'deleted' if pacc.deleted else ''}"
-    text = f"{powens_user_id}:{pacc.id}:{last}:{state or pacc.error or ''}:{flags}"
+    text = (
+        f"{powens_user_id}:{pacc.id}:{last}:{pacc.balance}:{pacc.coming}:{state or pacc.error or ''}:{flags}"
+    )
     return "push-" + hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
@@ -155,7 +158,9 @@ def _balances(
             if new:
                 registered.add(account.id)
             where = Where(account.tenant_id, account.id, connection.id, connection.external_id)
-            verdict = judge(pacc, where, at=received_at, state=state, pushed=True)
+            verdict = judge(
+                pacc, where, at=received_at, state=state, pushed=True, said_at=_said(pacc, received_at)
+            )
             subject = Subject(account.tenant_id, account.id, POWENS_PUSH.name, Trigger.WEBHOOK)
             key = push_key(powens_user_id, pacc, state)
             entries.append(write.Entry(subject, verdict, Attempt(task_id=key), 1, received_at))
@@ -172,7 +177,7 @@ def _balances(
         if conn is not None:
             _update_connection(session, user_pk, conn, received_at)
 
-    applied = write.record(settings, fresh, deps.clock, before=connection_fields)
+    applied = write.record(settings, fresh, deps.clock, with_news=connection_fields)
     for done in applied.recorded:
         account_id = done.entry.subject.account_id
         if done.status == "superseded":
@@ -188,6 +193,15 @@ def _balances(
             yield Applied(PushOutcome.NEEDS_USER, account_id)
         else:
             yield Applied(PushOutcome.FAILED, account_id)
+
+
+def _said(pacc: PowensAccount, received_at: datetime) -> datetime:
+    """When a push's status word held: the time Powens says the account was disabled or deleted when
+    it says so (a late re-send of an old ACCOUNT_DISABLED is then older than a later enable), else
+    when the push arrived (ACCOUNT_ENABLED carries no time of its own). Never later than arrival."""
+    said = pacc.deleted or pacc.disabled
+    # Powens' times are whole seconds: the word held by the end of its second, at the latest.
+    return min(said + timedelta(seconds=1), received_at) if said is not None else received_at
 
 
 def _find_or_register(
@@ -213,8 +227,8 @@ def _update_connection(session: Session, user_pk: int, conn: PowensConnection, n
     row = external.connection(session, user_pk, conn.id)
     if row is None:
         return
-    if row.last_update is not None and conn.last_update is not None and conn.last_update < row.last_update:
-        return
+    if row.last_update is not None and (conn.last_update is None or conn.last_update < row.last_update):
+        return  # not newer than the sync the row holds
     row.error_message = conn.error_message
     row.last_update = conn.last_update or row.last_update
     row.next_try = conn.next_try
@@ -238,7 +252,9 @@ def _account_status(deps: Deps, user_pk: int, raw: Any, event: Event, said_at: d
             return Applied(PushOutcome.UNKNOWN_ACCOUNT)
         account = session.get(BankAccount, found[0].id, with_for_update=True, populate_existing=True)
         assert account is not None
-        if _say(account, word, said_at):
+        if account.status == AccountStatus.DELETED:
+            return Applied(PushOutcome.DELETED, account.id)
+        if _say(account, word, _said(pacc, said_at) if word is AccountStatus.DISABLED else said_at):
             return Applied(PushOutcome.STATUS_UPDATED, account.id)
         return Applied(PushOutcome.OUT_OF_ORDER, account.id)
 
@@ -258,8 +274,7 @@ def _connection_deleted(deps: Deps, user_pk: int, external_id: int, said_at: dat
         row = external.connection(session, user_pk, external_id)
         if row is None:
             return Applied(PushOutcome.UNKNOWN_ACCOUNT)
-        row.active = False
-        row.updated_at = said_at
+        # The accounts first, then their connection: the lock order of every writer (app.refresh.write).
         accounts = session.scalars(
             select(BankAccount)
             .where(BankAccount.connection_id == row.id)
@@ -268,4 +283,9 @@ def _connection_deleted(deps: Deps, user_pk: int, external_id: int, said_at: dat
         )
         for account in accounts:
             _say(account, AccountStatus.DELETED, said_at)
+        session.flush()
+        row = external.connection(session, user_pk, external_id)
+        assert row is not None
+        row.active = False
+        row.updated_at = said_at
     return Applied(PushOutcome.STATUS_UPDATED)

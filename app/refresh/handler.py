@@ -160,15 +160,30 @@ def _attempt(raw_input: Any, actor: Actor | str, trigger: Trigger, attempt: Atte
         subject = Subject.of(inp, actor, trigger)  # the validated ids (trimmed), from here on
         who = deps.actor(actor)
         authorize(REFRESH_OPERATION, who)
-        verdict = _read(inp, who, attempt, deps)
-    except Throttled as th:
-        return Requeue(th.wait, th.why)
     except Exception as exc:
-        verdict = Verdict.failed(started, as_failure(exc, "refresh"))  # our infrastructure: raised on
-    finally:
-        metrics.DURATION.labels(provider=metrics.PROVIDER, trigger=trigger.value).observe(
-            time.perf_counter() - t0
-        )
+        return _decide(deps, subject, Verdict.failed(started, as_failure(exc, "refresh")), attempt, t0)
+    settings = deps.settings
+    # Single flight per account, across the read and its recording: a concurrent refresh of the same
+    # account (on-demand and scheduled at once) waits here, then finds the fresh result recorded and
+    # takes it instead of reading Powens again. The lock is a renewed lease: it never expires under
+    # the work it guards, and a killed holder frees it quickly.
+    with deps.coord.account_lock(
+        inp.account_id, lease=settings.lock_lease_seconds, wait=settings.lock_wait_seconds
+    ):
+        try:
+            verdict = _read(inp, who, attempt, deps, started)
+        except Throttled as th:
+            return Requeue(th.wait, th.why)
+        except Exception as exc:
+            verdict = Verdict.failed(started, as_failure(exc, "refresh"))  # infrastructure: raised on
+        return _decide(deps, subject, verdict, attempt, t0)
+
+
+def _decide(deps: Deps, subject: Subject, verdict: Verdict, attempt: Attempt, t0: float) -> Outcome:
+    """Retry a failure that may pass before the last attempt (nothing recorded); else record."""
+    metrics.DURATION.labels(provider=metrics.PROVIDER, trigger=subject.trigger.value).observe(
+        time.perf_counter() - t0
+    )
     error = verdict.error
     if error is not None and error.retryable and not attempt.final:
         metrics.RETRIES.labels(provider=metrics.PROVIDER, reason=error.reason.value).inc()
@@ -193,67 +208,73 @@ def _pushed_recently(
     return pushed_recently(settings, pushed_at, connection_state, now)
 
 
-def _read(inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, deps: Deps) -> Verdict:
+def _read(
+    inp: OpenBankingRefreshBalancesInput, actor: Actor, attempt: Attempt, deps: Deps, started: datetime
+) -> Verdict:
+    """Read the account from Powens and judge the answer (called under the account's lock, taken
+    after ``started``: a refresh recorded since then is fresh enough to return)."""
     settings = deps.settings
-    started = deps.clock()
-    # Single flight per account: a concurrent refresh of the same account (on-demand and scheduled at
-    # once) waits here, then takes the fresh result instead of reading Powens again. The lock is a
-    # renewed lease: it never expires under the work it guards, and a killed holder frees it quickly.
-    with deps.coord.account_lock(
-        inp.account_id, lease=settings.lock_lease_seconds, wait=settings.lock_wait_seconds
-    ):
-        with session_scope(settings) as session:
-            ctx = repo.find_account(session, inp.tenant_id, inp.account_id)
-            if ctx is None:
-                raise NotFound(f"account {inp.account_id!r} not found for tenant {inp.tenant_id!r}")
-            if inp.connection_id is not None and inp.connection_id != ctx.connection.id:
-                raise NotFound(f"account {inp.account_id!r} not found in connection {inp.connection_id!r}")
-            if ctx.account.status == AccountStatus.DELETED:
-                return Verdict.failed(started, deleted(inp.account_id))  # no Powens call for it
-            user = UserToken.of(deps, ctx.user)
-            account_external_id = ctx.account.external_id
-            where = Where(inp.tenant_id, inp.account_id, ctx.connection.id, ctx.connection.external_id)
-            last = ctx.account.last_refreshed_at
-            fresh = last is not None and last >= started
-            pushed = _pushed_recently(
-                settings, attempt, inp, ctx.account.pushed_at, ctx.connection.state, started
-            )
-        types = tuple(inp.balance_types) if inp.balance_types else None
-        if fresh:
-            note = "coalesced with a concurrent refresh of this account; its result is returned"
-            return Verdict(started, notes=(note,), balance_types=types)
-        if pushed is not None:
-            # The push path made it fresh: the nightly run is the reconciliation, not a second read.
-            return Verdict(started, notes=(pushed_note(pushed),), balance_types=types)
-
-        notes: list[str] = []
-        if inp.force_refresh:
-            forced, state = force_sync(
-                deps, actor, attempt, user, where.connection_id, where.connection_external_id
-            )
-            notes.extend(forced)
-            stuck = connection_needs_user(where, state, at=deps.clock())
-            if stuck is not None:
-                return stuck
-        pacc: PowensAccount | None = None
-        request_id: str | None = None
-        if attempt.run_id is not None and not inp.force_refresh:
-            pacc, request_id = shared_account(deps, attempt, user, account_external_id)
-        if pacc is None:
-            # Read the account itself (on demand; or absent from the user's list, which alone never
-            # means deleted: only Powens' own answer about this account does).
-            try:
-                answer = tokens.call(
-                    deps, user, lambda t: deps.client.get_account(t, user.powens_user_id, account_external_id)
-                )
-            except PowensError as err:
-                if err.status == 404 and err.reason is Reason.NOT_FOUND:
-                    return Verdict.failed(deps.clock(), err, word=AccountStatus.DELETED)
-                raise
-            pacc, request_id = answer.value, answer.request_id
-        return judge(
-            pacc, where, at=deps.clock(), request_id=request_id, notes=tuple(notes), balance_types=types
+    with session_scope(settings) as session:
+        ctx = repo.find_account(session, inp.tenant_id, inp.account_id)
+        if ctx is None:
+            raise NotFound(f"account {inp.account_id!r} not found for tenant {inp.tenant_id!r}")
+        if inp.connection_id is not None and inp.connection_id != ctx.connection.id:
+            raise NotFound(f"account {inp.account_id!r} not found in connection {inp.connection_id!r}")
+        if ctx.account.status == AccountStatus.DELETED:
+            return Verdict.failed(started, deleted(inp.account_id))  # no Powens call for it
+        user = UserToken.of(deps, ctx.user)
+        account_external_id = ctx.account.external_id
+        where = Where(inp.tenant_id, inp.account_id, ctx.connection.id, ctx.connection.external_id)
+        last = ctx.account.last_refreshed_at
+        fresh = last is not None and last >= started
+        pushed = _pushed_recently(
+            settings, attempt, inp, ctx.account.pushed_at, ctx.connection.state, started
         )
+    types = tuple(inp.balance_types) if inp.balance_types else None
+    if fresh:
+        note = "coalesced with a concurrent refresh of this account; its result is returned"
+        return Verdict(started, notes=(note,), balance_types=types)
+    if pushed is not None:
+        # The push path made it fresh: the nightly run is the reconciliation, not a second read.
+        return Verdict(started, notes=(pushed_note(pushed),), balance_types=types)
+
+    notes: list[str] = []
+    if inp.force_refresh:
+        forced, state = force_sync(
+            deps, actor, attempt, user, where.connection_id, where.connection_external_id
+        )
+        notes.extend(forced)
+        stuck = connection_needs_user(where, state, at=deps.clock())
+        if stuck is not None:
+            return stuck
+    pacc: PowensAccount | None = None
+    request_id: str | None = None
+    asked = deps.clock()  # what the answer says held at least from then on (its status word)
+    if attempt.run_id is not None and not inp.force_refresh:
+        pacc, request_id, listed_at = shared_account(deps, attempt, user, account_external_id)
+        asked = listed_at or asked
+    if pacc is None:
+        asked = deps.clock()
+        # Read the account itself (on demand; or absent from the user's list, which alone never
+        # means deleted: only Powens' own answer about this account does).
+        try:
+            answer = tokens.call(
+                deps, user, lambda t: deps.client.get_account(t, user.powens_user_id, account_external_id)
+            )
+        except PowensError as err:
+            if err.status == 404 and err.reason is Reason.NOT_FOUND:
+                return Verdict.failed(deps.clock(), err, word=AccountStatus.DELETED, said_at=asked)
+            raise
+        pacc, request_id = answer.value, answer.request_id
+    return judge(
+        pacc,
+        where,
+        at=deps.clock(),
+        request_id=request_id,
+        notes=tuple(notes),
+        balance_types=types,
+        said_at=asked,
+    )
 
 
 def deny_refresh(

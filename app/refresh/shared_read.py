@@ -13,6 +13,7 @@ the next run). Absence from the list never deletes an account.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 from app.powens.client import EP_ACCOUNTS
@@ -32,17 +33,23 @@ log = logging.getLogger(__name__)
 
 def shared_account(
     deps: Deps, attempt: Attempt, user: UserToken, account_external_id: int
-) -> tuple[PowensAccount | None, str | None]:
-    """The account's entry in its user's shared list (None when the list does not have it)."""
+) -> tuple[PowensAccount | None, str | None, datetime | None]:
+    """The account's entry in its user's shared list (None when the list does not have it), its
+    request id, and when the list was asked for (what its status words held from)."""
     settings = deps.settings
     assert attempt.run_id is not None
     key = f"accounts:{attempt.run_id}:{user.powens_user_id}"
 
     def fetch() -> dict[str, Any]:
+        asked = deps.clock()
         raw, rid = tokens.call(deps, user, lambda t: deps.client.list_accounts_raw(t, user.powens_user_id))
         register_listed(deps, user.user_pk, user.powens_user_id, raw)
         # What goes to Redis is only what a refresh reads: no IBAN, account number or BIC.
-        return {"accounts": [essential(item) for item in raw], "request_id": rid}
+        return {
+            "accounts": [essential(item) for item in raw],
+            "request_id": rid,
+            "asked_at": asked.isoformat(),
+        }
 
     shared = deps.coord.shared(
         key,
@@ -57,10 +64,12 @@ def shared_account(
         ),
     )
     rid = shared.get("request_id")
+    asked = shared.get("asked_at")
+    asked_at = datetime.fromisoformat(asked) if isinstance(asked, str) else None
     for item in shared["accounts"]:
         if isinstance(item, dict) and str(item.get("id")) == str(account_external_id):
-            return PowensAccount.parse(item, settings.powens_zone, EP_ACCOUNTS), rid
-    return None, rid
+            return PowensAccount.parse(item, settings.powens_zone, EP_ACCOUNTS), rid, asked_at
+    return None, rid, asked_at
 
 
 def register_listed(deps: Deps, user_pk: int, powens_user_id: int, raw: list[Any]) -> None:

@@ -18,7 +18,8 @@ The rules (docs/design.md "What Powens' word does to the store"):
   the current status (``app.store.states.next_account_status``, which account discovery and the
   push's status events use too): a replayed ``ACCOUNT_DISABLED`` cannot undo a later enable;
 - a naive Powens time in the repeated autumn hour takes its later reading when the earlier one would
-  be older than what is stored and the later one is not after the answer arrived (``resolve``);
+  be older than what is stored and the later one is not after the answer arrived
+  (``PowensAccount.last_update_against``, which account discovery uses too);
 - a push that brings nothing newer than what is stored, or concerns a deleted account, is
   superseded: nothing is recorded.
 """
@@ -66,8 +67,8 @@ class Where:
 class Verdict:
     """Powens' word about one account, judged; or the failure that ended the refresh before any.
 
-    ``at`` is when Powens said it: when the read answered, or when the push was received. It orders
-    status words and stamps what the answer sets."""
+    ``at`` is when the answer arrived (a read's answer, a push's arrival): it stamps what the answer
+    sets. ``word_at`` orders its status word against others."""
 
     at: datetime
     error: RefreshError | None = None
@@ -80,6 +81,13 @@ class Verdict:
     word: AccountStatus | None = None  # what the answer says the account is
     pushed: bool = False  # Powens sent it (a webhook) rather than we read it
     balance_types: tuple[str, ...] | None = None  # only these were asked for: nothing else dropped
+    said_at: datetime | None = None  # when Powens' word held (a read's request, a disable): else ``at``
+
+    @property
+    def word_at(self) -> datetime:
+        """When the answer's status word held: the moment the read was asked for (an answer cannot
+        know what happened after), or what the push itself says."""
+        return self.said_at or self.at
 
     @classmethod
     def failed(cls, at: datetime, error: RefreshError, **kw: Any) -> Verdict:
@@ -96,17 +104,25 @@ def judge(
     state: str | None = None,
     pushed: bool = False,
     balance_types: tuple[str, ...] | None = None,
+    said_at: datetime | None = None,
 ) -> Verdict:
     """Powens' answer about the account, checked as every path checks it. ``state`` is the
     connection's state when Powens gave it apart from the account (a push); else the account's
     own ``error``."""
     state = state if state is not None else answer.error
-    common: dict[str, Any] = {"answer": answer, "request_id": request_id, "pushed": pushed}
+    common: dict[str, Any] = {
+        "answer": answer,
+        "request_id": request_id,
+        "pushed": pushed,
+        "said_at": said_at,
+    }
     if answer.deleted is not None:
         return Verdict(at, error=deleted(where.account_id), word=AccountStatus.DELETED, **common)
     if answer.disabled is not None:
         return Verdict(at, error=disabled(where.account_id), word=AccountStatus.DISABLED, **common)
-    stuck = connection_needs_user(where, state, at=at, request_id=request_id, answer=answer, pushed=pushed)
+    stuck = connection_needs_user(
+        where, state, at=at, request_id=request_id, answer=answer, pushed=pushed, said_at=said_at
+    )
     if stuck is not None:
         return stuck
     found = list(notes)
@@ -179,24 +195,9 @@ class Change:
     superseded: Literal["older", "deleted"] | None = None  # a push with nothing to add: nothing recorded
 
 
-def resolve(answer: PowensAccount, held: datetime | None, at: datetime) -> datetime | None:
-    """Powens' ``last_update`` in UTC. A naive Paris time in the repeated autumn hour has two
-    readings: the later one when the earlier would be older than what is stored and the later is
-    not after the answer arrived (Powens' last sync cannot be in the future); else the earlier."""
-    first, later = answer.last_update, answer.last_update_later
-    if first is None or later is None or held is None:
-        return first
-    return later if first < held <= later and later <= at else first
-
-
 def newer(answer: PowensAccount | None, held: Held, at: datetime) -> bool:
-    """Whether the answer is at least as new as the one the account row holds (ties are news)."""
-    if answer is None:
-        return False
-    if held.powens_last_update is None:
-        return True
-    last = resolve(answer, held.powens_last_update, at)
-    return last is not None and last >= held.powens_last_update
+    """Whether the answer is news for the account row (``PowensAccount.is_news_against``)."""
+    return answer is not None and answer.is_news_against(held.powens_last_update, at)
 
 
 def settle(verdict: Verdict, held: Held | None, account_id: str | None) -> Change:
@@ -211,17 +212,19 @@ def settle(verdict: Verdict, held: Held | None, account_id: str | None) -> Chang
         return Change(superseded="deleted") if verdict.pushed else Change(error=error or deleted(held.id))
     answer = verdict.answer
     is_newer = newer(answer, held, verdict.at)
-    if verdict.pushed and answer is not None and not is_newer:
+    if verdict.pushed and answer is not None and not is_newer and verdict.word is AccountStatus.ACTIVE:
+        # A push with nothing newer than what is held. (One saying the account is disabled or
+        # deleted is a status word: ordered by when it was said, not by the last sync.)
         return Change(superseded="older")
     at = verdict.at
     values: dict[str, Any] = {}
-    moved = next_account_status(held.status, held.status_at, verdict.word, at)
+    moved = next_account_status(held.status, held.status_at, verdict.word, verdict.word_at)
     if moved is not None:
         values["status"], values["status_at"] = moved
     drafts: tuple[BalanceDraft, ...] = ()
     if error is None and answer is not None:
         values["last_refreshed_at"] = at
-        last = resolve(answer, held.powens_last_update, at)
+        last = answer.last_update_against(held.powens_last_update, at)
         drafts = verdict.drafts
         if last is not None and last != answer.last_update:
             drafts = tuple(

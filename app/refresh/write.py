@@ -45,6 +45,7 @@ from app.refresh.outcomes import (
 )
 from app.refresh.records import to_record
 from app.refresh.verdict import Change, Verdict, older_notes, settle, shown_types
+from app.retry import as_failure
 from app.store import writes
 from app.store.db import session_scope
 from app.store.repo import BalanceDraft, record_id
@@ -108,13 +109,21 @@ class Applied:
     emptied_tenants: list[str] = field(default_factory=list)  # run counters at zero: claim summaries
 
 
-def apply(session: Session, entries: Sequence[Entry], now: datetime) -> Applied:
+def apply(
+    session: Session,
+    entries: Sequence[Entry],
+    now: datetime,
+    *,
+    with_news: Callable[[Session], None] | None = None,
+) -> Applied:
     """Write every entry's outcome inside the caller's transaction (see the module docstring).
-    Raises ``Lost`` when a task id outside a run was recorded meanwhile by another delivery."""
+    ``with_news`` writes more in the same transaction, after the accounts are locked (the lock order
+    every writer keeps), when at least one entry is news (a push's connection fields). Raises
+    ``Lost`` when a task id outside a run was recorded meanwhile by another delivery."""
     runs_of = {e.attempt.run_id for e in entries if e.attempt.run_id is not None}
-    assert len(runs_of) <= 1, "one write covers at most one nightly run"
     accounts = [e.subject.account_id for e in entries if e.subject.account_id]
-    assert len(accounts) == len(set(accounts)), "one outcome per account and write"
+    if len(runs_of) > 1 or len(accounts) != len(set(accounts)):
+        raise ValueError("one write covers at most one nightly run, and one outcome per account")
     run_id = next(iter(runs_of), None)
     writes.keyed_only(session)
     held = writes.lock_accounts(session, accounts)
@@ -129,6 +138,8 @@ def apply(session: Session, entries: Sequence[Entry], now: datetime) -> Applied:
             out.append(Recorded(e, "superseded", superseded=change.superseded))
         else:
             kept.append((e, change))
+    if with_news is not None and kept:
+        with_news(session)
     won: dict[str, str] = {}
     if run_id is not None:
         claims = {e.subject.account_id: _item_outcome(c) for e, c in kept if e.subject.account_id is not None}
@@ -258,25 +269,31 @@ def record(
     entries: Sequence[Entry],
     clock: Callable[[], datetime],
     *,
-    before: Callable[[Session], None] | None = None,
+    with_news: Callable[[Session], None] | None = None,
 ) -> Applied:
-    """``apply`` in a transaction of its own (``before`` writes first in it: a push's connection
-    fields), then one counter increment and one telemetry event per recorded outcome (after the
-    commit: at most once; a crash in between loses the event, never duplicates it). Entries another
-    delivery recorded first come back ``replayed``, with that delivery's outcome."""
+    """``apply`` in a transaction of its own, then one counter increment and one telemetry event per
+    recorded outcome (after the commit: at most once; a crash in between loses the event, never
+    duplicates it). Entries another delivery recorded first come back ``replayed``, with that
+    delivery's outcome."""
     pending = list(entries)
     replayed: list[Recorded] = []
+    bug: RefreshError | None = None
     while True:
         try:
             with session_scope(settings) as session:
-                if before is not None:
-                    before(session)
-                applied = apply(session, pending, clock())
+                applied = apply(session, pending, clock(), with_news=None if bug else with_news)
             break
         except Lost as lost:
             # Settled in a new transaction without them: each lost id was recorded by its winner.
             replayed.extend(_replayed(settings, e) for e in pending if e.attempt.task_id in lost.task_ids)
             pending = [e for e in pending if e.attempt.task_id not in lost.task_ids]
+        except Exception as exc:
+            if bug is not None:
+                raise  # even the failures cannot be recorded: the task fails loudly
+            # A bug in writing (our infrastructure failing is raised on: the caller re-queues): each
+            # outcome is recorded as that failure instead, so nothing waits for a sweeper.
+            bug = as_failure(exc, "recording refresh outcomes")
+            pending = [replace(e, verdict=Verdict.failed(e.verdict.at, bug)) for e in pending]
     for done in applied.recorded:
         if done.status == "recorded":
             _announce(done)

@@ -6,7 +6,7 @@ that user only, so a push can never reach another tenant's rows, and nothing her
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.store.models import BankAccount, BankConnection, PowensUser
@@ -31,12 +31,3 @@ def account(session: Session, user_pk: int, external_id: int) -> tuple[BankAccou
         .where(BankAccount.powens_user_pk == user_pk, BankAccount.external_id == external_id)
     ).first()
     return None if row is None else (row[0], row[1])
-
-
-def set_connection_accounts_status(session: Session, connection_id: str, status: str, now: object) -> int:
-    result = session.execute(
-        update(BankAccount)
-        .where(BankAccount.connection_id == connection_id, BankAccount.status != status)
-        .values(status=status, updated_at=now)
-    )
-    return int(getattr(result, "rowcount", 0) or 0)

@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -260,7 +261,7 @@ class BalanceSnapshot(Base):
     refreshed_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # Copied from the latest record by the day's run, which did not read the account itself (a push
     # kept it fresh, or Powens had nothing newer): the balance as the run saw it, not a new reading.
-    carried: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    carried: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class RefreshAttempt(Base):

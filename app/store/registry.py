@@ -37,18 +37,27 @@ def powens_status(a: PowensAccount) -> AccountStatus:
     return AccountStatus.DISABLED if a.disabled else AccountStatus.ACTIVE
 
 
-def account_fields(a: PowensAccount) -> dict[str, Any]:
-    """The columns of ``bank_accounts`` that come from a Powens account payload."""
+def descriptive_fields(a: PowensAccount) -> dict[str, Any]:
+    """What discovery keeps current on a known account: how Powens describes it, and its status."""
     return {
         "name": a.name,
         "original_name": a.original_name,
         "account_type": a.type,
         "usage": a.usage,
-        "currency": a.currency,
         "iban_masked": masked(a.iban),
         "bic": a.bic,
         "number_masked": masked(a.number),
         "status": powens_status(a),
+    }
+
+
+def account_fields(a: PowensAccount) -> dict[str, Any]:
+    """The columns of a new ``bank_accounts`` row that come from a Powens account payload. On a known
+    row, the balances and Powens' ``last_update`` only follow an answer at least as new as the one
+    held (``PowensAccount.is_news_against``, the rule of the write path too)."""
+    return {
+        **descriptive_fields(a),
+        "currency": a.currency,
         "balance": a.balance,
         "coming": a.coming,
         "powens_last_update": a.last_update,
@@ -140,8 +149,12 @@ def register_accounts(
         elif update_existing:
             # An explicit discovery: the row follows the list, a deleted account listed again included.
             row.connection_id = conn.id
-            for key, value in account_fields(a).items():
+            for key, value in descriptive_fields(a).items():
                 setattr(row, key, value)
+            if a.is_news_against(row.powens_last_update, now):  # never back to an older answer
+                row.powens_last_update = a.last_update_against(row.powens_last_update, now)
+                if a.balance is not None and a.currency is not None:  # no balance yet: keep the last
+                    row.currency, row.balance, row.coming = a.currency, a.balance, a.coming
             row.status_at = now
             row.last_synced_at = now
             row.updated_at = now

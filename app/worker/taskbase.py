@@ -24,7 +24,7 @@ from celery.exceptions import Retry as CeleryRetry
 
 from app.config import Settings, get_settings
 from app.jsonio import to_plain
-from app.retry import INFRA_ERRORS, backoff_seconds, infra_requeue_seconds
+from app.retry import INFRA_ERRORS, backoff_seconds, infra_requeue_seconds, requeue_seconds
 from app.worker.queues import PUSH_TASK
 
 if TYPE_CHECKING:  # imported lazily: this module loads with the Celery app, before prometheus_client may
@@ -85,7 +85,7 @@ def action_for(outcome: Outcome, attempt: Attempt, settings: Settings, rng: rand
         return Again(countdown, True, outcome.error.reason.value)
     assert isinstance(outcome, Requeue)
     # Give the worker slot back and come back when the limiter (or the account, or our database) has room.
-    return Again(outcome.seconds + rng.uniform(0, 0.5), False, outcome.why, outcome.infrastructure)
+    return Again(requeue_seconds(outcome.seconds, rng), False, outcome.why, outcome.infrastructure)
 
 
 def _stringify(obj: Any) -> Any:

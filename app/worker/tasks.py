@@ -26,6 +26,7 @@ from app.refresh.deps import Deps
 from app.refresh.handler import deny_refresh, execute, give_up_refresh
 from app.refresh.outcomes import Attempt
 from app.reports import jobs
+from app.retry import requeue_seconds
 from app.store import runs
 from app.store.states import Trigger
 from app.worker.queues import PUSH_TASK, REFRESH_TASK, ROUTES, Queue
@@ -260,7 +261,7 @@ def refresh_batch(
         publish_batches(run_id, result.retry, attempt=attempt + 1, countdown=result.retry_in)
     if result.requeue:
         publish_batches(
-            run_id, result.requeue, attempt=attempt, countdown=result.requeue_in + _rng.uniform(0, 0.5)
+            run_id, result.requeue, attempt=attempt, countdown=requeue_seconds(result.requeue_in, _rng)
         )
     if result.single:
         publish_refreshes(run_id, result.single, attempt=attempt)
