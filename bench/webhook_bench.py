@@ -133,11 +133,15 @@ def main() -> None:
                     "BALANCES_SIGNING_KEY": SIGNING_KEY,
                     "POWENS_WEBHOOK_SECRET": SECRET,
                     "BALANCES_POWENS_RATE_LIMIT": "0",
-                    "BALANCES_LOG_LEVEL": "WARNING",
                 }
             )
             with contextlib.ExitStack() as running:
-                receiver = running.enter_context(run_receiver(env, Path(tmp) / "receiver.log"))
+                # The receiver logs warnings only (its latency is measured); the worker logs its
+                # readiness at INFO, which its launcher waits for.
+                receiver_log = Path(tmp) / "receiver.log"
+                receiver = running.enter_context(
+                    run_receiver(env, receiver_log, BALANCES_LOG_LEVEL="WARNING")
+                )
                 running.enter_context(run_worker(env, Path(tmp) / "worker.log", concurrency=4, name="benchw"))
                 measure(args, settings, sb, r, receiver.url, users, accounts)
     finally:
