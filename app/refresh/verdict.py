@@ -38,7 +38,7 @@ from app.powens.models import PowensAccount, decimal_places
 from app.refresh.records import map_balances
 from app.store.repo import BalanceDraft
 from app.store.states import AccountStatus, next_account_status
-from app.store.writes import Held
+from app.store.writes import Held, Stored
 
 
 def deleted(account_id: str) -> NotFound:
@@ -267,6 +267,17 @@ def shown_types(verdict: Verdict) -> tuple[str, ...] | None:
     """The balance types an outcome shows: those the answer sent, else those asked for, else all."""
     sent = tuple(d.balance_type for d in verdict.drafts)
     return sent or verdict.balance_types or None
+
+
+def unsent(change: Change, stored: list[Stored]) -> list[Stored]:
+    """The latest records that leave the canonical view: of a type the answer no longer sends
+    (``coming`` gone: no ``uncleared``), unless what is stored is newer than the answer. Only when
+    the answer was for every type (``Change.drop_unsent``). History (snapshots) stays."""
+    if not change.drop_unsent or not change.drafts:
+        return []
+    sent = {d.balance_type for d in change.drafts}
+    answered = max(d.last_updated_at for d in change.drafts)
+    return [r for r in stored if r.balance_type not in sent and r.last_updated_at <= answered]
 
 
 def older_notes(drafts: tuple[BalanceDraft, ...], stored: dict[str, datetime]) -> list[str]:

@@ -9,10 +9,10 @@ of one, the nightly batch a few dozen accounts, a push the accounts of one event
 In the one transaction, for every entry: its account row locked, its verdict settled against it
 (``app.refresh.verdict.settle``: every decision), its run item claimed (only the first terminal
 outcome of an item counts: a redelivered batch claims none), then the account rows, the latest
-records, the day's snapshot (nightly entries only: carried from the latest record when the run did
-not read the account itself), the connections' states, the audit rows (unique per task id) and the
-tenants' counters. A failure writes its audit row and Powens' word (a status, a connection state),
-and nothing else: the previous balances stay.
+records (those of types Powens stopped sending removed), the day's snapshot (nightly entries only:
+carried from the latest record when the run did not read the account itself), the connections'
+states, the audit rows (unique per task id) and the tenants' counters. A failure writes its audit
+row and Powens' word (a status, a connection state), and nothing else: the previous balances stay.
 
 The day's snapshot is the account's balance as the nightly run of that business day saw it: only a
 nightly run writes it, for every account it recorded a success for, from the latest record after its
@@ -44,7 +44,7 @@ from app.refresh.outcomes import (
     replay,
 )
 from app.refresh.records import to_record
-from app.refresh.verdict import Change, Verdict, older_notes, settle, shown_types
+from app.refresh.verdict import Change, Verdict, older_notes, settle, shown_types, unsent
 from app.retry import as_failure
 from app.store import writes
 from app.store.db import session_scope
@@ -149,19 +149,6 @@ def apply(
 
     writes.update_accounts(session, [c.account for _, c in kept if c.account is not None])
     writes.upsert_latest(session, [_latest_row(e, c, d) for e, c in kept for d in c.drafts])
-    writes.drop_unsent(
-        session,
-        [
-            {
-                "account_id": e.subject.account_id,
-                "balance_type": d.balance_type,
-                "last_updated_at": d.last_updated_at,
-            }
-            for e, c in kept
-            if c.drop_unsent
-            for d in c.drafts
-        ],
-    )
     if run_id is not None and any(e.attempt.business_day is None for e, c in kept if c.error is None):
         # A nightly entry always knows its run's day; one that does not (a message from before days
         # travelled with refreshes) takes it from the run: the day was fixed when the run started.
@@ -170,6 +157,12 @@ def apply(
     stored = writes.latest(
         session, [e.subject.account_id for e, c in kept if c.error is None and e.subject.account_id]
     )
+    # Read back under the accounts' locks, so what leaves is decided on what is there: in the usual
+    # night nothing does, and no statement is sent (a set-based DELETE was 4 ms per batch).
+    gone = {r.id for e, c in kept for r in unsent(c, stored.get(e.subject.account_id or "", []))}
+    if gone:
+        writes.delete_latest(session, sorted(gone))
+        stored = {a: [r for r in rs if r.id not in gone] for a, rs in stored.items()}
     writes.upsert_snapshots(session, [row for e, c in kept for row in _snapshot_rows(e, c, stored)])
     writes.set_connection_states(
         session, {c.connection_state[0]: c.connection_state[1] for _, c in kept if c.connection_state}, now
