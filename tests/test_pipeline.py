@@ -247,7 +247,8 @@ def test_a_worker_killed_mid_run_still_completes_without_duplicate_snapshots(
 
         status = wait_until(swept, "sweeper to finish the run", 120)
 
-    assert status["status"] == "completed", json.dumps(status, default=str)
+    logs = processes.log_tail(tmp_path / "doomed.log", tmp_path / "w2.log")
+    assert status["status"] == "completed", json.dumps(status, default=str) + "\n" + logs
     acc = status["accounts"]
     assert acc["succeeded"] + acc["failed"] + acc["stale"] == n_accounts and acc["pending"] == 0
     with session_scope(settings) as s:

@@ -31,6 +31,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def log_tail(*logs: Path, lines: int = 60) -> str:
+    """The last lines of each worker log, for an assertion message: a failure in CI is read there."""
+    out = []
+    for log in logs:
+        text = log.read_text(errors="replace").splitlines() if log.exists() else ["(no log)"]
+        out.append(f"--- {log.name} (last {lines} lines)\n" + "\n".join(text[-lines:]))
+    return "\n".join(out)
+
+
 def service_env(pg_url: str, redis_url: str, sandbox: Sandbox, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BALANCES_", "POWENS_", "CELERY_"))}
     env.pop("DATABASE_URL", None)
