@@ -220,6 +220,10 @@ def test_a_worker_killed_mid_run_still_completes_without_duplicate_snapshots(
         env,
         BALANCES_RUN_DEADLINE_SECONDS="4",
         BALANCES_RUN_GRACE_SECONDS="8",
+        # A summary message the killed worker had taken (or claimed and not yet sent) is sent again
+        # after the stall window; left at its default (300 s) it came after the run was given up
+        # (deadline + 3 x grace = 28 s): seen twice in full CI runs, a tenant left summarising.
+        BALANCES_RUN_STALL_SECONDS="2",
         BALANCES_HTTP_READ_TIMEOUT="2",
         BALANCES_LOCK_WAIT_SECONDS="1",
         # One Powens user per message, so the kill lands while refreshes are still in flight.
