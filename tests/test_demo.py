@@ -71,21 +71,25 @@ def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path
         amounts = [r[0] for r in conn.execute("SELECT current_balance FROM account_balances")]
         assert all(re.fullmatch(r"-?\d+(\.\d+)?", a) for a in amounts)  # exact decimal text, no float
 
-    # Running it again in the same directory is idempotent: same tenants, same accounts.
-    again = subprocess.run(
-        [sys.executable, "-m", "app.cli", "demo"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert again.returncode == 0, again.stdout + again.stderr
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT count(*) FROM bank_accounts").fetchone() == (6,)
-        assert conn.execute("SELECT count(*) FROM refresh_runs WHERE status = 'completed'").fetchone() == (2,)
-        assert conn.execute("SELECT count(*) FROM refresh_runs WHERE status = 'completed'").fetchone() == (2,)
+    # Running it again in the same directory is idempotent: same tenants, same accounts, and each run
+    # shows its own push (the third run once counted the earlier runs' pushes: "4 of 2", exit 1).
+    for run in (2, 3):
+        again = subprocess.run(
+            [sys.executable, "-m", "app.cli", "demo"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert again.returncode == 0, again.stdout + again.stderr
+        shown = " ".join(again.stdout.split())
+        assert re.search(r"2 of 2 accounts stored from the push", shown), again.stdout
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM bank_accounts").fetchone() == (6,)
+            completed = "SELECT count(*) FROM refresh_runs WHERE status = 'completed'"
+            assert conn.execute(completed).fetchone() == (run,)
 
 
 def test_an_unmigrated_or_unreachable_database_is_a_clear_error_without_the_url(tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ def show_push(settings: Settings, sandbox: Sandbox, console: Console, tenant_id:
     user = sandbox.state.users[int(powens_user_id or 0)]
     conn = next(c for c in user.connections.values() if c.state is None)
     sandbox.state.reset_stats()
+    since = datetime.now(UTC)  # this push's own audit rows only: earlier demo runs left theirs
     t0 = time.perf_counter()
     status = sandbox.state.sync_connection(user, conn)  # Powens syncs by itself, then pushes
     answered = time.perf_counter() - t0
@@ -76,6 +77,7 @@ def show_push(settings: Settings, sandbox: Sandbox, console: Console, tenant_id:
                 .where(
                     RefreshAttempt.tenant_id == tenant_id,
                     RefreshAttempt.trigger == Trigger.WEBHOOK,
+                    RefreshAttempt.finished_at >= since,
                     AccountBalance.balance_type == "current",
                 )
             ).all()
