@@ -20,19 +20,24 @@ def no_service_env() -> dict[str, str]:
     return env
 
 
-def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path) -> None:
-    env = no_service_env()
-    # Nothing may need Redis: point coordination at a closed port to prove it is never dialled.
-    env["BALANCES_REDIS_URL"] = "redis://127.0.0.1:9/0"
-    proc = subprocess.run(
+def run_demo(cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``balances demo`` as a new user runs it, in ``cwd`` (where its SQLite file lands)."""
+    return subprocess.run(
         [sys.executable, "-m", "app.cli", "demo"],
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=180,
         check=False,
     )
+
+
+def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path) -> None:
+    env = no_service_env()
+    # Nothing may need Redis: point coordination at a closed port to prove it is never dialled.
+    env["BALANCES_REDIS_URL"] = "redis://127.0.0.1:9/0"
+    proc = run_demo(tmp_path, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = " ".join(proc.stdout.split())
     assert "tasks run in-process" in out
@@ -74,15 +79,7 @@ def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path
     # Running it again in the same directory is idempotent: same tenants, same accounts, and each run
     # shows its own push (the third run once counted the earlier runs' pushes: "4 of 2", exit 1).
     for run in (2, 3):
-        again = subprocess.run(
-            [sys.executable, "-m", "app.cli", "demo"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
+        again = run_demo(tmp_path, env)
         assert again.returncode == 0, again.stdout + again.stderr
         shown = " ".join(again.stdout.split())
         assert re.search(r"2 of 2 accounts stored from the push", shown), again.stdout
