@@ -52,6 +52,19 @@ def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path
         out
     )
     assert "needs the user: connection" in out and "trend over" in out
+    # The command the demo prints to read its records back works as printed.
+    hint = re.search(r"Canonical records: (balances [^(]+?) \(same database\)", out)
+    assert hint, out
+    shown = subprocess.run(
+        [sys.executable, "-m", "app.cli", *hint.group(1).split()[1:]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0 and "demo-acme" in shown.stdout, shown.stdout + shown.stderr
     # The embedded default database is a file in the working directory, holding what was printed.
     db = tmp_path / "balances.db"
     assert db.exists()

@@ -199,7 +199,9 @@ def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console,
 
     push_ok = show_push(settings, sandbox, console, TENANTS[0])
     nightly_ok = _nightly(settings, sandbox, console, list(TENANTS[:n_tenants]))
-    console.print("Canonical records: [bold]balances show --tenant demo-acme[/] (same database).")
+    console.print(
+        f"Canonical records: [bold]balances --as {DEMO_ACTOR} show --tenant demo-acme[/] (same database)."
+    )
     return 0 if ok > 0 and nightly_ok and push_ok else 1
 
 
