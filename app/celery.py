@@ -103,6 +103,29 @@ def _worker_init(**_: Any) -> None:
     exporter.serve_worker_metrics(get_settings())
 
 
+@signals.worker_ready.connect
+def _worker_ready(**_: Any) -> None:
+    # The lease on the messages this worker holds (app.worker.liveness): a killed worker's messages
+    # go back to their queue in seconds, not after the visibility timeout.
+    from app.worker import liveness
+
+    liveness.start(app, get_settings().worker_lease_seconds)
+
+
+@signals.task_received.connect
+def _task_received(request: Any = None, **_: Any) -> None:
+    from app.worker import liveness
+
+    liveness.note_received(request)
+
+
+@signals.worker_shutdown.connect
+def _worker_shutdown(**_: Any) -> None:
+    from app.worker import liveness
+
+    liveness.stop()
+
+
 @signals.worker_process_init.connect
 def _child_init(**_: Any) -> None:
     # Sockets inherited from the parent (DB pool, HTTP pool) must not be used by two processes.

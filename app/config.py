@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     # Locks held while working are leases renewed every third of this: a killed holder frees them
     # within one lease, a long piece of work never loses them.
     lock_lease_seconds: float = Field(15.0, ge=1, validation_alias=_env("BALANCES_LOCK_LEASE_SECONDS"))
+    # Each worker's lease on the messages it holds (app.worker.liveness), renewed every third of this:
+    # a killed worker's messages go back to their queue about one lease after its last renewal.
+    worker_lease_seconds: float = Field(15.0, ge=3, validation_alias=_env("BALANCES_WORKER_LEASE_SECONDS"))
     shared_read_ttl: int = Field(600, ge=1, validation_alias=_env("BALANCES_SHARED_READ_TTL"))
 
     forecast_horizon_days: int = Field(

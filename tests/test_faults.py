@@ -34,13 +34,14 @@ from tests.support.data import Seeded, seed_tenant
 from tests.support.faults import PgProxy, PrivateRedis
 from tests.support.metrics import sum_scrape
 from tests.support.polling import wait_until
-from tests.support.processes import ROOT, Worker, run_cli, run_worker, service_env
+from tests.support.processes import ROOT, Worker, run_cli, run_worker, shipped_env
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+# Seeding, the fault itself and up to the promised recovery fit in each scenario's own limit.
+pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.timeout(600)]
 
 RESULTS_FILE = ROOT / "build" / "faults.json"
-STALL_SECONDS = 4  # the stall window under test (default 300); recovery is measured against it
-LEASE_SECONDS = 5  # a killed holder's locks free within one lease (default 15)
+# The promise: back on track within five minutes of the end of any fault, with the shipped defaults.
+RECOVERY_SECONDS = 300
 results: list[dict[str, Any]] = []
 
 
@@ -78,24 +79,15 @@ def rig(
     proxy.restore()
     database = settings.database_url.rsplit("/", 1)[1]
     far = datetime.now(UTC) + timedelta(hours=12)  # the cron never fires during the test
-    env = service_env(
+    # The shipped configuration: every recovery setting (stall window, sweep interval, visibility
+    # timeout, lock lease, batch size, time limits, retry backoff) is the default an operator runs.
+    # Only the cron is moved out of the way (runs are started by the CLI) and the business zone fixed.
+    env = shipped_env(
         proxy.url(database),
         redis.url,
         sandbox,
-        BALANCES_RUN_STALL_SECONDS=str(STALL_SECONDS),
-        BALANCES_SWEEP_INTERVAL_SECONDS="1",
-        BALANCES_TASK_SOFT_TIME_LIMIT="15",
-        BALANCES_TASK_TIME_LIMIT="20",
-        BALANCES_VISIBILITY_TIMEOUT="60",
-        BALANCES_HTTP_READ_TIMEOUT="1",
-        BALANCES_HTTP_TOTAL_TIMEOUT="3",
-        BALANCES_LOCK_WAIT_SECONDS="2",
-        BALANCES_LOCK_LEASE_SECONDS=str(LEASE_SECONDS),
         BALANCES_NIGHTLY_CRON=f"{far.minute} {far.hour} * * *",
         BALANCES_TIMEZONE="UTC",
-        BALANCES_INFRA_RETRY_CAP_SECONDS="2",
-        # About one Powens user per nightly message: a fault lands while messages are still in flight.
-        BALANCES_REFRESH_BATCH_ACCOUNTS="5",
     )
     sandbox.state.knobs.latency_ms = 50
     r = Rig(settings, sandbox, redis, proxy, env, tmp_path)
@@ -108,14 +100,15 @@ def rig(
 
 
 def start_beat(rig: Rig, name: str) -> subprocess.Popen[bytes]:
-    proc, _log = processes.start_beat(rig.env, rig.tmp, name, BALANCES_REDBEAT_LOCK_TIMEOUT="4")
+    proc, _log = processes.start_beat(rig.env, rig.tmp, name)
     rig.beats.append(proc)
     return proc
 
 
-def seed(rig: Rig, prefix: str, tenants: int, accounts: int) -> list[Seeded]:
+def seed(rig: Rig, prefix: str, tenants: int, accounts: int, users: int = 1) -> list[Seeded]:
     return [
-        seed_tenant(rig.settings, rig.sandbox, f"{prefix}-{i}", accounts=accounts) for i in range(tenants)
+        seed_tenant(rig.settings, rig.sandbox, f"{prefix}-{i}", accounts=accounts, users=users)
+        for i in range(tenants)
     ]
 
 
@@ -131,7 +124,7 @@ def status(rig: Rig, run_id: str) -> dict[str, Any]:
     return found
 
 
-def finished(rig: Rig, run_id: str, timeout: float = 120) -> dict[str, Any]:
+def finished(rig: Rig, run_id: str, timeout: float = RECOVERY_SECONDS) -> dict[str, Any]:
     return wait_until(
         lambda: (s := status(rig, run_id)) and not RunStatus(s["status"]).open and s,
         "the run to finish",
@@ -222,12 +215,13 @@ def some_done(rig: Rig, run_id: str, n: int = 2) -> bool:
 
 
 def test_worker_sigkill_mid_run(rig: Rig) -> None:
-    seed(rig, "kill", tenants=4, accounts=5)
-    rig.sandbox.state.knobs.latency_ms = 300
+    # Four tenants of ten users x five accounts: four nightly messages of the default 50 accounts.
+    seed(rig, "kill", tenants=4, accounts=5, users=10)
+    rig.sandbox.state.knobs.latency_ms = 2000  # a batch takes seconds: the kill lands with two in flight
     start_beat(rig, "beat")
     with run_worker(rig.env, rig.tmp / "doomed.log", name="doomed", concurrency=2) as doomed:
         run_id = start_run(rig)
-        wait_until(lambda: some_done(rig, run_id), "first refreshes", 60)
+        wait_until(lambda: some_done(rig, run_id), "first refreshes", 120)
         os.killpg(doomed.proc.pid, signal.SIGKILL)  # parent and children, mid-task
         doomed.proc.wait()
     time.sleep(1)  # a new worker one second later, as an orchestrator would restart it
@@ -241,8 +235,8 @@ def test_worker_sigkill_mid_run(rig: Rig) -> None:
 
 
 def test_one_prefork_child_killed(rig: Rig) -> None:
-    seed(rig, "child", tenants=3, accounts=5)
-    rig.sandbox.state.knobs.latency_ms = 300
+    seed(rig, "child", tenants=3, accounts=5, users=10)  # three messages of the default 50 accounts
+    rig.sandbox.state.knobs.latency_ms = 2000
     start_beat(rig, "beat")
     with run_worker(rig.env, rig.tmp / "w.log", concurrency=2) as worker:
         run_id = start_run(rig)
@@ -262,8 +256,8 @@ def children_of(pid: int) -> list[int]:
 
 
 def test_redis_restarted_mid_run_losing_every_message(rig: Rig) -> None:
-    seed(rig, "redis", tenants=3, accounts=5)
-    rig.sandbox.state.knobs.latency_ms = 300
+    seed(rig, "redis", tenants=3, accounts=5, users=10)
+    rig.sandbox.state.knobs.latency_ms = 2000
     start_beat(rig, "beat")
     with run_worker(rig.env, rig.tmp / "w.log", concurrency=2) as worker:
         run_id = start_run(rig)
@@ -282,8 +276,8 @@ def test_redis_restarted_mid_run_losing_every_message(rig: Rig) -> None:
 
 
 def test_postgresql_unreachable_for_20_seconds_mid_run(rig: Rig) -> None:
-    seed(rig, "pg", tenants=3, accounts=5)
-    rig.sandbox.state.knobs.latency_ms = 200
+    seed(rig, "pg", tenants=3, accounts=5, users=10)
+    rig.sandbox.state.knobs.latency_ms = 2000
     start_beat(rig, "beat")
     with run_worker(rig.env, rig.tmp / "w.log", concurrency=2) as worker:
         run_id = start_run(rig)
@@ -302,6 +296,7 @@ def test_postgresql_unreachable_for_20_seconds_mid_run(rig: Rig) -> None:
 
 def test_two_beats_with_the_leader_killed(rig: Rig) -> None:
     seed(rig, "beats", tenants=2, accounts=3)
+    # The one setting moved: a schedule that fires during the test (the shipped one fires once a day).
     rig.env = dict(rig.env, BALANCES_NIGHTLY_INTERVAL_SECONDS="6")
     with run_worker(rig.env, rig.tmp / "w.log", concurrency=2) as worker:
         beats = {"beat-a": start_beat(rig, "beat-a"), "beat-b": start_beat(rig, "beat-b")}
@@ -437,11 +432,14 @@ def test_the_powens_fault_matrix(rig: Rig) -> None:
     next(iter(state.user.connections.values())).state = "someStateNobodyDocumented"
     expected[state.account_ids[0]] = ("unknown connection state", "failed:needs_user_action")
 
+    # The one setting moved: a 1 s read timeout, so the sandbox's 2.5 s stall is a read timeout (the
+    # shipped 20 s would only make it a slow answer).
+    rig.env = dict(rig.env, BALANCES_HTTP_READ_TIMEOUT="1")
     start_beat(rig, "beat")
     with run_worker(rig.env, rig.tmp / "w.log", concurrency=4) as worker:
         run_id = start_run(rig)
         back = time.monotonic()
-        finished(rig, run_id, timeout=180)
+        finished(rig, run_id)
         recovered = time.monotonic() - back
         # 409 on a forced sync: an operator's --force while a sync runs at Powens.
         forced = seed_tenant(rig.settings, rig.sandbox, "m-409", accounts=1)

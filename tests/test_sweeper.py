@@ -245,6 +245,40 @@ def test_a_stalled_run_whose_refreshes_are_all_still_queued_is_not_redriven(
     assert lost.redispatched == 2
 
 
+def test_a_broker_that_lost_its_messages_gets_the_run_again_at_once_not_after_the_stall_window(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    seed_tenant(settings, sandbox, "s-lost", accounts=2)
+    seed_tenant(settings, sandbox, "s-lost-done", accounts=1)
+    rec = Recorder()
+    run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
+    pipeline.plan_run(settings, run_id, rec.publish, rec.summary)
+    done = next(account for _t, tenant, account in rec.published if tenant == "s-lost-done")
+    with session_scope(settings) as s:  # one tenant's refresh finished; its summary message is sent
+        assert finish_item(s, run_id, done)
+    assert runs.claim_summary(settings, run_id, "s-lost-done")
+    rec.published.clear()
+    soon = datetime.now(UTC) + timedelta(seconds=1)  # well inside the stall window
+
+    def sweep(lost: bool) -> pipeline.SweepReport:
+        return pipeline.sweep(
+            settings,
+            rec.publish,
+            rec.summary,
+            rec.plans.append,
+            lambda r, t: None,
+            now=soon,
+            queued=lambda: 10,  # depth is no evidence after a loss: what was queued is gone
+            lost_messages=lost,
+        )
+
+    quiet = sweep(lost=False)
+    assert (quiet.redispatched, quiet.summaries_reenqueued, rec.published) == (0, 0, [])
+    lost = sweep(lost=True)
+    assert lost.redispatched == 2 and {p[1] for p in rec.published} == {"s-lost"}
+    assert lost.summaries_reenqueued == 1 and rec.summaries[-1] == (run_id, "s-lost-done")
+
+
 def test_a_nightly_tick_is_keyed_by_the_beats_clock_not_the_workers(settings: Settings) -> None:
     from app.store.models import RefreshRun
     from app.worker import tasks

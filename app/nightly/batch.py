@@ -145,6 +145,9 @@ def run_batch(
     loaded, gone = _load(deps, run_id, items)
     result.single.extend(gone)
     result.skipped = len(items) - len(loaded) - len(gone)
+    if result.skipped:  # recorded already: perhaps by an earlier delivery whose commit was in doubt
+        present = {ld.item.account_id for ld in loaded} | {i.account_id for i in gone}
+        write.announce_in_doubt(settings, [i.task_id for i in items if i.account_id not in present])
     attempt = Attempt(
         number=attempt_number, max_attempts=settings.max_attempts, run_id=run_id, business_day=business_day
     )

@@ -116,6 +116,7 @@ def sweep(
     enqueue_forecast: EnqueueReport,
     now: datetime | None = None,
     queued: Callable[[], int] | None = None,
+    lost_messages: bool = False,
 ) -> SweepReport:
     """Put runs whose tasks were lost (worker killed, broker restarted) back on track, in minutes.
 
@@ -127,15 +128,20 @@ def sweep(
     ``run_deadline_seconds`` without any progress is the last resort: the items still pending are
     marked stale and their tenants finalised, so no summary waits forever; a run still open
     ``3 x run_grace_seconds`` later is marked stale. A run that keeps progressing is never given up.
+
+    ``lost_messages`` (the broker restarted empty: ``app.worker.liveness.broker_lost_messages``) means
+    every queued message is gone: each open run is re-planned, re-driven and its reports re-sent at
+    once, without waiting for the stall window (still counted against ``max_redrives``).
     """
     now = now or datetime.now(UTC)
     stall = timedelta(seconds=settings.run_stall_seconds)
     deadline = timedelta(seconds=settings.run_deadline_seconds)
     grace = timedelta(seconds=settings.run_grace_seconds)
+    batch = settings.refresh_batch_accounts  # the accounts one queued refresh message carries, at most
     report = SweepReport()
     for run in recovery.open_runs(settings):
         idle = now - run.last_progress
-        stalled = now - run.last_activity > stall
+        stalled = lost_messages or now - run.last_activity > stall
         if run.status in (RunStatus.PENDING, RunStatus.PLANNING):
             # The plan message was lost, or the planner died before the run was running.
             if stalled and run.replans < settings.max_redrives and recovery.replan(settings, run, now):
@@ -145,13 +151,14 @@ def sweep(
             if idle > deadline:
                 report.stale += recovery.mark_items_stale(settings, run.id, now)
             elif run.pending and stalled and run.redrives < settings.max_redrives:
-                # A queued message is a batch of up to BALANCES_REFRESH_BATCH_ACCOUNTS items.
-                if queued is not None and queued() * settings.refresh_batch_accounts >= run.pending:
+                waiting = queued is not None and not lost_messages and queued() * batch >= run.pending
+                if waiting:
                     log.warning("run %s stalled with its refreshes still queued: no worker?", run.id)
                 elif recovery.claim_redrive(settings, run, now):
                     report.redispatched += _redrive(settings, run.id, publish)
+            sent_before = now if lost_messages else now - stall
             report.summaries_reenqueued += _resume_reports(
-                settings, run.id, now - stall, now, enqueue_summary, enqueue_forecast
+                settings, run.id, sent_before, now, enqueue_summary, enqueue_forecast
             )
             finished = runs.finish_if_complete(settings, run.id)
             if finished is not None:

@@ -118,7 +118,10 @@ DB_STATEMENTS = Counter(
     "balances_db_statements",
     "SQL statements sent to the database by this process (an executemany counts once per row).",
 )
-
+MESSAGES_RECLAIMED = Counter(
+    "balances_messages_reclaimed",
+    "Messages a dead worker held, put back on their queue by a live worker (app.worker.liveness).",
+)
 
 WEBHOOKS = Counter(
     "powens_webhooks_received",

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,6 +57,10 @@ class Coordinator(Protocol):
     def acquire_call(self) -> float: ...
 
     def count_delivery(self, key: str, ttl: int) -> int: ...
+
+    def note_in_doubt(self, finished: dict[str, str], ttl: int) -> None: ...
+
+    def take_in_doubt(self, task_ids: Sequence[str]) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,24 @@ class RedisCoordinator:
             count, _ = pipe.execute()
         return int(count)
 
+    def note_in_doubt(self, finished: dict[str, str], ttl: int) -> None:
+        """Task ids whose recording commit may have happened (the connection was lost during COMMIT),
+        each with the ``finished_at`` that commit would have written (``app.refresh.write``)."""
+        with self.r.pipeline() as pipe:
+            for task_id, at in finished.items():
+                pipe.set(f"{self.prefix}:indoubt:{task_id}", at, ex=ttl)
+            pipe.execute()
+
+    def take_in_doubt(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """The noted ones among ``task_ids``, removed as read (one taker each)."""
+        with self.r.pipeline() as pipe:
+            for task_id in task_ids:
+                pipe.getdel(f"{self.prefix}:indoubt:{task_id}")
+            found = pipe.execute()
+        return {
+            t: v.decode() if isinstance(v, bytes) else v for t, v in zip(task_ids, found, strict=True) if v
+        }
+
     def acquire_call(self) -> float:
         if self.rate_limit <= 0:
             return 0.0
@@ -260,6 +282,7 @@ class LocalCoordinator:
         self._cache: dict[str, tuple[float, Any]] = {}
         self._calls: deque[float] = deque()
         self._deliveries: dict[str, int] = {}
+        self._in_doubt: dict[str, str] = {}
 
     @contextlib.contextmanager
     def account_lock(self, account_id: str, lease: float, wait: float) -> Iterator[None]:
@@ -295,6 +318,14 @@ class LocalCoordinator:
         with self._guard:
             self._deliveries[key] = self._deliveries.get(key, 0) + 1
             return self._deliveries[key]
+
+    def note_in_doubt(self, finished: dict[str, str], ttl: int) -> None:
+        with self._guard:
+            self._in_doubt.update(finished)
+
+    def take_in_doubt(self, task_ids: Sequence[str]) -> dict[str, str]:
+        with self._guard:
+            return {t: v for t in task_ids if (v := self._in_doubt.pop(t, None)) is not None}
 
     def acquire_call(self) -> float:
         if self.rate_limit <= 0:

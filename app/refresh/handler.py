@@ -153,6 +153,7 @@ def _attempt(raw_input: Any, actor: Actor | str, trigger: Trigger, attempt: Atte
     if attempt.task_id is not None:
         done = replay(deps.settings, attempt.task_id, subject.balance_types)
         if done is not None:
+            write.announce_in_doubt(deps.settings, [attempt.task_id])  # an earlier commit in doubt?
             return done
     t0 = time.perf_counter()
     try:

@@ -23,16 +23,19 @@ latest record only, so day D holds one point in time for every account.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from typing import Any, Literal
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.contract import REFRESH_OPERATION, OpenBankingRefreshBalancesOutput
-from app.errors import RefreshError
+from app.errors import Reason, RefreshError
+from app.refresh.coordination import get_coordinator
 from app.refresh.outcomes import (
     Attempt,
     Failed,
@@ -45,12 +48,15 @@ from app.refresh.outcomes import (
 )
 from app.refresh.records import to_record
 from app.refresh.verdict import Change, Verdict, older_notes, settle, shown_types, unsent
-from app.retry import as_failure
+from app.retry import as_failure, is_infrastructure
 from app.store import writes
 from app.store.db import session_scope
+from app.store.models import RefreshAttempt
 from app.store.repo import BalanceDraft, record_id
-from app.store.states import AttemptOutcome, ItemStatus
+from app.store.states import AttemptOutcome, ItemStatus, Trigger
 from app.store.writes import Stored
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -272,15 +278,20 @@ def record(
     replayed: list[Recorded] = []
     bug: RefreshError | None = None
     while True:
+        now = clock()
+        written = False
         try:
             with session_scope(settings) as session:
-                applied = apply(session, pending, clock(), with_news=None if bug else with_news)
+                applied = apply(session, pending, now, with_news=None if bug else with_news)
+                written = True
             break
         except Lost as lost:
             # Settled in a new transaction without them: each lost id was recorded by its winner.
             replayed.extend(_replayed(settings, e) for e in pending if e.attempt.task_id in lost.task_ids)
             pending = [e for e in pending if e.attempt.task_id not in lost.task_ids]
         except Exception as exc:
+            if written and is_infrastructure(exc):
+                _note_in_doubt(settings, pending, now)
             if bug is not None:
                 raise  # even the failures cannot be recorded: the task fails loudly
             # A bug in writing (our infrastructure failing is raised on: the caller re-queues): each
@@ -292,6 +303,53 @@ def record(
             _announce(done)
     applied.recorded.extend(replayed)
     return applied
+
+
+# -- a commit in doubt ---------------------------------------------------------------------------------
+# The connection lost during COMMIT: the outcomes may be stored, or not, and this delivery cannot know
+# (the database is unreachable). It re-queues, as for any infrastructure failure, after noting each
+# task id with the ``finished_at`` its commit would have written. The delivery that finds those
+# outcomes already recorded (a batch's skipped items, a single refresh's replay) announces the ones
+# this commit did store: otherwise they would be stored, never counted, never in telemetry.
+IN_DOUBT_TTL = 86_400
+
+
+def _note_in_doubt(settings: Settings, entries: Sequence[Entry], at: datetime) -> None:
+    finished = {e.attempt.task_id: at.isoformat() for e in entries if e.attempt.task_id}
+    try:
+        get_coordinator(settings).note_in_doubt(finished, IN_DOUBT_TTL)
+    except Exception as exc:  # Redis down too: the events may be lost (never duplicated)
+        log.warning("a commit in doubt could not be noted (%s)", type(exc).__name__)
+
+
+def announce_in_doubt(settings: Settings, task_ids: Sequence[str]) -> int:
+    """Announce the outcomes among ``task_ids`` that a commit in doubt did store (at most once: the
+    note is taken as it is read). Called only where outcomes were found already recorded."""
+    if not task_ids:
+        return 0
+    noted = get_coordinator(settings).take_in_doubt(list(task_ids))
+    if not noted:
+        return 0
+    with session_scope(settings) as session:
+        rows = session.scalars(select(RefreshAttempt).where(RefreshAttempt.task_id.in_(list(noted)))).all()
+    n = 0
+    for row in rows:
+        if row.task_id is None or row.finished_at != datetime.fromisoformat(noted[row.task_id]):
+            continue  # recorded by another delivery, which announced it
+        subject = Subject(row.tenant_id, row.account_id, row.actor, Trigger(row.trigger), row.force_refresh)
+        attempt = Attempt(task_id=row.task_id, run_id=row.run_id)
+        if row.outcome == AttemptOutcome.SUCCEEDED:
+            announce_refreshed(
+                subject, attempt, row.attempts, row.started_at, row.balance_count or 0, row.powens_request_id
+            )
+        else:
+            reason = Reason(row.reason or Reason.INTERNAL)
+            error = RefreshError(reason, row.message or "failed", request_id=row.powens_request_id)
+            announce_failed(subject, attempt, row.attempts, error)
+        n += 1
+    if n:
+        log.warning("announced %d outcome(s) whose commit was in doubt and did happen", n)
+    return n
 
 
 def _announce(done: Recorded) -> None:

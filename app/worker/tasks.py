@@ -29,6 +29,7 @@ from app.reports import jobs
 from app.retry import requeue_seconds
 from app.store import runs
 from app.store.states import Trigger
+from app.worker import liveness
 from app.worker.queues import PUSH_TASK, REFRESH_TASK, ROUTES, Queue
 from app.worker.taskbase import Again, BalancesTask, Finish, action_for
 
@@ -339,6 +340,10 @@ def forecast_tenant(run_id: str, tenant_id: str) -> bool:
 
 @app.task(name="balances.sweep_runs")
 def sweep_runs() -> dict[str, Any]:
+    with app.connection_for_write() as conn:
+        lost = liveness.broker_lost_messages(conn)
+    if lost:
+        log.warning("the broker lost its data (restarted empty?): open runs are re-driven now")
     report = pipeline.sweep(
         get_settings(),
         publish=publish_fanout,
@@ -346,7 +351,11 @@ def sweep_runs() -> dict[str, Any]:
         enqueue_plan=enqueue_plan,
         enqueue_forecast=enqueue_forecast,
         queued=refresh_queue_depth,
+        lost_messages=lost,
     )
+    if lost:
+        with app.connection_for_write() as conn:
+            liveness.mark_broker_seen(conn)
     for finished in report.finished_at:
         metrics.NIGHTLY_LAST_SUCCESS.set(finished.timestamp())
     return {k: v for k, v in vars(report).items() if k != "finished_at"}

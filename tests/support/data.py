@@ -21,25 +21,38 @@ ADMIN_ACTOR = Actor("alice", frozenset({ADMIN}))
 @dataclass
 class Seeded:
     tenant_id: str
-    user: SUser
+    user: SUser  # the first of ``users``
     account_ids: list[str]  # canonical ids, in Powens id order
     external: dict[str, int]  # canonical id -> Powens id
+    users: list[SUser]
 
 
 def seed_tenant(
-    settings: Settings, sandbox: Sandbox, tenant_id: str, *, connections: int = 1, accounts: int = 2
+    settings: Settings,
+    sandbox: Sandbox,
+    tenant_id: str,
+    *,
+    connections: int = 1,
+    accounts: int = 2,
+    users: int = 1,
 ) -> Seeded:
+    """A tenant with ``users`` Powens users, each with ``connections`` x ``accounts`` accounts."""
     now = datetime.now(UTC)
     with session_scope(settings) as session:
         repo.add_tenant(session, tenant_id, tenant_id, now)
         repo.grant_role(session, "alice", ADMIN, now)
-    user = sandbox.state.create_user(connections=connections, accounts_per_connection=accounts)
-    link_powens_user(settings, tenant_id, user.id, user.token, now)
+    made = [
+        sandbox.state.create_user(connections=connections, accounts_per_connection=accounts)
+        for _ in range(users)
+    ]
+    for user in made:
+        link_powens_user(settings, tenant_id, user.id, user.token, now)
     sync_accounts(tenant_id, ADMIN_ACTOR, Deps.default(settings))
+    ours = {user.id for user in made}
     with session_scope(settings) as session:
-        rows = [a for a, _c, u in repo.list_accounts(session, tenant_id) if u.powens_user_id == user.id]
+        rows = [a for a, _c, u in repo.list_accounts(session, tenant_id) if u.powens_user_id in ours]
     rows.sort(key=lambda a: a.external_id)
-    return Seeded(tenant_id, user, [a.id for a in rows], {a.id: a.external_id for a in rows})
+    return Seeded(tenant_id, made[0], [a.id for a in rows], {a.id: a.external_id for a in rows}, made)
 
 
 def telemetry_events(caplog_records: Iterable[Any]) -> list[dict[str, Any]]:

@@ -62,6 +62,17 @@ def service_env(pg_url: str, redis_url: str, sandbox: Sandbox, **extra: str) -> 
     return env
 
 
+def shipped_env(pg_url: str, redis_url: str, sandbox: Sandbox, **extra: str) -> dict[str, str]:
+    """``service_env`` without the suite's fast retry settings: the configuration an operator runs."""
+    env = service_env(pg_url, redis_url, sandbox, **extra)
+    for name in ("BALANCES_RETRY_BASE_SECONDS", "BALANCES_RETRY_CAP_SECONDS", "BALANCES_MAX_ATTEMPTS"):
+        if name not in extra:
+            env.pop(name)
+    if "BALANCES_POWENS_RATE_LIMIT" not in extra:
+        env.pop("BALANCES_POWENS_RATE_LIMIT")
+    return env
+
+
 @dataclass
 class Worker:
     proc: subprocess.Popen[bytes]
