@@ -109,7 +109,8 @@ def _worker_ready(**_: Any) -> None:
     # go back to their queue in seconds, not after the visibility timeout.
     from app.worker import liveness
 
-    liveness.start(app, get_settings().worker_lease_seconds)
+    settings = get_settings()
+    liveness.start(app, settings.worker_lease_seconds, keep=settings.visibility_timeout)
 
 
 @signals.task_received.connect

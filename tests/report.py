@@ -1,7 +1,8 @@
 """Render the measured tables of docs/ from the suites' results.
 
 make test               # writes build/faults.json (pytest -m faults) and build/security.json
-python -m tests.report  # rewrites the tables between their markers in docs/faults.md, docs/security.md
+python -m tests.report  # rewrites the tables between their markers in docs/faults.md (and README.md),
+                        # docs/security.md
 
 Each table lives between `<!-- NAME:begin -->` and `<!-- NAME:end -->`; a results file that is
 missing leaves its table as it was.
@@ -40,13 +41,16 @@ def security_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 TABLES = {"faults": faults_table, "security": security_table}
-DOCS = {"faults": ROOT / "docs" / "faults.md", "security": ROOT / "docs" / "security.md"}
+DOCS = {
+    "faults": (ROOT / "docs" / "faults.md", ROOT / "README.md"),
+    "security": (ROOT / "docs" / "security.md",),
+}
 
 
-def render(text: str, name: str, table: str) -> str:
+def render(text: str, name: str, table: str, where: str = "the document") -> str:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     if begin not in text or end not in text:
-        raise SystemExit(f"{DOCS[name].name} has no {name} markers")
+        raise SystemExit(f"{where} has no {name} markers")
     block = f"{begin}\n{table}\n{end}"
     return re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _m: block, text, flags=re.S)
 
@@ -58,8 +62,8 @@ def main() -> int:
             print(f"{results} missing: the {name} table is left as it was", file=sys.stderr)
             continue
         table = build(json.loads(results.read_text()))
-        doc = DOCS[name]
-        doc.write_text(render(doc.read_text(), name, table))
+        for doc in DOCS[name]:
+            doc.write_text(render(doc.read_text(), name, table, doc.name))
         print(table, end="\n\n")
     return 0
 

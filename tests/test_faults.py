@@ -225,10 +225,12 @@ def test_worker_sigkill_mid_run(rig: Rig) -> None:
         os.killpg(doomed.proc.pid, signal.SIGKILL)  # parent and children, mid-task
         doomed.proc.wait()
     time.sleep(1)  # a new worker one second later, as an orchestrator would restart it
-    with run_worker(rig.env, rig.tmp / "second.log", name="second", concurrency=2):
+    with run_worker(rig.env, rig.tmp / "second.log", name="second", concurrency=2) as second:
         back = time.monotonic()
         finished(rig, run_id)
         recovered = time.monotonic() - back
+        # Back through the dead worker's lease, not the sweeper (its stall window is 300 s).
+        assert sum_scrape(second.scrape(), "balances_messages_reclaimed_total") >= 1
     report(
         "worker killed", "SIGKILL of a whole worker (parent and pool) mid-run", check(rig, run_id), recovered
     )

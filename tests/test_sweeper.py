@@ -253,7 +253,7 @@ def test_a_broker_that_lost_its_messages_gets_the_run_again_at_once_not_after_th
     rec = Recorder()
     run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
     pipeline.plan_run(settings, run_id, rec.publish, rec.summary)
-    done = next(account for _t, tenant, account in rec.published if tenant == "s-lost-done")
+    done = next(i.account_id for i in rec.published if i.tenant_id == "s-lost-done")  # type: ignore[attr-defined]
     with session_scope(settings) as s:  # one tenant's refresh finished; its summary message is sent
         assert finish_item(s, run_id, done)
     assert runs.claim_summary(settings, run_id, "s-lost-done")
@@ -275,7 +275,7 @@ def test_a_broker_that_lost_its_messages_gets_the_run_again_at_once_not_after_th
     quiet = sweep(lost=False)
     assert (quiet.redispatched, quiet.summaries_reenqueued, rec.published) == (0, 0, [])
     lost = sweep(lost=True)
-    assert lost.redispatched == 2 and {p[1] for p in rec.published} == {"s-lost"}
+    assert lost.redispatched == 2 and {i[1] for i in rec.published} == {"s-lost"}
     assert lost.summaries_reenqueued == 1 and rec.summaries[-1] == (run_id, "s-lost-done")
 
 

@@ -60,7 +60,9 @@ class Coordinator(Protocol):
 
     def note_in_doubt(self, finished: dict[str, str], ttl: int) -> None: ...
 
-    def take_in_doubt(self, task_ids: Sequence[str]) -> dict[str, str]: ...
+    def peek_in_doubt(self, task_ids: Sequence[str]) -> dict[str, str]: ...
+
+    def take_in_doubt(self, task_ids: Sequence[str]) -> set[str]: ...
 
 
 @dataclass(frozen=True)
@@ -240,15 +242,20 @@ class RedisCoordinator:
                 pipe.set(f"{self.prefix}:indoubt:{task_id}", at, ex=ttl)
             pipe.execute()
 
-    def take_in_doubt(self, task_ids: Sequence[str]) -> dict[str, str]:
-        """The noted ones among ``task_ids``, removed as read (one taker each)."""
-        with self.r.pipeline() as pipe:
-            for task_id in task_ids:
-                pipe.getdel(f"{self.prefix}:indoubt:{task_id}")
-            found = pipe.execute()
+    def peek_in_doubt(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """The noted ones among ``task_ids``, with their ``finished_at``."""
+        found = self.r.mget([f"{self.prefix}:indoubt:{t}" for t in task_ids])
         return {
             t: v.decode() if isinstance(v, bytes) else v for t, v in zip(task_ids, found, strict=True) if v
         }
+
+    def take_in_doubt(self, task_ids: Sequence[str]) -> set[str]:
+        """Remove the notes; the task ids whose note this call removed (one taker each)."""
+        with self.r.pipeline() as pipe:
+            for task_id in task_ids:
+                pipe.delete(f"{self.prefix}:indoubt:{task_id}")
+            removed = pipe.execute()
+        return {t for t, n in zip(task_ids, removed, strict=True) if n}
 
     def acquire_call(self) -> float:
         if self.rate_limit <= 0:
@@ -323,9 +330,13 @@ class LocalCoordinator:
         with self._guard:
             self._in_doubt.update(finished)
 
-    def take_in_doubt(self, task_ids: Sequence[str]) -> dict[str, str]:
+    def peek_in_doubt(self, task_ids: Sequence[str]) -> dict[str, str]:
         with self._guard:
-            return {t: v for t in task_ids if (v := self._in_doubt.pop(t, None)) is not None}
+            return {t: v for t in task_ids if (v := self._in_doubt.get(t)) is not None}
+
+    def take_in_doubt(self, task_ids: Sequence[str]) -> set[str]:
+        with self._guard:
+            return {t for t in task_ids if self._in_doubt.pop(t, None) is not None}
 
     def acquire_call(self) -> float:
         if self.rate_limit <= 0:

@@ -323,19 +323,29 @@ def _note_in_doubt(settings: Settings, entries: Sequence[Entry], at: datetime) -
 
 
 def announce_in_doubt(settings: Settings, task_ids: Sequence[str]) -> int:
-    """Announce the outcomes among ``task_ids`` that a commit in doubt did store (at most once: the
-    note is taken as it is read). Called only where outcomes were found already recorded."""
+    """Announce the outcomes among ``task_ids`` that a commit in doubt did store, at most once (a
+    note is removed before its outcome is announced, by one taker). Called only where outcomes were
+    found already recorded; best effort: a failure here leaves the notes for the next delivery."""
     if not task_ids:
         return 0
-    noted = get_coordinator(settings).take_in_doubt(list(task_ids))
-    if not noted:
+    try:
+        coord = get_coordinator(settings)
+        noted = coord.peek_in_doubt(list(task_ids))
+        if not noted:
+            return 0
+        with session_scope(settings) as session:
+            rows = session.scalars(
+                select(RefreshAttempt).where(RefreshAttempt.task_id.in_(list(noted)))
+            ).all()
+        stored = [r for r in rows if r.task_id and r.finished_at == datetime.fromisoformat(noted[r.task_id])]
+        mine = coord.take_in_doubt(list(noted))  # the others were recorded by another delivery
+    except Exception as exc:
+        log.warning("outcomes in doubt not resolved (%s): left for the next delivery", type(exc).__name__)
         return 0
-    with session_scope(settings) as session:
-        rows = session.scalars(select(RefreshAttempt).where(RefreshAttempt.task_id.in_(list(noted)))).all()
     n = 0
-    for row in rows:
-        if row.task_id is None or row.finished_at != datetime.fromisoformat(noted[row.task_id]):
-            continue  # recorded by another delivery, which announced it
+    for row in stored:
+        if row.task_id not in mine:
+            continue
         subject = Subject(row.tenant_id, row.account_id, row.actor, Trigger(row.trigger), row.force_refresh)
         attempt = Attempt(task_id=row.task_id, run_id=row.run_id)
         if row.outcome == AttemptOutcome.SUCCEEDED:
