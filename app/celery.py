@@ -13,13 +13,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery, signals
+from celery.app.amqp import AMQP
+from kombu.utils.objects import cached_property
 
 from app.config import get_settings
 from app.worker.queues import PUSH_TASK
-
-# Every task's base (metrics, declared retry policy); a string, so it loads with the task modules.
-app = Celery("app", task_cls="app.worker.taskbase:BalancesTask")
-app.config_from_object("celeryconfig")
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +70,13 @@ def require_keys(role: str) -> None:
         raise SystemExit(2)
 
 
-@signals.before_task_publish.connect
-def _sign(sender: str | None = None, body: Any = None, headers: Any = None, **_: Any) -> None:
-    """Every message this process publishes carries its signature (app.signing)."""
+def sign_message(name: str, headers: dict[str, Any], body: Any) -> None:
+    """Put the message's signature in its headers (app.signing); SigningKeyMissing when this process
+    has no key: the message is then not published at all."""
     from app import signing
 
-    if headers is None or body is None:
-        return
     args, kwargs = body[0], body[1]
     settings = get_settings()
-    name = headers.get("task") or sender or ""
     secret = settings.signing_key
     if name == PUSH_TASK and settings.push_signing_key is not None:
         secret = settings.push_signing_key  # the receiver's key signs pushes only
@@ -89,6 +84,31 @@ def _sign(sender: str | None = None, body: Any = None, headers: Any = None, **_:
     headers[signing.HEADER] = signing.sign(
         keys, name, headers["id"], args, kwargs, headers.get("retries") or 0
     )
+
+
+class SigningAMQP(AMQP):
+    """Every message this process publishes is signed on its way to the broker — or not published.
+
+    Signing is part of sending (every path goes through ``send_task_message``: ``apply_async``,
+    ``send_task``, retries, beat), not a ``before_task_publish`` receiver: Celery logs and swallows a
+    receiver's exception, so a process without its key would publish the message unsigned."""
+
+    @cached_property
+    def send_task_message(self) -> Any:
+        send = self._create_task_sender()
+
+        def signed(producer: Any, name: str, message: Any, **options: Any) -> Any:
+            headers = message[0]
+            headers.update(options.pop("headers", None) or {})
+            sign_message(name, headers, message[2])
+            return send(producer, name, message, **options)
+
+        return signed
+
+
+# Every task's base (metrics, declared retry policy); a string, so it loads with the task modules.
+app = Celery("app", task_cls="app.worker.taskbase:BalancesTask", amqp=SigningAMQP)
+app.config_from_object("celeryconfig")
 
 
 def _secret(value: Any) -> str | None:

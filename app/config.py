@@ -18,6 +18,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 POWENS_DOMAIN_RE = re.compile(r"^[a-z\d]+(-[a-z\d]+)*$")
 DEFAULT_DATABASE_URL = "sqlite:///balances.db"
+# Settings kept in a file of the working directory, below the process environment (which wins):
+# ``balances demo`` writes the keys of its database there, so every command run beside that database
+# (the default ``balances.db`` of the same directory) can read and write it.
+ENV_FILE = "balances.env"
 
 
 class ConfigError(RuntimeError):
@@ -29,7 +33,9 @@ def _env(name: str) -> AliasChoices:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    model_config = SettingsConfigDict(
+        extra="ignore", populate_by_name=True, frozen=True, env_file=ENV_FILE, env_file_encoding="utf-8"
+    )
 
     database_url: str = Field(DEFAULT_DATABASE_URL, validation_alias=_env("DATABASE_URL"))
     celery_broker_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("CELERY_BROKER_URL"))
@@ -153,7 +159,29 @@ class Settings(BaseSettings):
     transient_state_days: float = Field(3.0, gt=0, validation_alias=_env("BALANCES_TRANSIENT_STATE_DAYS"))
 
     log_format: str = Field("json", pattern="^(json|text)$", validation_alias=_env("BALANCES_LOG_FORMAT"))
+    # Where the admin shell writes its log records and telemetry events: this file when set; else
+    # stderr when stderr is not a terminal (a job's log), else ~/.local/state/balances/shell.log, so an
+    # operator's terminal shows the command's own lines only.
+    shell_log: str | None = Field(None, validation_alias=_env("BALANCES_SHELL_LOG"))
+    state_home: str | None = Field(None, validation_alias=_env("XDG_STATE_HOME"))
     log_level: str = Field("INFO", validation_alias=_env("BALANCES_LOG_LEVEL"))
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            backend = make_url(v).get_backend_name()
+        except ArgumentError:
+            backend = ""
+        if backend not in ("postgresql", "sqlite"):
+            raise ValueError(
+                "not a database URL this service uses: postgresql+psycopg://USER@HOST:5432/DB or "
+                "sqlite:///PATH"
+            )
+        return v
 
     @field_validator("powens_domain")
     @classmethod
@@ -274,6 +302,24 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The embedded database's file (relative paths from the working directory); None for
+        PostgreSQL and in-memory SQLite."""
+        from sqlalchemy.engine import make_url
+
+        if not self.is_sqlite:
+            return None
+        name = make_url(self.database_url).database
+        return Path(name).resolve() if name and name != ":memory:" else None
+
+    @property
+    def shell_log_path(self) -> Path:
+        """The admin shell's log file on a terminal: BALANCES_SHELL_LOG, else the user's state dir."""
+        if self.shell_log:
+            return Path(self.shell_log).expanduser()
+        return Path(self.state_home or Path.home() / ".local" / "state") / "balances" / "shell.log"
 
     @property
     def metrics_directory(self) -> Path:

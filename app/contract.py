@@ -12,12 +12,21 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from app.errors import InvalidInput
+from app.money import at_scale
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,17 @@ BalanceType = Annotated[
 Currency = Annotated[str, StringConstraints(pattern=CURRENCY_RE.pattern)]
 
 
+def check_id(value: str, what: str) -> str:
+    """An id given on its own (a shell option): the contract's rules for ids, the message naming it."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return str(TypeAdapter(Id).validate_python(value))
+    except ValidationError as exc:
+        problem = str(exc.errors()[0].get("msg", "invalid")).removeprefix("Value error, ")
+        raise InvalidInput(f"{what} {value[:40]!r}: {problem.lower()}") from None
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -115,6 +135,22 @@ class _Model(BaseModel):
         validate_by_alias=True,
         serialize_by_alias=True,
     )
+
+
+class _Money(_Model):
+    """A record whose amounts are written at least at their currency's scale (40846.80 EUR, never
+    40846.8), whatever path built it: equal in value, never rounded (``app.money.at_scale``)."""
+
+    _amounts: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _at_scale(self) -> _Money:
+        currency = getattr(self, "currency", "")
+        for name in self._amounts:
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, at_scale(value, currency))
+        return self
 
 
 class OpenBankingRefreshBalancesInput(_Model):
@@ -134,8 +170,10 @@ class OpenBankingRefreshBalancesInput(_Model):
         return list(dict.fromkeys(v))
 
 
-class AccountBalanceRecord(_Model):
+class AccountBalanceRecord(_Money):
     """Canonical balance snapshot computed from Powens balance payloads."""
+
+    _amounts = ("current_balance", "available_balance")
 
     id: Id
     account_id: Id
@@ -164,7 +202,9 @@ class OpenBankingGetBalancesOutput(_Model):
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 
 
-class BankAccountRecord(_Model):
+class BankAccountRecord(_Money):
+    _amounts = ("balance", "available_balance")
+
     id: Id
     tenant_id: Id
     user_id: Id

@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
+from app.jsonio import rfc3339
+
 
 class Reason(StrEnum):
     PROVIDER_UNAVAILABLE = "provider_unavailable"
@@ -63,7 +65,7 @@ class RefreshError(Exception):
     def as_json(self) -> dict[str, dict[str, str]]:
         body = {"reason": self.reason.value, "message": self.message}
         if self.next_attempt_at is not None:
-            body["nextAttemptAt"] = self.next_attempt_at.isoformat().replace("+00:00", "Z")
+            body["nextAttemptAt"] = rfc3339(self.next_attempt_at)
         return {"error": body}
 
 

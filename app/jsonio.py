@@ -11,7 +11,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Mapping
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -25,6 +25,14 @@ def decimal_text(value: Decimal) -> str:
     return text
 
 
+def rfc3339(moment: datetime, *, seconds: bool = False) -> str:
+    """The one timestamp format the service writes: RFC 3339 in UTC with ``Z``
+    (``2026-12-07T21:12:37.123456Z``; ``seconds`` drops the fraction, for tables). A naive datetime
+    is UTC (SQLite gives them back so)."""
+    utc = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return utc.replace(tzinfo=None).isoformat(timespec="seconds" if seconds else "auto") + "Z"
+
+
 def to_plain(obj: Any) -> Any:
     """Models, dates and containers to JSON-ready values, Decimals kept as Decimal."""
     if isinstance(obj, BaseModel):
@@ -34,7 +42,7 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [to_plain(v) for v in obj]
     if isinstance(obj, datetime):
-        return obj.isoformat().replace("+00:00", "Z")
+        return rfc3339(obj)
     if isinstance(obj, date):
         return obj.isoformat()
     if isinstance(obj, uuid.UUID):

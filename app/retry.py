@@ -30,6 +30,7 @@ import sqlalchemy.exc
 
 from app.config import Settings
 from app.errors import Reason, RefreshError
+from app.jsonio import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -109,4 +110,4 @@ def say_when(settings: Settings, error: RefreshError, attempt: int, now: datetim
     if wait is None:
         wait = ceiling_seconds(attempt + 1, settings)
     error.next_attempt_at = (now + timedelta(seconds=min(wait, MAX_RETRY_AFTER))).replace(microsecond=0)
-    error.message += f"; next attempt allowed at {error.next_attempt_at.isoformat().replace('+00:00', 'Z')}"
+    error.message += f"; next attempt allowed at {rfc3339(error.next_attempt_at)}"

@@ -13,6 +13,31 @@ from app.cli.shell import EXIT_FAILED, EXIT_USAGE, cli, err
 from app.config import ConfigError
 
 
+def database_problem(exc: Exception) -> str:
+    """What is wrong with the database, in one line naming where it is (host, port, database) but
+    never the URL's password: the driver's own text may quote the whole URL."""
+    from sqlalchemy.engine import make_url
+
+    from app.config import get_settings
+
+    url = make_url(get_settings().database_url)
+    where = (
+        f"the SQLite file {url.database}"
+        if url.get_backend_name() == "sqlite"
+        else f"database {url.database!r} on {url.host or 'localhost'}:{url.port or 5432}"
+    )
+    orig = getattr(exc, "orig", exc)
+    text = str(orig).lower()
+    kind = type(orig).__name__
+    if "does not exist" in text and "database" in text and "relation" not in text:
+        return f"{where} does not exist: create it (createdb), then run `balances db upgrade`"
+    if kind in ("UndefinedTable", "UndefinedColumn") or "no such table" in text or "no such column" in text:
+        return f"the schema of {where} is not current: run `balances db upgrade`"
+    if "password authentication failed" in text or ("role" in text and "does not exist" in text):
+        return f"{where} refused the credentials in DATABASE_URL ({kind})"
+    return f"{where} is unreachable or refused the query ({kind}); is it up? then `balances db upgrade`"
+
+
 def main() -> None:
     import typer
     from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
@@ -42,12 +67,7 @@ def main() -> None:
         err.print(f"[red]configuration error:[/] {exc}")
         sys.exit(EXIT_USAGE)
     except (OperationalError, ProgrammingError) as exc:
-        # The DB error's text may quote the URL; say what is wrong without echoing it.
-        err.print(
-            "[red]database error:[/] the database at DATABASE_URL is unreachable or its schema is not "
-            f"current ({type(exc.orig).__name__}); run `balances db upgrade`",
-            highlight=False,
-        )
+        err.print(f"[red]database error:[/] {database_problem(exc)}", highlight=False)
         sys.exit(EXIT_FAILED)
     else:
         if isinstance(code, int) and code:

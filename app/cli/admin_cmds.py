@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from app.admin import operations as ops
+from app.cli.output import Col, Format, FormatOpt, chosen, listing, stamp
 from app.cli.shell import (
     JsonOpt,
     acting,
@@ -22,7 +22,6 @@ from app.cli.shell import (
     keys_cli,
     load,
     out,
-    print_json,
     sandbox_cli,
     tenant_cli,
     webhooks_cli,
@@ -57,20 +56,21 @@ def tenant_add(
 
 
 @tenant_cli.command("list")
-def tenant_list(json_: JsonOpt = False) -> None:
+def tenant_list(fmt: FormatOpt = None, json_: JsonOpt = False) -> None:
+    """The active tenants."""
     from app.admin.manage import list_tenants
 
-    settings, _ = authorized(ops.TENANT_LIST, as_json=json_)
+    form = chosen(fmt, json_)
+    settings, _ = authorized(ops.TENANT_LIST, as_json=form is Format.JSON)
     tenants = list_tenants(settings)
-    if json_:
-        print_json(
-            [{"id": t.id, "name": t.name, "active": t.active, "createdAt": t.created_at} for t in tenants]
-        )
-        return
-    table = Table("id", "name", "active", "created")
-    for t in tenants:
-        table.add_row(t.id, t.name, str(t.active), t.created_at.isoformat(timespec="seconds"))
-    out.print(table)
+    doc = [{"id": t.id, "name": t.name, "active": t.active, "createdAt": t.created_at} for t in tenants]
+    cols: list[Col[dict[str, Any]]] = [
+        Col("id", lambda t: t["id"], ident=True),
+        Col("name", lambda t: t["name"]),
+        Col("active", lambda t: str(t["active"]).lower(), drop=2),
+        Col("created", lambda t: stamp(t["createdAt"]), drop=1),
+    ]
+    listing(out, doc, cols, form, doc, empty="no tenant yet: balances tenant add TENANT_ID")
 
 
 @admin_cli.command("grant")
@@ -106,18 +106,19 @@ def admin_revoke(
 
 
 @admin_cli.command("list")
-def admin_list(json_: JsonOpt = False) -> None:
+def admin_list(fmt: FormatOpt = None, json_: JsonOpt = False) -> None:
+    """Actors and their roles."""
     from app.admin.manage import list_actors
 
-    settings, _ = authorized(ops.ADMIN_LIST, as_json=json_)
-    actors = list_actors(settings)
-    if json_:
-        print_json([{"name": a.name, "roles": list(a.roles), "updatedAt": a.updated_at} for a in actors])
-        return
-    table = Table("actor", "roles", "updated")
-    for a in actors:
-        table.add_row(a.name, ", ".join(a.roles) or "-", a.updated_at.isoformat(timespec="seconds"))
-    out.print(table)
+    form = chosen(fmt, json_)
+    settings, _ = authorized(ops.ADMIN_LIST, as_json=form is Format.JSON)
+    doc = [{"name": a.name, "roles": list(a.roles), "updatedAt": a.updated_at} for a in list_actors(settings)]
+    cols: list[Col[dict[str, Any]]] = [
+        Col("actor", lambda a: a["name"], ident=True),
+        Col("roles", lambda a: ", ".join(a["roles"]) or "-"),
+        Col("updated", lambda a: stamp(a["updatedAt"]), drop=1),
+    ]
+    listing(out, doc, cols, form, doc)
 
 
 @sandbox_cli.command("serve")

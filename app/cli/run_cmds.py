@@ -21,6 +21,7 @@ from app.cli.shell import (
     out,
     print_json,
     publish_or_fail,
+    ready_to_publish,
     run_cli,
 )
 from app.errors import Reason
@@ -33,27 +34,48 @@ def run_nightly(
     timeout: Annotated[
         float,
         typer.Option(
-            min=0.1, max=7 * 86_400.0, callback=finite, help="Seconds to wait for the run to finish."
+            min=0.1,
+            max=7 * 86_400.0,
+            callback=finite,
+            help="Seconds to wait for the run to finish (it goes on after that; exit 4).",
         ),
     ] = 6 * 3600,
     json_: JsonOpt = False,
 ) -> None:
     """Start the nightly pipeline now (refresh every active account, then summaries and forecasts)."""
     from app.nightly import pipeline
+    from app.store.runs import abandon_unpublished
     from app.store.states import Trigger
+    from app.worker.queues import Queue
     from app.worker.tasks import enqueue_plan
 
     settings, actor = authorized(ops.RUN_NIGHTLY, as_json=json_)
+    # Planning, summaries and the sweeper are on `reports`, refreshes on `refresh`: one worker
+    # consuming both (celery -A app worker, every queue) or a pair; checked before the run exists.
+    for queue in (Queue.REPORTS, Queue.REFRESH):
+        ready_to_publish(settings, queue, as_json=json_)
     run_id, _ = pipeline.start_run(settings, trigger=Trigger.ON_DEMAND, actor=actor.name)
-    publish_or_fail(lambda: enqueue_plan(run_id), as_json=json_)
+    try:
+        publish_or_fail(lambda: enqueue_plan(run_id), as_json=json_)
+    except typer.Exit:
+        abandon_unpublished(settings, run_id, "its planning message could not be published")
+        raise
     if no_wait:
         print_json({"runId": run_id}) if json_ else print(run_id)
         return
     status = watch_run(settings, run_id, timeout=timeout, console=err)
+    if status is None:
+        fail(Reason.NOT_FOUND, f"run {run_id} disappeared", EXIT_FAILED, as_json=json_)
     print_json(status) if json_ else print_status(out, err, status)
-    if status is None or status["status"] != RunStatus.COMPLETED:
-        underway = status is not None and status["status"] in (RunStatus.PLANNING, RunStatus.RUNNING)
-        raise typer.Exit(EXIT_TIMEOUT if underway else EXIT_FAILED)
+    if RunStatus(status["status"]).open:
+        err.print(
+            f"run {run_id} is still {status['status']} after {timeout:g} s; it goes on: "
+            f"balances run status {run_id}",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_TIMEOUT)
+    if status["status"] != RunStatus.COMPLETED:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @run_cli.command("status")
@@ -74,11 +96,22 @@ def run_status_cmd(
 @run_cli.command("sweep")
 def run_sweep(json_: JsonOpt = False) -> None:
     """Run the sweeper once now (beat runs it every BALANCES_SWEEP_INTERVAL_SECONDS)."""
+    from pydantic.alias_generators import to_camel
+
     from app.worker.tasks import sweep_runs
 
     authorized(ops.RUN_SWEEP, as_json=json_)
-    report = sweep_runs.run()
-    print_json(report) if json_ else err.print(report)
+    report = {to_camel(k): v for k, v in sweep_runs.run().items()}
+    if json_:
+        print_json(report)
+        return
+    marked = report["runsMarkedStale"]
+    out.print(
+        f"swept: {report['redispatched']} refreshes published again, {report['stale']} marked stale, "
+        f"{report['summariesReenqueued']} summaries and {report['plansReenqueued']} plans sent again; "
+        + (f"runs given up: {', '.join(marked)}" if marked else "no run given up"),
+        highlight=False,
+    )
 
 
 @cli.command("summary")

@@ -4,19 +4,20 @@ one authorization step (``authorized``) that runs ``app.policy.authorize`` for t
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any, NoReturn, TypeVar
+from contextlib import AbstractContextManager, nullcontext
+from typing import Annotated, Any, NoReturn, TextIO, TypeVar
 
 import typer
 from rich.console import Console
-from rich.syntax import Syntax
 
+from app.cli.output import write_json
 from app.config import ConfigError, Settings, get_settings
 from app.contract import OperationMeta
 from app.errors import InvalidInput, PolicyDenied, Reason, RefreshError
-from app.jsonio import dumps
 from app.policy import ANONYMOUS, Actor, authorize, default_actor_name, validate_actor_name
 
 cli = typer.Typer(
@@ -24,17 +25,39 @@ cli = typer.Typer(
     add_completion=False,
     help="Balance refresh admin shell (Powens).",
     pretty_exceptions_show_locals=False,  # a crash must never print a token read from stdin
+    # Plain help: a flag is `--force`, not `--force <bool>`, and nothing is boxed or cut in a pipe.
+    rich_markup_mode=None,
 )
-db_cli = typer.Typer(no_args_is_help=True, help="Database schema.")
-tenant_cli = typer.Typer(no_args_is_help=True, help="Tenants.")
-powens_cli = typer.Typer(no_args_is_help=True, help="Powens users.")
-accounts_cli = typer.Typer(no_args_is_help=True, help="Bank accounts (openbanking.accounts.sync).")
-admin_cli = typer.Typer(no_args_is_help=True, help="Roles of actors (bootstrap: whoever reaches the DB).")
-sandbox_cli = typer.Typer(no_args_is_help=True, help="The local Powens-compatible sandbox server.")
-run_cli = typer.Typer(no_args_is_help=True, help="Nightly runs (the pipeline beat starts).")
-connections_cli = typer.Typer(no_args_is_help=True, help="Bank connections (reconnect links).")
-keys_cli = typer.Typer(no_args_is_help=True, help="Encryption keys of stored Powens tokens.")
-webhooks_cli = typer.Typer(no_args_is_help=True, help="The receiver of Powens' pushes (webhooks).")
+
+
+def _group(help_text: str) -> typer.Typer:
+    return typer.Typer(no_args_is_help=True, rich_markup_mode=None, help=help_text)
+
+
+db_cli = _group("Database schema.")
+tenant_cli = _group("Tenants.")
+powens_cli = _group("Powens users.")
+accounts_cli = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Bank accounts (openbanking.accounts.sync)."
+)
+admin_cli = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Roles of actors (bootstrap: whoever reaches the DB)."
+)
+sandbox_cli = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="The local Powens-compatible sandbox server."
+)
+run_cli = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Nightly runs (the pipeline beat starts)."
+)
+connections_cli = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Bank connections (reconnect links)."
+)
+keys_cli = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Encryption keys of stored Powens tokens."
+)
+webhooks_cli = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="The receiver of Powens' pushes (webhooks)."
+)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(tenant_cli, name="tenant")
 cli.add_typer(powens_cli, name="powens")
@@ -48,13 +71,27 @@ cli.add_typer(webhooks_cli, name="webhooks")
 
 T = TypeVar("T")
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # one error, one line: never wrapped at 80 columns
+# Off a terminal (a pipe, a file, a log) no width applies: a table keeps every column whole, a line is
+# never broken where rich would have wrapped it, and there is no colour.
+WIDE = 4096
+
+
+def console(*, stderr: bool = False) -> Console:
+    probe = Console(stderr=stderr)
+    if probe.is_terminal:
+        return Console(stderr=stderr, soft_wrap=stderr)  # one error, one line, whatever the width
+    return Console(stderr=stderr, width=WIDE, no_color=True, highlight=False, soft_wrap=True)
+
+
+out = console()
+err = console(stderr=True)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DENIED = 3
 EXIT_TIMEOUT = 4
+# How long the shell asks the broker which workers consume a queue before it publishes.
+PING_SECONDS = 2.0
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -78,24 +115,59 @@ class State:
 state = State()
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("balances-refresh")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            number = "unknown"
+        print(f"balances {number} (openbanking.balances.refresh v1.0.0)")
+        raise typer.Exit()
+
+
 @cli.callback()
 def main_callback(
     as_: Annotated[str | None, typer.Option("--as", help="Act as this actor (default: the OS user).")] = None,
+    _version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     name = as_ or default_actor_name()
     from app.ops import logs
 
     settings = load()
-    # Structured logs (and telemetry events such as an audited denial) go to stderr; stdout stays
-    # the command's output.
+    # Log records and telemetry events (an audited denial) go to the log stream, never stdout (the
+    # command's output) and never between the lines an operator reads on a terminal.
     logs.configure(
-        "WARNING" if settings.log_level.upper() == "INFO" else settings.log_level, settings.log_format
+        "WARNING" if settings.log_level.upper() == "INFO" else settings.log_level,
+        settings.log_format,
+        stream=log_stream(settings),
     )
     logging.getLogger("openbanking.telemetry").setLevel(logging.INFO)
     try:
         state.actor_name = validate_actor_name(name)
     except InvalidInput as exc:
         fail(Reason.INVALID_INPUT, exc.message, EXIT_USAGE, as_json=False)
+
+
+def log_stream(settings: Settings) -> TextIO:
+    """BALANCES_SHELL_LOG when set; stderr off a terminal (whoever runs the shell in a job keeps its
+    log); on a terminal, a file in the user's state directory (stderr if it cannot be opened)."""
+    if not settings.shell_log and not sys.stderr.isatty():
+        return sys.stderr
+    path = settings.shell_log_path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stream = path.open("a", encoding="utf-8")
+    except OSError:
+        if settings.shell_log:  # asked for by name: say so
+            err.print(f"[yellow]note:[/] cannot write BALANCES_SHELL_LOG ({path}): logging to stderr")
+        return sys.stderr
+    atexit.register(stream.close)
+    return stream
 
 
 def load() -> Settings:
@@ -135,6 +207,45 @@ def fail_from(exc: RefreshError | ConfigError, as_json: bool) -> NoReturn:
     )
 
 
+def ready_to_publish(settings: Settings, queue: str, *, as_json: bool) -> None:
+    """Before anything is published (or a run created): this shell can sign its messages, and a
+    worker consumes ``queue`` now. Each says what is missing, in a few seconds at most."""
+    from app.worker.presence import BrokerUnreachable, consumers
+
+    if settings.signing_key is None:
+        fail(
+            Reason.INVALID_INPUT,
+            "BALANCES_SIGNING_KEY is not set: the shell signs what it publishes with the workers' key "
+            "(nothing was published)",
+            EXIT_USAGE,
+            as_json=as_json,
+        )
+    try:
+        with spinner(f"asking the broker which workers consume '{queue}'…"):
+            present = consumers(queue, timeout=PING_SECONDS)
+    except BrokerUnreachable as exc:
+        fail(
+            Reason.PROVIDER_UNAVAILABLE,
+            f"{exc}: is it up at CELERY_BROKER_URL? (nothing was published)",
+            EXIT_FAILED,
+            as_json=as_json,
+        )
+    if not present.consuming:
+        others = f" ({len(present.workers)} answered, none consuming it)" if present.workers else ""
+        fail(
+            Reason.PROVIDER_UNAVAILABLE,
+            f"no worker consumes the '{queue}' queue{others}: start one (celery -A app worker) and try "
+            "again (nothing was published)",
+            EXIT_FAILED,
+            as_json=as_json,
+        )
+
+
+def spinner(text: str) -> AbstractContextManager[object]:
+    """A spinner saying what the shell waits for, on a terminal; nothing in a pipe or a log."""
+    return err.status(text, spinner="dots") if err.is_terminal else nullcontext()
+
+
 def publish_or_fail(publish: Callable[[], T], *, as_json: bool) -> T:
     """Publish to the broker; an unreachable broker is one clear line, whatever kombu raised."""
     from app.signing import SigningKeyMissing
@@ -142,7 +253,7 @@ def publish_or_fail(publish: Callable[[], T], *, as_json: bool) -> T:
     try:
         return publish()
     except SigningKeyMissing as exc:
-        fail(Reason.INVALID_INPUT, str(exc), EXIT_USAGE, as_json=as_json)
+        fail(Reason.INVALID_INPUT, f"{exc} (nothing was published)", EXIT_USAGE, as_json=as_json)
     except Exception as exc:  # kombu raises several types for an unreachable broker
         fail(
             Reason.INTERNAL,
@@ -152,10 +263,32 @@ def publish_or_fail(publish: Callable[[], T], *, as_json: bool) -> T:
         )
 
 
-def acting(settings: Settings) -> Actor:
+def acting(settings: Settings, *, as_json: bool = False) -> Actor:
     from app.refresh.deps import Deps
 
+    require_database(settings, as_json=as_json)
     return Deps(settings).actor(state.actor_name)
+
+
+def require_database(settings: Settings, *, as_json: bool = False) -> None:
+    """An embedded database file that is not there is not created by a command that only meant to use
+    it (run from another directory, the default ``balances.db`` is another file): say where it looked.
+    Only ``balances db upgrade`` and ``balances demo`` create one."""
+    path = settings.sqlite_path
+    if path is None or path.exists():
+        return
+    where = (
+        "DATABASE_URL"
+        if "database_url" in settings.model_fields_set
+        else "DATABASE_URL is unset: the embedded file of the current directory"
+    )
+    fail(
+        Reason.NOT_FOUND,
+        f"no database at {path} ({where}): run `make demo` or `balances db upgrade` there, "
+        "or set DATABASE_URL",
+        EXIT_FAILED,
+        as_json=as_json,
+    )
 
 
 def authorized(operation: OperationMeta, *, as_json: bool = False) -> tuple[Settings, Actor]:
@@ -163,7 +296,7 @@ def authorized(operation: OperationMeta, *, as_json: bool = False) -> tuple[Sett
     settings = load()
     if operation.policy_auth == ANONYMOUS:  # no lookup: it must work before the schema exists
         return settings, Actor(state.actor_name)
-    actor = acting(settings)
+    actor = acting(settings, as_json=as_json)
     try:
         authorize(operation, actor)
     except PolicyDenied as exc:
@@ -180,14 +313,7 @@ def authorized(operation: OperationMeta, *, as_json: bool = False) -> tuple[Sett
 
 
 def print_json(obj: Any, console: Console | None = None) -> None:
-    """Our own JSON text, money digit for digit; on a terminal, colored as it is (rich's print_json
-    would parse it again, through float, and show 12345678901234567.89 as 1.2345678901234568e+16)."""
-    console = console or out
-    text = dumps(obj, indent=2)
-    if console.is_terminal:
-        console.print(Syntax(text, "json", background_color="default", word_wrap=True))
-    else:
-        console.file.write(text + "\n")
+    write_json(obj, console or out)
 
 
 def read_secret(prompt: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from app.jsonio import rfc3339
 from app.policy import Actor
 from app.powens.errors import PowensError
 from app.refresh import tokens
@@ -45,7 +46,7 @@ def force_sync(
             return [
                 f"forced sync skipped: quota of {settings.force_sync_quota} background syncs per 24 h "
                 f"reached for connection {connection_external_id}; next forced sync allowed at "
-                f"{when.replace(microsecond=0).isoformat().replace('+00:00', 'Z')}; read the last synced data"
+                f"{rfc3339(when, seconds=True)}; read the last synced data"
             ], None
         slot = repo.record_forced_sync(session, connection_id, now, actor.name, attempt.task_id).id
     try:

@@ -44,6 +44,7 @@ from app.refresh.outcomes import (
     replay,
     unwrap,
 )
+from app.refresh.records import check_balance_types
 from app.refresh.shared_read import shared_account
 from app.refresh.tokens import UserToken
 from app.refresh.verdict import (
@@ -90,11 +91,12 @@ def check_policy(
     started = deps.clock()
     try:
         inp = parse_input(raw_input)
+        check_balance_types(inp.balance_types)
         who = deps.actor(actor)
         authorize(REFRESH_OPERATION, who)
         with session_scope(deps.settings) as session:
-            ctx = repo.find_account(session, inp.tenant_id, inp.account_id)
-            if ctx is None or (inp.connection_id is not None and inp.connection_id != ctx.connection.id):
+            ctx = repo.require_account(session, inp.tenant_id, inp.account_id)
+            if inp.connection_id is not None and inp.connection_id != ctx.connection.id:
                 raise NotFound(f"account {inp.account_id!r} not found for tenant {inp.tenant_id!r}")
         return inp, who
     except RefreshError as err:

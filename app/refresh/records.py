@@ -14,12 +14,26 @@ from datetime import datetime
 
 from app.config import Settings
 from app.contract import AccountBalanceRecord, BankAccountRecord, OpenBankingGetBalancesOutput
+from app.errors import InvalidInput
 from app.money import exact_sum
 from app.powens.models import PowensAccount
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BankAccount, BankConnection, PowensUser
 from app.store.writes import Stored
+
+# The balance types ``map_balances`` gives: what a refresh can store and a reader can ask for.
+BALANCE_TYPES = ("current", "uncleared")
+
+
+def check_balance_types(types: Sequence[str] | None) -> None:
+    """A balance type this service never records is a typo to refuse before anything is spent on it
+    (a dispatch, a forced sync out of four a day), not an empty answer."""
+    unknown = [t for t in types or () if t not in BALANCE_TYPES]
+    if unknown:
+        raise InvalidInput(
+            f"unknown balance type {unknown[0][:40]!r}: balances are recorded as {', '.join(BALANCE_TYPES)}"
+        )
 
 
 def map_balances(pacc: PowensAccount, refreshed_at: datetime) -> list[repo.BalanceDraft]:
@@ -120,7 +134,12 @@ def get_balances(
     account_id: str | None = None,
     balance_types: Sequence[str] | None = None,
 ) -> OpenBankingGetBalancesOutput:
+    check_balance_types(balance_types)
     with session_scope(settings) as session:
+        if account_id is None:
+            repo.require_tenant(session, tenant_id)
+        else:
+            repo.require_account(session, tenant_id, account_id)
         rows = repo.latest_balances(session, tenant_id, account_id, balance_types)
         return OpenBankingGetBalancesOutput(
             balances=[to_record(r) for r in rows],
@@ -130,4 +149,5 @@ def get_balances(
 
 def account_records(settings: Settings, tenant_id: str) -> list[BankAccountRecord]:
     with session_scope(settings) as session:
+        repo.require_tenant(session, tenant_id)
         return [to_account_record(a, c, u) for a, c, u in repo.list_accounts(session, tenant_id)]

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from app.config import Settings
 from app.errors import NotFound, Reason, RefreshError
+from app.jsonio import rfc3339
 from app.powens.errors import classify_state, is_transient_state
 from app.powens.links import needs_user
 from app.powens.models import PowensAccount, decimal_places
@@ -50,7 +51,7 @@ def disabled(account_id: str) -> NotFound:
 
 
 def pushed_note(pushed_at: datetime) -> str:
-    return f"refreshed from a Powens push at {pushed_at.isoformat()}; not read again"
+    return f"refreshed from a Powens push at {rfc3339(pushed_at)}; not read again"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import Reason
+from app.jsonio import rfc3339
 from app.powens.errors import classify_state, is_transient_state
 from app.powens.links import reconnect_command
 from app.store.models import BankAccount, BankConnection
@@ -70,7 +71,7 @@ def tenant_views(session: Session, settings: Settings, tenant_id: str, now: date
         {
             "accountId": acc_id,
             "name": name,
-            "powensLastUpdate": last.isoformat() if last else None,
+            "powensLastUpdate": rfc3339(last) if last else None,
             "age": age_text(last, now),
         }
         for acc_id, name, last in session.execute(
@@ -93,7 +94,7 @@ def tenant_views(session: Session, settings: Settings, tenant_id: str, now: date
                     "connectionId": c.id,
                     "powensConnectionId": c.external_id,
                     "state": c.state,
-                    "since": c.state_since.isoformat() if c.state_since else None,
+                    "since": rfc3339(c.state_since) if c.state_since else None,
                     "why": why,
                     # A link needs a fresh temporary code: made when a person asks, never stored here.
                     "reconnectCommand": reconnect_command(tenant_id, c.id),
@@ -104,7 +105,7 @@ def tenant_views(session: Session, settings: Settings, tenant_id: str, now: date
                 {
                     "connectionId": c.id,
                     "powensConnectionId": c.external_id,
-                    "consentExpiresAt": c.consent_expires_at.isoformat(),
+                    "consentExpiresAt": rfc3339(c.consent_expires_at),
                     "daysLeft": round((c.consent_expires_at - now).total_seconds() / 86_400, 1),
                     "reconnectCommand": reconnect_command(tenant_id, c.id),
                 }

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from statistics import median
+from typing import Any
 
-from app.money import exact_total
+from app.money import exact_total, money_text, rounded_text
 
 CENT = Decimal("0.01")
 Z95 = Decimal("1.96")
@@ -147,3 +148,27 @@ def daily_totals(
 
 def _cents(d: Decimal) -> Decimal:
     return d.quantize(CENT, rounding=ROUND_HALF_EVEN)
+
+
+def present_forecast(doc: dict[str, Any]) -> dict[str, Any]:
+    """A stored forecast as every reader gets it: its amounts as strings at the currency's scale, the
+    projections rounded to it (an estimate's further digits mean nothing), the rest exact."""
+    ccy = str(doc["currency"])
+
+    def exact(value: Any) -> str:
+        return money_text(Decimal(str(value)), ccy)
+
+    def estimate(value: Any) -> str:
+        return rounded_text(Decimal(str(value)), ccy)
+
+    return {
+        **doc,
+        "driftPerDay": estimate(doc["driftPerDay"]),
+        "sigma": estimate(doc["sigma"]),
+        "coming": exact(doc["coming"]),
+        "lastTotal": exact(doc["lastTotal"]),
+        "points": [
+            {**p, "value": estimate(p["value"]), "lower": estimate(p["lower"]), "upper": estimate(p["upper"])}
+            for p in doc["points"]
+        ],
+    }

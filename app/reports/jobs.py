@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.money import exact_sum
-from app.reports.forecast import Forecast, daily_totals, project
+from app.reports.forecast import Forecast, daily_totals, present_forecast, project
 from app.reports.summary import active_accounts, build_summary
 from app.store.db import session_scope
 from app.store.models import AccountBalance, BalanceSnapshot, CashflowForecast, RefreshRun, TenantSummary
@@ -146,5 +146,8 @@ def latest_forecasts(
             .order_by(CashflowForecast.currency)
         ).all()
         return [
-            {"runId": r.run_id, "tenantId": r.tenant_id, "createdAt": r.created_at, **r.payload} for r in rows
+            present_forecast(
+                {"runId": r.run_id, "tenantId": r.tenant_id, "createdAt": r.created_at, **r.payload}
+            )
+            for r in rows
         ]

@@ -12,7 +12,8 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.money import exact_sum
+from app.jsonio import rfc3339
+from app.money import exact_sum, money_text
 from app.reports.attention import tenant_views
 from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, RunItem
 from app.store.states import AccountStatus, ItemStatus
@@ -113,7 +114,7 @@ def build_summary(
         "runId": run_id,
         "tenantId": tenant_id,
         "businessDay": day.isoformat(),
-        "generatedAt": now.isoformat(),
+        "generatedAt": rfc3339(now),
         "totals": [
             {
                 "currency": ccy,
@@ -142,10 +143,38 @@ def build_summary(
 
 
 def latest_summary(session: Session, tenant_id: str, run_id: str | None = None) -> dict[str, Any] | None:
+    """The tenant's stored summary of a run (default: its latest), as ``present_summary`` shows it."""
     from app.store.models import TenantSummary
 
     stmt = select(TenantSummary.payload).where(TenantSummary.tenant_id == tenant_id)
     if run_id is not None:
         stmt = stmt.where(TenantSummary.run_id == run_id)
     payload = session.scalar(stmt.order_by(TenantSummary.created_at.desc(), TenantSummary.id.desc()).limit(1))
-    return dict(payload) if payload is not None else None
+    return present_summary(payload) if payload is not None else None
+
+
+def present_summary(payload: dict[str, Any]) -> dict[str, Any]:
+    """A stored summary as every reader gets it (the shell's JSON and tables, the run report): each
+    amount an exact string at its currency's scale (``"40846.80"``), whatever JSON number was stored."""
+
+    def text(value: Any, currency: str) -> str:
+        return money_text(Decimal(str(value)), currency)
+
+    totals = []
+    for t in payload.get("totals", []):
+        ccy = t["currency"]
+        dod = t.get("dayOverDay")
+        totals.append(
+            {
+                **t,
+                **{k: text(t[k], ccy) for k in ("current", "available", "coming")},
+                "dayOverDay": {
+                    **dod,
+                    "change": text(dod["change"], ccy),
+                    "yesterday": text(dod["yesterday"], ccy),
+                }
+                if dod
+                else None,
+            }
+        )
+    return {**payload, "totals": totals}

@@ -12,6 +12,8 @@ from typing import Any
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
+from app.contract import check_id
+from app.errors import NotFound
 from app.store.models import (
     AccountBalance,
     Actor,
@@ -43,6 +45,24 @@ def record_id(account_id: str, balance_type: str) -> str:
 
 def get_tenant(session: Session, tenant_id: str) -> Tenant | None:
     return session.get(Tenant, tenant_id)
+
+
+def require_tenant(session: Session, tenant_id: str) -> Tenant:
+    """The tenant a command names, or ``invalid_input`` (not an id) / ``not_found`` (no such tenant):
+    an unknown tenant is an error, never an empty listing."""
+    tenant = session.get(Tenant, check_id(tenant_id, "tenant id"))
+    if tenant is None:
+        raise NotFound(f"no tenant {tenant_id!r} (balances tenant list shows them)")
+    return tenant
+
+
+def require_account(session: Session, tenant_id: str, account_id: str) -> AccountContext:
+    """The tenant's account a command names; another tenant's account is not found, as a missing one."""
+    require_tenant(session, tenant_id)
+    ctx = find_account(session, tenant_id, check_id(account_id, "account id"))
+    if ctx is None:
+        raise NotFound(f"account {account_id!r} not found for tenant {tenant_id!r}")
+    return ctx
 
 
 def add_tenant(session: Session, tenant_id: str, name: str, now: datetime) -> tuple[Tenant, bool]:

@@ -123,6 +123,13 @@ def create_run(
     return run_id, True
 
 
+def abandon_unpublished(settings: Settings, run_id: str, why: str) -> bool:
+    """A run whose planning message could not be published: closed at once (stale, with why), so it
+    is neither shown as the latest run waiting for nobody nor planned later by the sweeper."""
+    with session_scope(settings) as session:
+        return move_run(session, run_id, RunStatus.PENDING, RunStatus.STALE, error=why, finished_at=_now())
+
+
 class Superseded(Exception):
     """This planner's claim is no longer the run's: the sweeper re-planned it meanwhile."""
 
