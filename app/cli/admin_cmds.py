@@ -134,11 +134,11 @@ def sandbox_serve(
     accounts_per_connection: int = 2,
     connections_per_user: int = 1,
     webhook_url: Annotated[
-        str | None, typer.Option(help="Push CONNECTION_SYNCED to <URL>/<EVENT> after each sync.")
-    ] = None,
-    webhook_secret: Annotated[
         str | None,
-        typer.Option(envvar="POWENS_WEBHOOK_SECRET", help="HMAC secret of the pushes (or the env var)."),
+        typer.Option(
+            help="Push CONNECTION_SYNCED to <URL>/<EVENT> after each sync, signed with "
+            "POWENS_WEBHOOK_SECRET (a secret is never an argument)."
+        ),
     ] = None,
     sync_every: Annotated[
         float, typer.Option(help="Seconds between background syncs of one connection (0: none).")
@@ -149,7 +149,9 @@ def sandbox_serve(
 
     from app.devtools.sandbox import Knobs, SandboxHTTPServer, SandboxState
 
-    authorized(ops.SANDBOX_SERVE)
+    settings, _ = authorized(ops.SANDBOX_SERVE)
+    secrets = settings.webhook_secrets
+    webhook_secret = secrets[0].decode() if secrets else None
     knobs = Knobs(
         latency_ms=latency_ms,
         fault_rate=fault_rate,
@@ -162,7 +164,12 @@ def sandbox_serve(
     for _ in range(users):
         sstate.create_user()
     if webhook_url and not webhook_secret:
-        fail(Reason.INVALID_INPUT, "--webhook-url needs a secret (POWENS_WEBHOOK_SECRET)", 2, as_json=False)
+        fail(
+            Reason.INVALID_INPUT,
+            "--webhook-url needs POWENS_WEBHOOK_SECRET in the environment",
+            2,
+            as_json=False,
+        )
     sstate.configure_webhooks(webhook_url, webhook_secret)
     server = SandboxHTTPServer((host, port), sstate)
     err.print(f"Powens sandbox on http://{host}:{server.server_address[1]}/2.0/ (seed {seed}, {users} users)")
@@ -204,10 +211,23 @@ def keys_rotate() -> None:
     err.print(f"{rotate_keys(settings, actor)} Powens tokens re-encrypted under the newest key")
 
 
+# The receiver's /metrics port when BALANCES_METRICS_PORT is not set: not the worker's 9464, so a
+# receiver and a worker on one host do not fight for it.
+RECEIVER_METRICS_PORT = 9466
+
+
 @webhooks_cli.command("serve")
 def webhooks_serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help=f"/metrics port (default: BALANCES_METRICS_PORT, else {RECEIVER_METRICS_PORT}; 0: none).",
+        ),
+    ] = None,
 ) -> None:
     """Receive Powens webhooks: POST /webhooks/powens/{EVENT}, GET /healthz (uvicorn, until stopped)."""
     from app.push.receiver import serve
@@ -225,4 +245,25 @@ def webhooks_serve(
     ]
     if missing:
         fail(Reason.INVALID_INPUT, f"the webhook receiver needs {' and '.join(missing)}", 2, as_json=False)
-    serve(settings, host, port)
+    if metrics_port is None:
+        metrics_port = (
+            settings.metrics_port if "metrics_port" in settings.model_fields_set else RECEIVER_METRICS_PORT
+        )
+    for what, number in (("--port", port), ("the metrics port (--metrics-port)", metrics_port)):
+        if number and not port_free(host, number):
+            fail(
+                Reason.INVALID_INPUT, f"{what} {number} is in use on {host}: choose another", 2, as_json=False
+            )
+    serve(settings.model_copy(update={"metrics_port": metrics_port}), host, port)
+
+
+def port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True

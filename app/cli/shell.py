@@ -225,7 +225,7 @@ def ready_to_publish(settings: Settings, queue: str, *, as_json: bool) -> None:
             present = consumers(queue, timeout=PING_SECONDS)
     except BrokerUnreachable as exc:
         fail(
-            Reason.PROVIDER_UNAVAILABLE,
+            Reason.INTERNAL,  # our own infrastructure (Powens is provider_unavailable's)
             f"{exc}: is it up at CELERY_BROKER_URL? (nothing was published)",
             EXIT_FAILED,
             as_json=as_json,
@@ -233,7 +233,7 @@ def ready_to_publish(settings: Settings, queue: str, *, as_json: bool) -> None:
     if not present.consuming:
         others = f" ({len(present.workers)} answered, none consuming it)" if present.workers else ""
         fail(
-            Reason.PROVIDER_UNAVAILABLE,
+            Reason.INTERNAL,  # our own infrastructure (Powens is provider_unavailable's)
             f"no worker consumes the '{queue}' queue{others}: start one (celery -A app worker) and try "
             "again (nothing was published)",
             EXIT_FAILED,

@@ -12,21 +12,26 @@ embedded SQLite file.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
+from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
-from app.config import Settings, load_settings, use_settings
+from app.config import ENV_FILE, Settings, load_settings, use_settings
 from app.devtools.sandbox import Sandbox, SandboxState
 from app.policy import ADMIN
 
 DEMO_ACTOR = "demo-admin"
 TENANTS = ("demo-acme", "demo-globex", "demo-initech", "demo-umbrella", "demo-hooli")
 IN_MEMORY_BROKER = "memory://localhost/"
+SANDBOX_SEED = 7  # `balances sandbox serve --seed 7` makes the same Powens users, ids and tokens
+SANDBOX_PORT = 8765  # `balances sandbox serve`'s default port
 
 
 @dataclass
@@ -57,30 +62,58 @@ def _demo_settings(sandbox: Sandbox) -> Settings:
         overrides["celery_broker_url"] = IN_MEMORY_BROKER
         overrides["coordination"] = "local"
         overrides["powens_rate_limit"] = 0
-    from pydantic import SecretStr
 
     if base.encryption_key is None:
         from app.store.secrets import generate_key
 
-        # Demo tokens are re-linked on every run, so a key of this run is enough.
+        # Kept in balances.env beside the database (write_env), so the shell can use it afterwards.
         overrides["encryption_key"] = SecretStr(generate_key())
     import secrets
 
     if base.signing_key is None:
-        overrides["signing_key"] = SecretStr(secrets.token_hex(32))  # this run's messages only
+        overrides["signing_key"] = SecretStr(secrets.token_hex(32))
     if base.webhook_secret is None:
-        overrides["webhook_secret"] = SecretStr(secrets.token_hex(16))  # this run's sandbox pushes only
+        overrides["webhook_secret"] = SecretStr(secrets.token_hex(16))
     return base.model_copy(update=overrides)
+
+
+def write_env(settings: Settings, console: Console) -> None:
+    """The demo's settings beside its embedded database (``balances.env``, read by every command run
+    in this directory), once: the keys that opened its tokens stay the keys, run after run, and the
+    shell can read and write the demo database (``keys rotate``, a refresh with a worker beside it).
+    Not for a database the demo was pointed at (DATABASE_URL): its settings are its operator's."""
+    if "database_url" in settings.model_fields_set:
+        return
+    path = Path(ENV_FILE)
+    if path.exists():
+        return
+
+    def secret(value: SecretStr | None) -> str:
+        return value.get_secret_value() if value is not None else ""
+
+    lines = [
+        "# Written by `balances demo`: the settings of the demo database beside this file (balances.db),",
+        "# read by every `balances` command and `celery -A app worker` run in this directory (the process",
+        "# environment wins). Demo keys: never use them for real data.",
+        f"BALANCES_ENCRYPTION_KEY={secret(settings.encryption_key)}",
+        f"BALANCES_SIGNING_KEY={secret(settings.signing_key)}",
+        f"POWENS_WEBHOOK_SECRET={secret(settings.webhook_secret)}",
+        "# `balances sandbox serve --seed 7 --users 3` serves the demo's Powens users (same ids, tokens).",
+        f"POWENS_BASE_URL=http://127.0.0.1:{SANDBOX_PORT}/2.0",
+        "POWENS_CLIENT_ID=demo-client",
+    ]
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    console.print(f"Settings of the demo database: {path.resolve()} (read by every command run here).")
 
 
 def run_demo(tenants: int = 3, console: Console | None = None) -> int:
     console = console or Console()
-    if not console.is_terminal:
-        console = Console(width=140)  # a log or a pipe: do not wrap rows at 80 columns
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     logging.getLogger("openbanking.telemetry").setLevel(logging.WARNING)
     started = time.perf_counter()
-    with Sandbox(SandboxState(seed=7)) as sandbox:
+    with Sandbox(SandboxState(seed=SANDBOX_SEED)) as sandbox:
         settings = _demo_settings(sandbox)
         use_settings(settings)
         try:
@@ -199,8 +232,10 @@ def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console,
 
     push_ok = show_push(settings, sandbox, console, TENANTS[0])
     nightly_ok = _nightly(settings, sandbox, console, list(TENANTS[:n_tenants]))
+    write_env(settings, console)
     console.print(
-        f"Canonical records: [bold]balances --as {DEMO_ACTOR} show --tenant demo-acme[/] (same database)."
+        f"Canonical records: [bold]balances --as {DEMO_ACTOR} show --tenant demo-acme[/] (same database).",
+        soft_wrap=True,
     )
     return 0 if ok > 0 and nightly_ok and push_ok else 1
 

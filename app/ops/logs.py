@@ -14,7 +14,8 @@ from typing import Any
 
 from app.jsonio import dumps
 
-_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+# ``color_message``: uvicorn's copy of its message with ANSI colour codes, for its own console.
+_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "color_message"}
 # Bearer tokens, Powens sandbox tokens, Fernet tokens, IBANs: never in a log line, whatever the code did.
 _SCRUB = [
     (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1[redacted]"),
