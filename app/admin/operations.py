@@ -34,6 +34,10 @@ ACCOUNTS_LIST = _shell("accounts.list", "List a tenant's bank accounts.", ADMIN,
 RUN_NIGHTLY = _shell("runs.start", "Start the nightly pipeline now.", ADMIN)
 RUN_STATUS = _shell("runs.status", "Show a nightly run's progress.", USER, "query")
 RUN_SWEEP = _shell("runs.sweep", "Run the sweeper once now.", ADMIN)
+RUN_LIST = _shell("runs.list", "List the latest runs with their counts.", USER, "query")
+ATTENTION = _shell("attention.list", "What needs a person across every tenant.", USER, "query")
+ACCOUNTS_HISTORY = _shell("accounts.history", "An account's daily balance snapshots.", USER, "query")
+CONNECTIONS_LIST = _shell("connections.list", "List a tenant's bank connections.", ADMIN, "query")
 SUMMARY = _shell("summaries.get", "Show a tenant's stored summary.", USER, "query")
 FORECAST = _shell("forecasts.get", "Show a tenant's stored cashflow forecasts.", USER, "query")
 # The sandbox touches no data of ours. The demo needs nobody on its own embedded database, an admin on

@@ -10,16 +10,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
 
 from app.config import Settings
 from app.contract import AccountBalanceRecord, BankAccountRecord, OpenBankingGetBalancesOutput
 from app.errors import InvalidInput
-from app.money import exact_sum
+from app.money import exact_sum, money_text
 from app.powens.models import PowensAccount
 from app.store import repo
 from app.store.db import session_scope
-from app.store.models import AccountBalance, BankAccount, BankConnection, PowensUser
+from app.store.models import AccountBalance, BalanceSnapshot, BankAccount, BankConnection, PowensUser
 from app.store.writes import Stored
 
 # The balance types ``map_balances`` gives: what a refresh can store and a reader can ask for.
@@ -151,3 +154,50 @@ def account_records(settings: Settings, tenant_id: str) -> list[BankAccountRecor
     with session_scope(settings) as session:
         repo.require_tenant(session, tenant_id)
         return [to_account_record(a, c, u) for a, c, u in repo.list_accounts(session, tenant_id)]
+
+
+def balance_history(
+    settings: Settings,
+    tenant_id: str,
+    account_id: str,
+    days: int = 30,
+    balance_types: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """An account's daily snapshots over its last ``days`` business days, newest first: what the
+    forecast reads and `balances accounts history` shows (amounts as strings at the currency's scale)."""
+    check_balance_types(balance_types)
+    today = settings.business_day()
+    since = today - timedelta(days=days - 1)
+    with session_scope(settings) as session:
+        ctx = repo.require_account(session, tenant_id, account_id)
+        stmt = (
+            select(BalanceSnapshot)
+            .where(BalanceSnapshot.account_id == ctx.account.id, BalanceSnapshot.day >= since)
+            .order_by(BalanceSnapshot.day.desc(), BalanceSnapshot.balance_type)
+        )
+        if balance_types:
+            stmt = stmt.where(BalanceSnapshot.balance_type.in_(list(balance_types)))
+        snapshots = [
+            {
+                "day": snap.day,
+                "balanceType": snap.balance_type,
+                "currentBalance": money_text(snap.current_balance, snap.currency),
+                "availableBalance": None
+                if snap.available_balance is None
+                else money_text(snap.available_balance, snap.currency),
+                "currency": snap.currency,
+                "lastUpdatedAt": snap.last_updated_at,
+                # Not read that night: carried from the latest record (a push or a refresh had kept it
+                # fresh, or Powens had nothing newer).
+                "carried": snap.carried,
+            }
+            for snap in session.scalars(stmt)
+        ]
+        return {
+            "tenantId": tenant_id,
+            "accountId": ctx.account.id,
+            "name": ctx.account.name,
+            "from": since,
+            "to": today,
+            "snapshots": snapshots,
+        }

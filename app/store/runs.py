@@ -366,3 +366,38 @@ def run_status(settings: Settings, run_id: str | None = None) -> dict[str, Any] 
             "staleAccounts": [{"tenantId": t, "accountId": a} for t, a in stale],
             "error": run.error,
         }
+
+
+def list_runs(settings: Settings, limit: int = 20) -> list[dict[str, Any]]:
+    """The latest runs, newest first, each with its status, trigger, timing and counts (one grouped
+    count of their items): what `balances run list` shows, as Flower's task history does."""
+    with session_scope(settings) as session:
+        found = session.scalars(
+            select(RefreshRun).order_by(RefreshRun.created_at.desc(), RefreshRun.id.desc()).limit(limit)
+        ).all()
+        counts: dict[str, dict[str, int]] = {r.id: {} for r in found}
+        for run_id, status, n in session.execute(
+            select(RunItem.run_id, RunItem.status, func.count())
+            .where(RunItem.run_id.in_(list(counts)))
+            .group_by(RunItem.run_id, RunItem.status)
+        ):
+            counts[run_id][status] = int(n)
+        now = _now()
+        return [
+            {
+                "runId": r.id,
+                "status": r.status,
+                "trigger": r.trigger,
+                "actor": r.actor,
+                "businessDay": r.business_day,
+                "createdAt": r.created_at,
+                "finishedAt": r.finished_at,
+                "durationSeconds": round(((r.finished_at or now) - r.created_at).total_seconds(), 3),
+                "accounts": {
+                    "total": r.total_accounts,
+                    **{s.value: counts[r.id].get(s, 0) for s in ItemStatus},
+                },
+                "error": r.error,
+            }
+            for r in found
+        ]
