@@ -35,7 +35,7 @@ promtool:
 
 test: lint typecheck promtool unit
 
-# The quick benchmark (a few minutes) and the full size of the performance targets (about half an hour).
+# bench: the quick benchmark (a few minutes); bench-full (about eight minutes): the targets' full size.
 bench: $(STAMP)
 	$(BIN)/python -m bench.nightly_bench
 	$(BIN)/python -m bench.webhook_bench

@@ -26,6 +26,7 @@ from app.cli.shell import (
     tenant_cli,
     webhooks_cli,
 )
+from app.config import ConfigError
 from app.errors import InvalidInput, PolicyDenied, Reason
 from app.policy import ADMIN, validate_actor_name
 
@@ -93,7 +94,8 @@ def admin_grant(
 
 @admin_cli.command("revoke")
 def admin_revoke(
-    name: Annotated[str, typer.Argument()], role: Annotated[str, typer.Option()] = ADMIN
+    name: Annotated[str, typer.Argument()],
+    role: Annotated[str, typer.Option(help="Role to revoke.")] = ADMIN,
 ) -> None:
     from app.admin.manage import revoke
 
@@ -123,16 +125,16 @@ def admin_list(fmt: FormatOpt = None, json_: JsonOpt = False) -> None:
 
 @sandbox_cli.command("serve")
 def sandbox_serve(
-    host: str = "127.0.0.1",
-    port: int = 8765,
-    seed: int = 42,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    seed: Annotated[int, typer.Option(help="Seed of the data (the same seed makes the same users).")] = 42,
     users: Annotated[int, typer.Option(help="Powens users to create at start.")] = 0,
-    latency_ms: float = 0.0,
+    latency_ms: Annotated[float, typer.Option(help="Delay added to every Powens call (ms).")] = 0.0,
     fault_rate: Annotated[float, typer.Option(help="Probability of a 503 on a data call.")] = 0.0,
     rate_limit_rate: Annotated[float, typer.Option(help="Probability of a 429 on a data call.")] = 0.0,
     retry_after: Annotated[float, typer.Option(help="Retry-After seconds sent with a 429.")] = 1.0,
-    accounts_per_connection: int = 2,
-    connections_per_user: int = 1,
+    accounts_per_connection: Annotated[int, typer.Option(help="Accounts of each new connection.")] = 2,
+    connections_per_user: Annotated[int, typer.Option(help="Connections of each new user.")] = 1,
     webhook_url: Annotated[
         str | None,
         typer.Option(
@@ -185,6 +187,48 @@ def sandbox_serve(
         pass
     finally:
         server.server_close()
+
+
+@sandbox_cli.command("new-user")
+def sandbox_new_user() -> None:
+    """Create a user on the sandbox at POWENS_BASE_URL (Powens' POST /auth/init) and print its id, then
+    its permanent token, one per line: what `powens link` needs (the token through stdin). Only a
+    sandbox on this machine: against Powens itself this would create a real user."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    import requests
+
+    settings, _ = authorized(ops.SANDBOX_SERVE)
+    try:
+        base = settings.powens_base_url
+    except ConfigError as exc:
+        fail_from(exc, False)
+    host = urlsplit(base).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        fail(
+            Reason.INVALID_INPUT,
+            f"POWENS_BASE_URL ({host}) is not a sandbox on this machine",
+            2,
+            as_json=False,
+        )
+    try:
+        answer = requests.post(f"{base}auth/init", timeout=10)
+        answer.raise_for_status()
+        user = answer.json()
+    except (requests.RequestException, ValueError) as exc:
+        fail(
+            Reason.PROVIDER_UNAVAILABLE,
+            f"no sandbox answered at {base} ({type(exc).__name__})",
+            1,
+            as_json=False,
+        )
+    print(user["id_user"])
+    print(user["auth_token"])
 
 
 @cli.command("demo")
@@ -249,11 +293,10 @@ def webhooks_serve(
         metrics_port = (
             settings.metrics_port if "metrics_port" in settings.model_fields_set else RECEIVER_METRICS_PORT
         )
-    for what, number in (("--port", port), ("the metrics port (--metrics-port)", metrics_port)):
-        if number and not port_free(host, number):
-            fail(
-                Reason.INVALID_INPUT, f"{what} {number} is in use on {host}: choose another", 2, as_json=False
-            )
+    # The metrics server listens on every interface (prometheus_client's default).
+    for what, number, on in (("--port", port, host), ("--metrics-port", metrics_port, "0.0.0.0")):
+        if number and not port_free(on, number):
+            fail(Reason.INVALID_INPUT, f"{what} {number} is in use: choose another", 2, as_json=False)
     serve(settings.model_copy(update={"metrics_port": metrics_port}), host, port)
 
 

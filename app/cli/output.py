@@ -27,6 +27,7 @@ from rich.table import Table
 from app.jsonio import dumps, rfc3339
 
 R = TypeVar("R")
+WIDEST = 100_000
 
 
 class Format(StrEnum):
@@ -106,7 +107,8 @@ def fit(console: Console, rows: Sequence[R], cols: Sequence[Col[R]], *, title: s
     shown = list(cols)
     while True:
         table = _table(rows, shown, title)
-        width = Measurement.get(console, console.options, table).maximum
+        # Measured without the console's width (Measurement.get clamps to it): its natural width.
+        width = Measurement.get(console, console.options.update_width(WIDEST), table).maximum
         droppable = [c for c in shown if c.drop]
         if width <= console.width or not droppable:
             return table

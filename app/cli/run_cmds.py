@@ -116,7 +116,9 @@ def run_sweep(json_: JsonOpt = False) -> None:
 
 @cli.command("summary")
 def summary_cmd(
-    tenant: TenantOpt, run: Annotated[str | None, typer.Option("--run")] = None, json_: JsonOpt = False
+    tenant: TenantOpt,
+    run: Annotated[str | None, typer.Option("--run", help="Run id (default: the latest).")] = None,
+    json_: JsonOpt = False,
 ) -> None:
     """The tenant's stored summary of a run (default: its latest)."""
     from app.reports.summary import latest_summary
@@ -132,7 +134,9 @@ def summary_cmd(
 
 @cli.command("forecast")
 def forecast_cmd(
-    tenant: TenantOpt, run: Annotated[str | None, typer.Option("--run")] = None, json_: JsonOpt = False
+    tenant: TenantOpt,
+    run: Annotated[str | None, typer.Option("--run", help="Run id (default: the latest).")] = None,
+    json_: JsonOpt = False,
 ) -> None:
     """The tenant's stored cashflow forecast per currency (default: the latest run's)."""
     from app.reports.jobs import latest_forecasts
