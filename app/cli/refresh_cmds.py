@@ -14,6 +14,7 @@ from app.cli.shell import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
     EXIT_USAGE,
+    BalanceTypeOpt,
     JsonOpt,
     TenantOpt,
     accounts_cli,
@@ -25,6 +26,7 @@ from app.cli.shell import (
     fail_from,
     finite,
     load,
+    or_fail,
     out,
     powens_cli,
     print_json,
@@ -47,10 +49,7 @@ def refresh_cmd(
     tenant: TenantOpt,
     account: Annotated[str, typer.Option("--account", "-a", help="Canonical account id.")],
     connection: Annotated[str | None, typer.Option("--connection", help="Canonical connection id.")] = None,
-    balance_type: Annotated[
-        list[str] | None,
-        typer.Option("--balance-type", help="Only this balance type: current or uncleared (repeatable)."),
-    ] = None,
+    balance_type: BalanceTypeOpt = None,
     force: Annotated[
         bool, typer.Option("--force", help="Force a bank sync first (at most 4 per connection per 24 h).")
     ] = False,
@@ -121,9 +120,7 @@ def refresh_cmd(
 def show(
     tenant: TenantOpt,
     account: Annotated[str | None, typer.Option("--account", "-a", help="Only this account.")] = None,
-    balance_type: Annotated[
-        list[str] | None, typer.Option("--balance-type", help="Only this balance type (repeatable).")
-    ] = None,
+    balance_type: BalanceTypeOpt = None,
     fmt: FormatOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -132,10 +129,9 @@ def show(
 
     form = chosen(fmt, json_)
     settings, _ = authorized(ops.SHOW, as_json=form is Format.JSON)
-    try:
-        result = get_balances(settings, tenant, account, balance_type)
-    except RefreshError as exc:
-        fail_from(exc, form is Format.JSON)
+    result = or_fail(
+        lambda: get_balances(settings, tenant, account, balance_type), as_json=form is Format.JSON
+    )
     listing(
         out,
         result.balances,
@@ -196,10 +192,7 @@ def accounts_list(tenant: TenantOpt, fmt: FormatOpt = None, json_: JsonOpt = Fal
 
     form = chosen(fmt, json_)
     settings, _ = authorized(ops.ACCOUNTS_LIST, as_json=form is Format.JSON)
-    try:
-        records = account_records(settings, tenant)
-    except RefreshError as exc:
-        fail_from(exc, form is Format.JSON)
+    records = or_fail(lambda: account_records(settings, tenant), as_json=form is Format.JSON)
     listing(
         out,
         records,

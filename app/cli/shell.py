@@ -106,6 +106,10 @@ def finite(value: float | None) -> float | None:
 
 
 TenantOpt = Annotated[str, typer.Option("--tenant", "-t", help="Tenant id.")]
+BalanceTypeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--balance-type", help="Only this balance type: current or uncleared (repeatable)."),
+]
 
 
 class State:
@@ -244,6 +248,14 @@ def ready_to_publish(settings: Settings, queue: str, *, as_json: bool) -> None:
 def spinner(text: str) -> AbstractContextManager[object]:
     """A spinner saying what the shell waits for, on a terminal; nothing in a pipe or a log."""
     return err.status(text, spinner="dots") if err.is_terminal else nullcontext()
+
+
+def or_fail(call: Callable[[], T], *, as_json: bool) -> T:
+    """``call``'s answer, or its failure (a RefreshError) as the shell's one line and exit code."""
+    try:
+        return call()
+    except RefreshError as exc:
+        fail_from(exc, as_json)
 
 
 def publish_or_fail(publish: Callable[[], T], *, as_json: bool) -> T:

@@ -13,17 +13,17 @@ import typer
 from app.admin import operations as ops
 from app.cli.output import Col, Format, FormatOpt, chosen, listing, stamp
 from app.cli.shell import (
+    BalanceTypeOpt,
     JsonOpt,
     TenantOpt,
     accounts_cli,
     authorized,
     cli,
     connections_cli,
-    fail_from,
+    or_fail,
     out,
     run_cli,
 )
-from app.errors import RefreshError
 
 Row = dict[str, Any]
 
@@ -133,10 +133,7 @@ def accounts_history(
     tenant: TenantOpt,
     account: Annotated[str, typer.Option("--account", "-a", help="Canonical account id.")],
     days: Annotated[int, typer.Option(min=1, max=3660, help="Business days back from today.")] = 30,
-    balance_type: Annotated[
-        list[str] | None,
-        typer.Option("--balance-type", help="Only this balance type: current or uncleared (repeatable)."),
-    ] = None,
+    balance_type: BalanceTypeOpt = None,
     fmt: FormatOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -145,10 +142,9 @@ def accounts_history(
 
     form = chosen(fmt, json_)
     settings, _ = authorized(ops.ACCOUNTS_HISTORY, as_json=form is Format.JSON)
-    try:
-        doc = balance_history(settings, tenant, account, days, balance_type)
-    except RefreshError as exc:
-        fail_from(exc, form is Format.JSON)
+    doc = or_fail(
+        lambda: balance_history(settings, tenant, account, days, balance_type), as_json=form is Format.JSON
+    )
     cols: list[Col[Row]] = [
         Col("day", lambda s: s["day"].isoformat()),
         Col("type", lambda s: s["balanceType"]),
@@ -197,10 +193,7 @@ def connections_list(tenant: TenantOpt, fmt: FormatOpt = None, json_: JsonOpt = 
 
     form = chosen(fmt, json_)
     settings, _ = authorized(ops.CONNECTIONS_LIST, as_json=form is Format.JSON)
-    try:
-        found = connection_list(settings, tenant)
-    except RefreshError as exc:
-        fail_from(exc, form is Format.JSON)
+    found = or_fail(lambda: connection_list(settings, tenant), as_json=form is Format.JSON)
     cols: list[Col[Row]] = [
         Col("id", lambda c: c["connectionId"], ident=True),
         Col("Powens id", lambda c: str(c["powensConnectionId"]), drop=5),
