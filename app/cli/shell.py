@@ -37,27 +37,13 @@ def _group(help_text: str) -> typer.Typer:
 db_cli = _group("Database schema.")
 tenant_cli = _group("Tenants.")
 powens_cli = _group("Powens users.")
-accounts_cli = typer.Typer(
-    no_args_is_help=True, rich_markup_mode=None, help="Bank accounts (openbanking.accounts.sync)."
-)
-admin_cli = typer.Typer(
-    no_args_is_help=True, rich_markup_mode=None, help="Roles of actors (bootstrap: whoever reaches the DB)."
-)
-sandbox_cli = typer.Typer(
-    no_args_is_help=True, rich_markup_mode=None, help="The local Powens-compatible sandbox server."
-)
-run_cli = typer.Typer(
-    no_args_is_help=True, rich_markup_mode=None, help="Nightly runs (the pipeline beat starts)."
-)
-connections_cli = typer.Typer(
-    no_args_is_help=True, rich_markup_mode=None, help="Bank connections (reconnect links)."
-)
-keys_cli = typer.Typer(
-    no_args_is_help=True, rich_markup_mode=None, help="Encryption keys of stored Powens tokens."
-)
-webhooks_cli = typer.Typer(
-    no_args_is_help=True, rich_markup_mode=None, help="The receiver of Powens' pushes (webhooks)."
-)
+accounts_cli = _group("Bank accounts (openbanking.accounts.sync).")
+admin_cli = _group("Roles of actors (bootstrap: whoever reaches the DB).")
+sandbox_cli = _group("The local Powens-compatible sandbox server.")
+run_cli = _group("Nightly runs (the pipeline beat starts).")
+connections_cli = _group("Bank connections (reconnect links).")
+keys_cli = _group("Encryption keys of stored Powens tokens.")
+webhooks_cli = _group("The receiver of Powens' pushes (webhooks).")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(tenant_cli, name="tenant")
 cli.add_typer(powens_cli, name="powens")
