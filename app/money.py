@@ -32,3 +32,32 @@ def exact_total(amounts: Iterable[Decimal]) -> Decimal:
         for a in values:
             total += a
         return total
+
+
+# ISO 4217 minor units where they are not 2. A code with no minor unit (precious metals, the SDR)
+# counts as 0: its amounts are shown with the places they have.
+_SCALE_0 = "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF XAG XAU XDR XPD XPT XSU XUA"
+_SCALE_3 = "BHD IQD JOD KWD LYD OMR TND"
+_SCALE_4 = "CLF UYW"
+_SCALES = {
+    code: scale for scale, codes in ((0, _SCALE_0), (3, _SCALE_3), (4, _SCALE_4)) for code in codes.split()
+}
+
+
+def currency_scale(currency: str) -> int:
+    """The currency's decimal places (ISO 4217 minor units): 2 for EUR, 0 for JPY, 3 for KWD."""
+    return _SCALES.get(currency, 2)
+
+
+def at_scale(amount: Decimal, currency: str) -> Decimal:
+    """``amount`` written with at least its currency's places (12345.6 EUR is 12345.60): zeros are
+    added, never a digit taken away — an amount with more places than its currency keeps them all.
+    Built from the digits, not with ``quantize``, which is bounded by the context's precision."""
+    sign, digits, exponent = amount.as_tuple()
+    if not isinstance(exponent, int):
+        raise ValueError(f"non-finite amount {amount}")
+    scale = currency_scale(currency)
+    if exponent > -scale:
+        digits = (*digits, *(0,) * (exponent + scale))
+        exponent = -scale
+    return Decimal((sign, digits, exponent))
