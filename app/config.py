@@ -11,6 +11,7 @@ import tempfile
 from datetime import UTC, date, datetime
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -158,6 +159,26 @@ class Settings(BaseSettings):
     consent_warning_days: float = Field(7.0, gt=0, validation_alias=_env("BALANCES_CONSENT_WARNING_DAYS"))
     transient_state_days: float = Field(3.0, gt=0, validation_alias=_env("BALANCES_TRANSIENT_STATE_DAYS"))
 
+    # The run report (app.reports.notify): a signed POST of each finished nightly run's report. The URL
+    # is a credential itself (a Slack or Teams webhook URL is all it takes to post): kept secret, and
+    # logs name its host only. Unset: no report is sent.
+    notify_url: SecretStr | None = Field(None, validation_alias=_env("BALANCES_NOTIFY_URL"))
+    # The HMAC-SHA256 key of X-Balances-Signature; required with the URL.
+    notify_secret: SecretStr | None = Field(None, validation_alias=_env("BALANCES_NOTIFY_SECRET"))
+    # Retries of a delivery (connection errors, timeouts, 5xx, 429): full-jitter backoff from the base,
+    # capped; Retry-After is a floor. The defaults try for up to about a quarter of an hour.
+    notify_max_attempts: int = Field(8, ge=1, le=20, validation_alias=_env("BALANCES_NOTIFY_MAX_ATTEMPTS"))
+    notify_retry_base_seconds: float = Field(
+        10.0, gt=0, validation_alias=_env("BALANCES_NOTIFY_RETRY_BASE_SECONDS")
+    )
+    notify_retry_cap_seconds: float = Field(
+        300.0, gt=0, validation_alias=_env("BALANCES_NOTIFY_RETRY_CAP_SECONDS")
+    )
+    # One POST, connecting and waiting for the answer's headers included.
+    notify_timeout_seconds: float = Field(
+        10.0, gt=0, le=60, validation_alias=_env("BALANCES_NOTIFY_TIMEOUT_SECONDS")
+    )
+
     log_format: str = Field("json", pattern="^(json|text)$", validation_alias=_env("BALANCES_LOG_FORMAT"))
     # Where the admin shell writes its log records and telemetry events: this file when set; else
     # stderr when stderr is not a terminal (a job's log), else ~/.local/state/balances/shell.log, so an
@@ -242,6 +263,36 @@ class Settings(BaseSettings):
             raise ValueError("each key must be at least 32 characters (e.g. `openssl rand -hex 32`)")
         return v
 
+    @field_validator("notify_url")
+    @classmethod
+    def _notify_url(cls, v: SecretStr | None) -> SecretStr | None:
+        """An http(s) URL with a host. The message never repeats the value: the URL is a secret."""
+        url = v.get_secret_value().strip() if v is not None else ""
+        if not url:
+            return None
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a port that is not a number in range
+        except ValueError:
+            parts = None
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or any(c.isspace() for c in url)
+        ):
+            raise ValueError("must be an http(s) URL such as https://hooks.example.com/balances")
+        return SecretStr(url)
+
+    @field_validator("notify_secret")
+    @classmethod
+    def _notify_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value().strip():
+            return None
+        if len(v.get_secret_value().strip()) < 16:
+            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return SecretStr(v.get_secret_value().strip())
+
     @model_validator(mode="after")
     def _schedule(self) -> Settings:
         from app.schedule import cron_time_problem
@@ -261,6 +312,18 @@ class Settings(BaseSettings):
                 "BALANCES_VISIBILITY_TIMEOUT must exceed "
                 "BALANCES_RETRY_CAP_SECONDS + BALANCES_TASK_TIME_LIMIT"
             )
+        if self.notify_retry_cap_seconds + self.task_time_limit >= self.visibility_timeout:
+            raise ValueError(
+                "BALANCES_VISIBILITY_TIMEOUT must exceed "
+                "BALANCES_NOTIFY_RETRY_CAP_SECONDS + BALANCES_TASK_TIME_LIMIT"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _notify(self) -> Settings:
+        # Checked at start: a report signed with no key could not be told from a forgery.
+        if self.notify_url is not None and self.notify_secret is None:
+            raise ValueError("BALANCES_NOTIFY_SECRET must be set when BALANCES_NOTIFY_URL is set")
         return self
 
     @property
@@ -282,6 +345,14 @@ class Settings(BaseSettings):
         """POWENS_WEBHOOK_SECRET's secrets, newest first (any of them verifies a push)."""
         secret = self.webhook_secret.get_secret_value() if self.webhook_secret is not None else ""
         return [k.strip().encode() for k in secret.split(",") if k.strip()]
+
+    @property
+    def notify_host(self) -> str | None:
+        """All that logs and errors may say of BALANCES_NOTIFY_URL: its host (its path and query may
+        be the credential, as in a Slack webhook URL)."""
+        if self.notify_url is None:
+            return None
+        return urlsplit(self.notify_url.get_secret_value()).hostname
 
     @property
     def redis_url(self) -> str:

@@ -34,35 +34,34 @@ def exact_total(amounts: Iterable[Decimal]) -> Decimal:
         return total
 
 
-# ISO 4217 minor units that are not 2 (every other currency has 2). A currency's scale is how many
-# decimals its amounts are shown with: padded up to it, never rounded down to it.
-_MINOR_UNITS: dict[str, int] = {
-    code: int(places)
-    for places, codes in (
-        ("0", "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF"),
-        ("3", "BHD IQD JOD KWD LYD OMR TND"),
-        ("4", "CLF UYW"),
-        # Metals, SDR and test codes have no minor unit in ISO 4217: shown as they come.
-        ("0", "XAG XAU XDR XPD XPT XSU XUA"),
-    )
-    for code in codes.split(" ")
+# ISO 4217 minor units where they are not 2. A code with no minor unit (precious metals, the SDR)
+# counts as 0: its amounts are shown with the places they have.
+_SCALE_0 = "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF XAG XAU XDR XPD XPT XSU XUA"
+_SCALE_3 = "BHD IQD JOD KWD LYD OMR TND"
+_SCALE_4 = "CLF UYW"
+_SCALES = {
+    code: places for places, codes in ((0, _SCALE_0), (3, _SCALE_3), (4, _SCALE_4)) for code in codes.split()
 }
 
 
 def scale(currency: str) -> int:
-    """The number of decimals ISO 4217 gives ``currency`` (2 unless listed otherwise)."""
-    return _MINOR_UNITS.get(currency, 2)
+    """The currency's decimal places (ISO 4217 minor units): 2 for EUR, 0 for JPY, 3 for KWD."""
+    return _SCALES.get(currency, 2)
 
 
 def at_scale(amount: Decimal, currency: str) -> Decimal:
-    """``amount`` written with at least its currency's decimals: 40846.8 EUR is 40846.80, 1234.5678 EUR
-    stays 1234.5678 (a digit Powens sent is never rounded away). Equal in value to ``amount``."""
-    if not amount.is_finite():
-        return amount
+    """``amount`` written with at least its currency's places (40846.8 EUR is 40846.80): zeros are
+    added, never a digit taken away — an amount with more places than its currency keeps them all.
+    Equal in value to ``amount``. Built from the digits, not with ``quantize``, which is bounded by
+    the context's precision (Powens' amounts may have 30 significant digits)."""
+    sign, digits, exponent = amount.as_tuple()
+    if not isinstance(exponent, int):
+        raise ValueError(f"non-finite amount {amount}")
     places = scale(currency)
-    if -int(amount.as_tuple().exponent) >= places:
-        return amount
-    return amount.quantize(Decimal(1).scaleb(-places))
+    if exponent > -places:
+        digits = (*digits, *(0,) * (exponent + places))
+        exponent = -places
+    return Decimal((sign, digits, exponent))
 
 
 def money_text(amount: Decimal, currency: str) -> str:
@@ -71,10 +70,12 @@ def money_text(amount: Decimal, currency: str) -> str:
 
 
 def money_display(amount: Decimal, currency: str, *, sign: bool = False) -> str:
-    """An exact amount for a table: digits grouped by thousands, at least the currency's decimals."""
+    """An exact amount for a table: digits grouped by thousands, at least the currency's places."""
     return format(at_scale(amount, currency), "+,f" if sign else ",f")
 
 
 def rounded_text(amount: Decimal, currency: str) -> str:
-    """An estimate (a forecast) rounded to its currency's decimals: its other digits mean nothing."""
-    return format(amount.quantize(Decimal(1).scaleb(-scale(currency))), "f")
+    """An estimate (a forecast) rounded to its currency's places: its other digits mean nothing."""
+    with localcontext() as ctx:
+        ctx.prec = max(28, amount.adjusted() + scale(currency) + 2)
+        return format(amount.quantize(Decimal(1).scaleb(-scale(currency))), "f")

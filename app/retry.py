@@ -12,9 +12,9 @@
   ``internal``. Integrity and data errors are not in the list: they are about the data.
 - Any other exception inside the work is a bug: classified ``internal`` once, here (``as_failure``),
   logged with its traceback, and retried like any failure that may pass.
-- A rate-limited failure says when trying again is allowed (``say_when``). Powens' ``Retry-After``
-  is bounded on the way in (``MAX_RETRY_AFTER``): "1e400" or a date in the year 9999 must not crash
-  a worker.
+- A rate-limited failure says when trying again is allowed (``say_when``). A ``Retry-After`` header
+  (Powens', a run report's receiver's) is read once here (``retry_after_seconds``) and bounded on the
+  way in (``MAX_RETRY_AFTER``): "1e400" or a date in the year 9999 must not crash a worker.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 
 import kombu.exceptions
 import redis.exceptions
@@ -76,18 +77,57 @@ def bounded_retry_after(seconds: float | None) -> float | None:
     return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
+def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Parse a Retry-After header (delta-seconds or HTTP date), bounded: whatever the header says,
+    the wait is a number of seconds between 0 and a day (None: absent or unreadable)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return bounded_retry_after(float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return bounded_retry_after((when - (now or datetime.now(UTC))).total_seconds())
+
+
+def _ceiling(attempt: int, base: float, cap: float) -> float:
+    exponent = min(max(attempt - 1, 0), 62)  # 2**62 s is past any cap: no float overflow
+    return min(cap, base * 2.0**exponent)
+
+
+def _full_jitter(
+    attempt: int, base: float, cap: float, retry_after: float | None, rng: random.Random
+) -> float:
+    delay = rng.uniform(0, _ceiling(attempt, base, cap))
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, cap)
+
+
 def ceiling_seconds(attempt: int, settings: Settings) -> float:
     """The longest backoff after attempt ``attempt`` (1-based): ``base · 2^(n-1)``, capped."""
-    exponent = min(max(attempt - 1, 0), 62)  # 2**62 s is past any cap: no float overflow
-    return min(settings.retry_cap_seconds, settings.retry_base_seconds * 2.0**exponent)
+    return _ceiling(attempt, settings.retry_base_seconds, settings.retry_cap_seconds)
 
 
 def backoff_seconds(attempt: int, settings: Settings, retry_after: float | None, rng: random.Random) -> float:
     """How long to wait after failed attempt ``attempt``: full jitter, at least Retry-After, capped."""
-    delay = rng.uniform(0, ceiling_seconds(attempt, settings))
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return min(delay, settings.retry_cap_seconds)
+    return _full_jitter(attempt, settings.retry_base_seconds, settings.retry_cap_seconds, retry_after, rng)
+
+
+def notify_backoff_seconds(
+    attempt: int, settings: Settings, retry_after: float | None, rng: random.Random
+) -> float:
+    """The same formula for a run report's delivery (``app.reports.notify``), with its own base and
+    cap (BALANCES_NOTIFY_RETRY_*): a webhook receiver is not Powens, and waits longer."""
+    return _full_jitter(
+        attempt, settings.notify_retry_base_seconds, settings.notify_retry_cap_seconds, retry_after, rng
+    )
 
 
 def infra_requeue_seconds(failures: int, settings: Settings, rng: random.Random) -> float:

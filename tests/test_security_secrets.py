@@ -21,11 +21,12 @@ from sqlalchemy import select
 from app.config import Settings
 from app.devtools.sandbox import Sandbox
 from app.store.db import session_scope
-from app.store.models import RefreshAttempt
+from app.store.models import RefreshAttempt, RefreshRun
 from tests.conftest import ENCRYPTION_KEY, IN_CI, SIGNING_KEY
 from tests.support.data import seed_tenant
 from tests.support.figures import note
-from tests.support.processes import run_cli, run_worker, service_env
+from tests.support.polling import wait_until
+from tests.support.processes import free_port, run_cli, run_worker, service_env
 
 UTC_ZONE = ZoneInfo("UTC")
 PUSH_KEY = "the-receivers-push-key-" + "7" * 32
@@ -47,8 +48,19 @@ def test_no_secret_or_full_iban_anywhere_after_a_run_with_failures_and_retries(
     sandbox.state.scripted[retry.external[retry.account_ids[0]]] = deque([(503, None)])  # a retry
     next(iter(sca.user.connections.values())).state = "SCARequired"  # a failure
     sandbox.state.revoke_token(tenants[2].user.id)  # a token renewal
+    # The run report's hook: its URL's path and query are a credential (a Slack webhook's are), as is
+    # its HMAC key. Nothing listens there: every attempt fails, and is logged.
+    hook_path, hook_query = "/services/T0/B0/hook-path-secret-5e884898", "sig=hook-query-secret-a665a459"
+    hook_secret = "hook-hmac-secret-" + "3" * 20
     env = service_env(
-        settings.database_url, redis_url, sandbox, POWENS_CLIENT_SECRET=sandbox.state.client_secret
+        settings.database_url,
+        redis_url,
+        sandbox,
+        POWENS_CLIENT_SECRET=sandbox.state.client_secret,
+        BALANCES_NOTIFY_URL=f"http://127.0.0.1:{free_port()}{hook_path}?{hook_query}",
+        BALANCES_NOTIFY_SECRET=hook_secret,
+        BALANCES_NOTIFY_MAX_ATTEMPTS="2",
+        BALANCES_NOTIFY_RETRY_BASE_SECONDS="0.05",
     )
     cli_output: list[str] = []
     with run_worker(env, tmp_path / "w.log") as worker:
@@ -60,6 +72,8 @@ def test_no_secret_or_full_iban_anywhere_after_a_run_with_failures_and_retries(
                 cli_output.append(proc.stdout + proc.stderr)
         proc = run_cli(env, "--as", "alice", "run", "nightly", "--json", "--timeout", "120")
         cli_output.append(proc.stdout + proc.stderr)
+        run_id = json.loads(proc.stdout)["runId"]
+        wait_until(lambda: report_outcome(settings, run_id), "the run report's delivery to end", 60)
         proc = run_cli(env, "--as", "alice", "accounts", "list", "--tenant", retry.tenant_id, "--json")
         cli_output.append(proc.stdout + proc.stderr)
         metrics_body = worker.scrape()
@@ -76,6 +90,7 @@ def test_no_secret_or_full_iban_anywhere_after_a_run_with_failures_and_retries(
         "a full account number": [a.number for t in tenants for a in t.user.accounts.values()],
         "the encryption key": [ENCRYPTION_KEY],
         "the signing key": [SIGNING_KEY],
+        "the run report's URL (path, query) and key": [hook_path, hook_query, hook_secret],
     }
     places = {
         "worker logs and telemetry": logs,
@@ -87,6 +102,7 @@ def test_no_secret_or_full_iban_anywhere_after_a_run_with_failures_and_retries(
         "process list": processes,
     }
     assert "telemetry" in logs or '"event": "openbanking.' in logs
+    assert "run report of" in logs and "failed after 2 attempt(s)" in logs  # the hook's lines are scanned
     hits = [
         (what, where)
         for what, values in secrets.items()
@@ -101,6 +117,11 @@ def test_no_secret_or_full_iban_anywhere_after_a_run_with_failures_and_retries(
         secrets=sum(len(v) for v in secrets.values()),
         hits=len(hits),
     )
+
+
+def report_outcome(settings: Settings, run_id: str) -> str | None:
+    with session_scope(settings) as s:
+        return s.scalar(select(RefreshRun.report_outcome).where(RefreshRun.id == run_id))
 
 
 def _old_tokens(sandbox: Sandbox) -> list[str]:

@@ -113,6 +113,7 @@ def test_outcomes_become_celery_actions() -> None:
         ("balances.plan_nightly_run", ("run",), Queue.REPORTS),
         ("balances.summarize_tenant", ("run", "t"), Queue.REPORTS),
         ("balances.sweep_runs", (), Queue.REPORTS),
+        ("balances.send_run_report", ("run",), Queue.REPORTS),
         ("balances.apply_push", ("{}", "2026-11-24T04:00:00+00:00"), Queue.PUSH),
     ],
 )

@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from app.config import Settings
 from app.schedule import previous_fire
-from app.store import recovery, runs
+from app.store import recovery, run_reports, runs
 from app.store.states import RunStatus, TenantStatus, Trigger
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 Publish = Callable[[str, Sequence[runs.Item]], None]
 # enqueue(run_id, tenant_id) sends the tenant's summary (or forecast) task.
 EnqueueReport = Callable[[str, str], None]
+# A finished run's report (the notification hook) is re-sent at most this long after the run ended.
+REPORT_RESEND_HORIZON = timedelta(days=1)
 
 
 def schedule_slot(settings: Settings, now: datetime | None = None) -> tuple[str, date]:
@@ -104,6 +106,7 @@ class SweepReport:
     stale: int = 0
     summaries_reenqueued: int = 0
     plans_reenqueued: int = 0
+    run_reports_sent: int = 0
     runs_marked_stale: list[str] = field(default_factory=list)
     finished_at: list[datetime] = field(default_factory=list)
 
@@ -117,6 +120,7 @@ def sweep(
     now: datetime | None = None,
     queued: Callable[[], int] | None = None,
     lost_messages: bool = False,
+    enqueue_report: Callable[[str], None] | None = None,
 ) -> SweepReport:
     """Put runs whose tasks were lost (worker killed, broker restarted) back on track, in minutes.
 
@@ -132,6 +136,11 @@ def sweep(
     ``lost_messages`` (the broker restarted empty: ``app.worker.liveness.broker_lost_messages``) means
     every queued message is gone: each open run is re-planned, re-driven and its reports re-sent at
     once, without waiting for the stall window (still counted against ``max_redrives``).
+
+    ``enqueue_report`` (given when a notification hook is configured) sends a finished run's report:
+    for each run this sweep finishes or gives up, and again for a run finished within
+    ``REPORT_RESEND_HORIZON`` whose report message was lost (``run_reports.claim_resends``: claimed,
+    bounded by ``max_redrives``; a report that is delivering or ended is never sent twice).
     """
     now = now or datetime.now(UTC)
     stall = timedelta(seconds=settings.run_stall_seconds)
@@ -163,6 +172,8 @@ def sweep(
             finished = runs.finish_if_complete(settings, run.id)
             if finished is not None:
                 report.finished_at.append(finished)
+                if enqueue_report is not None:
+                    enqueue_report(run.id)
                 continue
         # Even the reports could not finish (no reports worker?): say so, where operators look.
         if idle > deadline + 3 * grace and recovery.give_up(
@@ -170,6 +181,20 @@ def sweep(
         ):
             report.runs_marked_stale.append(run.id)
             log.error("run %s marked stale", run.id, extra={"run_id": run.id})
+            if enqueue_report is not None:
+                enqueue_report(run.id)
+    if enqueue_report is not None:
+        for run_id in run_reports.claim_resends(
+            settings,
+            now,
+            finished_since=now - REPORT_RESEND_HORIZON,
+            unclaimed_before=now if lost_messages else now - stall,
+            max_resends=settings.max_redrives,
+            lease_until=now + stall,
+        ):
+            log.warning("run %s: its report message was lost; sent again", run_id, extra={"run_id": run_id})
+            enqueue_report(run_id)
+            report.run_reports_sent += 1
     return report
 
 

@@ -12,7 +12,7 @@ from enum import StrEnum
 from prometheus_client import Counter, Gauge, Histogram
 
 from app.errors import Reason
-from app.store.states import Trigger
+from app.store.states import ReportOutcome, Trigger
 
 PROVIDER = "powens"
 
@@ -139,6 +139,13 @@ WEBHOOK_ENQUEUE = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
+RUN_REPORTS = Counter(
+    "balances_run_reports",
+    "Nightly run reports delivered by the notification hook (BALANCES_NOTIFY_URL), by how their "
+    "delivery ended: sent (2xx), failed (every attempt failed), refused (a 4xx other than 429).",
+    ["outcome"],
+)
+
 
 def preinitialise_tasks(names: Iterable[str]) -> None:
     for name in names:
@@ -156,6 +163,8 @@ def _preinitialise() -> None:
     for reason in Reason:
         if reason.retryable:
             RETRIES.labels(provider=PROVIDER, reason=reason.value)
+    for report in ReportOutcome:
+        RUN_REPORTS.labels(outcome=report.value)
     for event in PUSH_EVENTS:
         for push in (PushOutcome.QUEUED, PushOutcome.STORED, PushOutcome.REJECTED_SIGNATURE):
             WEBHOOKS.labels(event=event, outcome=push.value)

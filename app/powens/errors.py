@@ -6,12 +6,10 @@ Powens' error envelope is ``{code, description, message, request_id}``. We branc
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from app.errors import Reason, RefreshError
-from app.retry import bounded_retry_after
+from app.retry import retry_after_seconds
 
 # Connection states (docs/powens.md "Syncing with the bank"), lower-cased.
 USER_ACTION_STATES = frozenset(
@@ -68,25 +66,6 @@ def classify_state(state: str | None) -> Reason | None:
 
 def is_transient_state(state: str | None) -> bool:
     return bool(state) and str(state).lower() in TRANSIENT_STATES
-
-
-def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Parse a Retry-After header (delta-seconds or HTTP date), bounded (``app.retry``): whatever
-    the header says, the wait is a number of seconds between 0 and a day."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return bounded_retry_after(float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return bounded_retry_after((when - (now or datetime.now(UTC))).total_seconds())
 
 
 def error_from_response(

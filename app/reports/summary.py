@@ -155,7 +155,8 @@ def latest_summary(session: Session, tenant_id: str, run_id: str | None = None) 
 
 def present_summary(payload: dict[str, Any]) -> dict[str, Any]:
     """A stored summary as every reader gets it (the shell's JSON and tables, the run report): each
-    amount an exact string at its currency's scale (``"40846.80"``), whatever JSON number was stored."""
+    amount an exact string at its currency's scale (``"40846.80"``), whatever JSON number was stored,
+    and each timestamp RFC 3339 with ``Z``."""
 
     def text(value: Any, currency: str) -> str:
         return money_text(Decimal(str(value)), currency)
@@ -177,4 +178,23 @@ def present_summary(payload: dict[str, Any]) -> dict[str, Any]:
                 else None,
             }
         )
-    return {**payload, "totals": totals}
+    attention = {
+        "connectionsNeedingUser": [
+            {**c, "since": _stamp(c.get("since"))} for c in payload.get("connectionsNeedingUser", [])
+        ],
+        "consentsExpiring": [
+            {**c, "consentExpiresAt": _stamp(c.get("consentExpiresAt"))}
+            for c in payload.get("consentsExpiring", [])
+        ],
+        "oldBankData": [
+            {**a, "powensLastUpdate": _stamp(a.get("powensLastUpdate"))}
+            for a in payload.get("oldBankData", [])
+        ],
+    }
+    return {**payload, "generatedAt": _stamp(payload.get("generatedAt")), "totals": totals, **attention}
+
+
+def _stamp(value: str | None) -> str | None:
+    """A stored timestamp as RFC 3339 with ``Z`` (summaries stored before it was the one format kept
+    ``+00:00``)."""
+    return rfc3339(datetime.fromisoformat(value)) if value else value

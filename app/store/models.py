@@ -37,6 +37,7 @@ from app.store.states import (
     AccountStatus,
     AttemptOutcome,
     ItemStatus,
+    ReportOutcome,
     RunKind,
     RunStatus,
     TenantStatus,
@@ -305,6 +306,7 @@ class RefreshRun(Base):
         CheckConstraint(check_in("status", RunStatus), name="status"),
         CheckConstraint(check_in("trigger", Trigger), name="trigger"),
         CheckConstraint(check_in("kind", RunKind), name="kind"),
+        CheckConstraint(check_in("report_outcome", ReportOutcome), name="report_outcome"),
     )
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16), default=RunKind.NIGHTLY)
@@ -325,6 +327,15 @@ class RefreshRun(Base):
     planned_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     redispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The run's report (app.reports.notify), one delivery sequence per run: the task that holds it
+    # (``report_owner``, claimed by a conditional UPDATE) until ``report_lease_until``; the attempts made
+    # (bounded by BALANCES_NOTIFY_MAX_ATTEMPTS); how it ended, and when; the sweeper's re-sends.
+    report_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    report_lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    report_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    report_outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    report_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    report_resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class RunTenant(Base):

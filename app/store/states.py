@@ -68,6 +68,15 @@ class RunStatus(StrEnum):
         return self in (RunStatus.PENDING, RunStatus.PLANNING, RunStatus.RUNNING)
 
 
+class ReportOutcome(StrEnum):
+    """How a run's report delivery ended (``refresh_runs.report_outcome``; the ``outcome`` label of
+    ``balances_run_reports_total``). NULL in the column: not ended yet, or no report configured."""
+
+    SENT = "sent"  # the receiver answered 2xx
+    FAILED = "failed"  # every attempt failed (connection, timeout, 5xx, 429), or no report could be built
+    REFUSED = "refused"  # the receiver answered a 4xx other than 429 (or a redirect): not retried
+
+
 class TenantStatus(StrEnum):
     REFRESHING = "refreshing"
     SUMMARISING = "summarising"

@@ -3,8 +3,9 @@
 No call site names a queue: ``celeryconfig.task_routes`` points here. On-demand refreshes go to
 ``interactive`` (drained first by every worker, so the nightly flood never starves an operator),
 Powens pushes to ``push`` (next: a push is as fresh as data gets, and cheap to apply),
-planning, reports and the sweeper to ``reports``, scheduled refreshes and their fan-out
-to ``refresh``. Imports nothing heavy: ``celeryconfig`` and the beat's exporter use it.
+planning, reports (summaries, forecasts, the run report) and the sweeper to ``reports``, scheduled
+refreshes and their fan-out to ``refresh``. Imports nothing heavy: ``celeryconfig`` and the beat's
+exporter use it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ ROUTES: dict[str, Queue] = {
     "balances.summarize_tenant": Queue.REPORTS,
     "balances.forecast_tenant": Queue.REPORTS,
     "balances.sweep_runs": Queue.REPORTS,
+    "balances.send_run_report": Queue.REPORTS,
 }
 
 

@@ -25,7 +25,7 @@ from app.push.apply import apply
 from app.refresh.deps import Deps
 from app.refresh.handler import deny_refresh, execute, give_up_refresh
 from app.refresh.outcomes import Attempt
-from app.reports import jobs
+from app.reports import jobs, notify
 from app.retry import requeue_seconds
 from app.store import runs
 from app.store.states import Trigger
@@ -335,7 +335,34 @@ def forecast_tenant(run_id: str, tenant_id: str) -> bool:
     if finished is not None:
         metrics.NIGHTLY_LAST_SUCCESS.set(finished.timestamp())
         log.info("nightly run %s completed", run_id, extra={"run_id": run_id})
+        enqueue_report(run_id)
     return done
+
+
+def enqueue_report(run_id: str) -> None:
+    """A finished run's report, sent after the run's last move and never in its way: when even the
+    publish fails, it is logged and the sweeper sends the report later."""
+    if get_settings().notify_url is None:
+        return
+    try:
+        send_run_report.apply_async(args=(run_id,))
+    except Exception as exc:
+        log.warning(
+            "run report of %s not queued (%s): the sweeper sends it later",
+            run_id,
+            type(exc).__name__,
+            extra={"run_id": run_id},
+        )
+
+
+@app.task(bind=True, name="balances.send_run_report")
+def send_run_report(self: BalancesTask, run_id: str) -> str | None:
+    """One attempt of a finished run's report (``app.reports.notify.deliver``); a retry is this task
+    again, so the same holder of the report."""
+    step = notify.deliver(get_settings(), run_id, self.request.id, _rng)
+    if isinstance(step, notify.Again):
+        self.again(step.countdown)
+    return step.outcome.value if step.outcome is not None else None
 
 
 @app.task(name="balances.sweep_runs")
@@ -352,6 +379,7 @@ def sweep_runs() -> dict[str, Any]:
         enqueue_forecast=enqueue_forecast,
         queued=refresh_queue_depth,
         lost_messages=lost,
+        enqueue_report=enqueue_report if get_settings().notify_url is not None else None,
     )
 
     for finished in report.finished_at:
