@@ -596,7 +596,7 @@ def test_a_worker_sends_the_report_when_the_run_ends_retrying_a_503_and_sweeps_s
         # The finishing code again, twice: the sweeper finds the report delivered and sends nothing.
         for _ in range(2):
             swept = run_cli(env, "--as", "alice", "run", "sweep", "--json")
-            assert swept.returncode == 0 and json.loads(swept.stdout)["run_reports_sent"] == 0, swept.stderr
+            assert swept.returncode == 0 and json.loads(swept.stdout)["runReportsSent"] == 0, swept.stderr
     logs = log_tail(worker.log)
     assert status["status"] == "completed" and summaries(settings, run_id) == 2, logs
     row = report_row(settings, run_id)

@@ -108,7 +108,8 @@ def run_sweep(json_: JsonOpt = False) -> None:
     marked = report["runsMarkedStale"]
     out.print(
         f"swept: {report['redispatched']} refreshes published again, {report['stale']} marked stale, "
-        f"{report['summariesReenqueued']} summaries and {report['plansReenqueued']} plans sent again; "
+        f"{report['summariesReenqueued']} summaries, {report['plansReenqueued']} plans and "
+        f"{report.get('runReportsSent', 0)} run reports sent again; "
         + (f"runs given up: {', '.join(marked)}" if marked else "no run given up"),
         highlight=False,
     )
