@@ -9,6 +9,8 @@ gauges, so the three always agree.
 - A transient state (``validating``, ``rateLimiting``, ``websiteUnavailable``, ``bug``) is Powens' to
   retry; one lasting longer than ``BALANCES_TRANSIENT_STATE_DAYS`` is escalated like a state that
   needs the user.
+- Only what is still refreshed counts: active accounts (an unlinked user's are ``unlinked``), the
+  connections of linked Powens users.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from app.errors import Reason
 from app.powens.errors import classify_state, is_transient_state
 from app.powens.links import reconnect_command
 from app.store.models import BankAccount, BankConnection
+from app.store.repo import linked_user_pks
 from app.store.states import AccountStatus
 
 # The ``bucket`` label of openbanking_accounts_by_data_age (no ids in labels).
@@ -81,7 +84,12 @@ def tenant_views(session: Session, settings: Settings, tenant_id: str, now: date
         if is_old(settings, last, now)
     ]
     conns = session.scalars(
-        select(BankConnection).where(BankConnection.tenant_id == tenant_id).order_by(BankConnection.id)
+        select(BankConnection)
+        .where(
+            BankConnection.tenant_id == tenant_id,
+            BankConnection.powens_user_pk.in_(linked_user_pks()),  # an unlinked user's: nobody's to fix
+        )
+        .order_by(BankConnection.id)
     ).all()
     needing, expiring = [], []
     horizon = now + timedelta(days=settings.consent_warning_days)
@@ -135,7 +143,7 @@ def service_counts(session: Session, settings: Settings, now: datetime) -> dict[
             BankConnection.state_since,
             BankConnection.consent_expires_at,
             BankConnection.active,
-        )
+        ).where(BankConnection.powens_user_pk.in_(linked_user_pks()))
     ):
         active += bool(is_active)
         needing += bool(is_active) and needs_attention(settings, state, since, now) is not None
