@@ -160,7 +160,8 @@ def test_fault_free_run_makes_one_powens_call_per_powens_user(
     # a second Powens user for c-3
     from datetime import UTC, datetime
 
-    from app.admin.accounts import link_powens_user, sync_accounts
+    from app.admin.accounts import sync_accounts
+    from app.admin.powens_users import link_powens_user
     from tests.support.data import ADMIN_ACTOR
 
     extra = sandbox.state.create_user(connections=1, accounts_per_connection=3)

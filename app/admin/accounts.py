@@ -1,6 +1,6 @@
-"""Account discovery (the ``openbanking.accounts.sync`` sibling) and Powens user linking.
+"""Account discovery (the ``openbanking.accounts.sync`` sibling). Linking Powens users: ``powens_users``.
 
-Discovery reads each of the tenant's Powens users' connections and accounts (``?all``, so disabled
+Discovery reads each of the tenant's linked Powens users' connections and accounts (``?all``, so disabled
 ones are seen too) and registers them through the one registration path (``app.store.registry``).
 An account's status follows what Powens says of it; absence from a list never deletes it. A transient
 Powens failure is retried the way a refresh is.
@@ -12,11 +12,9 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
 from typing import TypeVar
 
-from app.config import Settings
 from app.contract import ACCOUNTS_SYNC_OPERATION, TelemetryEvents
 from app.errors import NotFound, RefreshError
 from app.ops import telemetry
@@ -30,7 +28,6 @@ from app.retry import backoff_seconds
 from app.store import repo
 from app.store.db import session_scope
 from app.store.registry import register_accounts
-from app.store.secrets import TokenCipher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,22 +70,6 @@ def _with_retries(deps: Deps, call: Callable[[], T]) -> T:
             log.info("Powens read failed (%s); retrying in %.1fs", err.reason.value, delay)
             deps.sleep(delay)
     raise AssertionError("unreachable")
-
-
-def link_powens_user(
-    settings: Settings, tenant_id: str, powens_user_id: int, token: str, now: datetime
-) -> bool:
-    """Store (or replace) a Powens user's permanent token, encrypted. Returns True when new."""
-    if not token.strip():
-        raise ValueError("the Powens token read from stdin is empty")
-    cipher = TokenCipher.from_settings(settings)
-    with session_scope(settings) as session:
-        if repo.get_tenant(session, tenant_id) is None:
-            raise NotFound(f"tenant {tenant_id!r} does not exist (add it with `balances tenant add`)")
-        _, created = repo.link_powens_user(
-            session, tenant_id, powens_user_id, cipher.encrypt(token.strip()), now
-        )
-    return created
 
 
 def sync_accounts(tenant_id: str, actor: Actor, deps: Deps) -> SyncResult:

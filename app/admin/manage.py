@@ -134,7 +134,7 @@ def rotate_keys(settings: Settings, acting: Actor, batch: int = 500) -> int:
         with session_scope(settings) as session:
             rows = session.scalars(
                 select(PowensUser)
-                .where(PowensUser.id > last)
+                .where(PowensUser.id > last, PowensUser.token_encrypted.is_not(None))  # unlinked: none
                 .order_by(PowensUser.id)
                 .limit(batch)
                 .with_for_update()
@@ -142,6 +142,7 @@ def rotate_keys(settings: Settings, acting: Actor, batch: int = 500) -> int:
             if not rows:
                 break
             for row in rows:
+                assert row.token_encrypted is not None
                 row.token_encrypted = cipher.rotate(row.token_encrypted)
             rotated += len(rows)
             last = rows[-1].id

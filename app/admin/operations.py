@@ -29,7 +29,15 @@ ADMIN_REVOKE = _shell("actors.revoke", "Revoke a role from an actor.", ADMIN)
 ADMIN_LIST = _shell("actors.list", "List actors and their roles.", USER, "query")
 TENANT_ADD = _shell("tenants.add", "Add a tenant.", ADMIN)
 TENANT_LIST = _shell("tenants.list", "List tenants.", USER, "query")
-POWENS_LINK = _shell("powens.link", "Store a Powens user's permanent token, encrypted.", ADMIN)
+POWENS_LINK = _shell(
+    "powens.link", "Verify a Powens user's permanent token with Powens, then store it encrypted.", ADMIN
+)
+POWENS_UNLINK = _shell(
+    "powens.unlink",
+    "Delete a Powens user's stored token and take its accounts out of every refresh (history kept).",
+    ADMIN,
+)
+POWENS_LIST = _shell("powens.list", "List a tenant's Powens users, linked or not.", USER, "query")
 ACCOUNTS_LIST = _shell("accounts.list", "List a tenant's bank accounts.", ADMIN, "query")
 RUN_NIGHTLY = _shell("runs.start", "Start the nightly pipeline now.", ADMIN)
 RUN_STATUS = _shell("runs.status", "Show a nightly run's progress.", USER, "query")

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import sys
 
-from app.cli import admin_cmds, refresh_cmds, run_cmds, view_cmds  # noqa: F401 - they register their commands
+from app.cli import (  # noqa: F401 - they register their commands
+    admin_cmds,
+    powens_cmds,
+    refresh_cmds,
+    run_cmds,
+    view_cmds,
+)
 from app.cli.shell import EXIT_FAILED, EXIT_USAGE, cli, err
 from app.config import ConfigError
 

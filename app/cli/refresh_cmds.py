@@ -1,8 +1,7 @@
-"""Commands about balances and accounts: ``refresh``, ``show``, ``accounts sync|list``, ``powens link``."""
+"""Commands about balances and accounts: ``refresh``, ``show``, ``accounts sync|list``."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -13,7 +12,6 @@ from app.cli.render import account_cols, balance_cols
 from app.cli.shell import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
-    EXIT_USAGE,
     BalanceTypeOpt,
     JsonOpt,
     TenantOpt,
@@ -28,10 +26,8 @@ from app.cli.shell import (
     load,
     or_fail,
     out,
-    powens_cli,
     print_json,
     publish_or_fail,
-    read_secret,
     ready_to_publish,
     spinner,
     state,
@@ -141,25 +137,6 @@ def show(
         title=f"Balances of {tenant}",
         empty=f"tenant {tenant} has no balance recorded yet",
     )
-
-
-@powens_cli.command("link")
-def powens_link(
-    tenant: TenantOpt,
-    user_id: Annotated[int, typer.Option("--user-id", min=1, max=2**63 - 1, help="Powens id_user.")],
-) -> None:
-    """Store a Powens user's permanent token, read from stdin (never from argv), encrypted at rest."""
-    from app.admin.accounts import link_powens_user
-
-    settings, _ = authorized(ops.POWENS_LINK)
-    token = read_secret("Powens permanent token: ")
-    try:
-        created = link_powens_user(settings, tenant, user_id, token, datetime.now(UTC))
-    except (ValueError, ConfigError) as exc:
-        fail(Reason.INVALID_INPUT, str(exc), EXIT_USAGE, as_json=False)
-    except RefreshError as exc:
-        fail_from(exc, False)
-    err.print(f"Powens user {user_id} {'linked to' if created else 'token replaced for'} tenant {tenant}")
 
 
 @accounts_cli.command("sync")

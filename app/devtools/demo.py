@@ -158,8 +158,9 @@ def start_embedded_worker(settings: Settings) -> None:
 
 
 def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console, started: float) -> int:
-    from app.admin.accounts import link_powens_user, sync_accounts
+    from app.admin.accounts import sync_accounts
     from app.admin.manage import add_tenant, grant
+    from app.admin.powens_users import link_powens_user
     from app.devtools.sandbox import admin_call
     from app.policy import Actor
     from app.powens.client import build_client

@@ -4,7 +4,8 @@ Naive ``YYYY-MM-DD HH:MM:SS`` datetimes in Europe/Paris, accounts with every fie
 requires (``id_type``, ``bookmarked``, currency objects with ``name``), the ``{code, description,
 message, request_id}`` error envelope, connection states, the value-less ``all`` flag, opaque
 ``_links.next.href`` continuation (when the ``accounts_page_size`` knob asks for pages), and
-``PUT ...?psu_requested=false`` forced syncs. Data is seeded and deterministic.
+``PUT ...?psu_requested=false`` forced syncs, ``GET /users/me`` (whom a token belongs to). Data is
+seeded and deterministic.
 
 Knobs (latency, 5xx rate, 429 + Retry-After, connection states) are set at start or through
 ``/_sandbox/*`` admin routes, which also count calls, so tests and the benchmark can measure what
@@ -140,6 +141,11 @@ class SUser:
     token: str
     connections: dict[int, SConnection] = field(default_factory=dict)
     accounts: dict[int, SAccount] = field(default_factory=dict)
+    signin: datetime = field(default_factory=lambda: datetime.now(UTC).replace(microsecond=0))
+
+    def wire(self) -> dict[str, Any]:
+        """Powens' user object (``GET /users/{id}``): who the token belongs to."""
+        return {"id": self.id, "signin": powens_time(self.signin), "platform": "sharedAccess"}
 
 
 @dataclass
@@ -358,6 +364,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(r"^/2\.0/auth/init$"), "auth_init"),
     ("POST", re.compile(r"^/2\.0/auth/renew$"), "auth_renew"),
     ("GET", re.compile(r"^/2\.0/auth/token/code$"), "auth_code"),
+    ("GET", re.compile(r"^/2\.0/users/(?P<user>me|\d+)$"), "user"),
     ("GET", re.compile(r"^/2\.0/users/(?P<user>me|\d+)/accounts$"), "accounts"),
     ("GET", re.compile(r"^/2\.0/users/(?P<user>me|\d+)/accounts/(?P<account>\d+)$"), "account"),
     ("GET", re.compile(r"^/2\.0/users/(?P<user>me|\d+)/connections$"), "connections"),
@@ -644,6 +651,11 @@ class Handler(BaseHTTPRequestHandler):
         user = self._auth("me")
         self.server.state.count("GET /auth/token/code", user.id)
         return {"code": f"sbxcode_{secrets.token_hex(12)}", "type": "temporary", "access": "single"}
+
+    def powens_user(self, p: dict[str, str], q: Any, body: bytes, rid: str) -> Any:
+        user = self._auth(p["user"])  # another user's id: 403, as Powens answers
+        self._faults("GET /users/{id_user}", user)
+        return user.wire()
 
     def powens_accounts(self, p: dict[str, str], q: dict[str, list[str]], body: bytes, rid: str) -> Any:
         user = self._auth(p["user"])

@@ -47,7 +47,7 @@ from app.refresh.deps import Deps
 from app.refresh.outcomes import Attempt, Subject
 from app.refresh.shared_read import register_listed
 from app.refresh.tokens import UserToken
-from app.refresh.verdict import Verdict, Where, deleted, judge, pushed_note, pushed_recently
+from app.refresh.verdict import Verdict, Where, deleted, judge, pushed_note, pushed_recently, unlinked
 from app.retry import as_failure, backoff_seconds, is_infrastructure, say_when
 from app.store import writes
 from app.store.db import session_scope
@@ -157,6 +157,9 @@ def run_batch(
     for ld in loaded:
         if ld.account.status == AccountStatus.DELETED:
             verdicts.append((ld, Verdict.failed(started, deleted(ld.account.id))))
+            continue
+        if ld.account.status == AccountStatus.UNLINKED:  # unlinked since the run was planned
+            verdicts.append((ld, Verdict.failed(started, unlinked(ld.account.id))))
             continue
         pushed = pushed_recently(settings, ld.account.pushed_at, ld.connection.state, started)
         if pushed is not None:

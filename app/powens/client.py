@@ -24,10 +24,11 @@ from app.errors import Reason
 from app.jsonio import loads
 from app.ops import metrics
 from app.powens.errors import PowensError, error_from_response
-from app.powens.models import Answer, PowensAccount, PowensConnection, invalid
+from app.powens.models import Answer, PowensAccount, PowensConnection, invalid, parse_user_id
 
 log = logging.getLogger(__name__)
 
+EP_USER = "/users/{id_user}"
 EP_ACCOUNTS = "/users/{id_user}/accounts"
 EP_ACCOUNT = "/users/{id_user}/accounts/{id_account}"
 EP_CONNECTIONS = "/users/{id_user}/connections"
@@ -200,6 +201,12 @@ class PowensClient:
             seen.add(next_url)
 
     # -- Powens operations -------------------------------------------------------------------------
+
+    def token_owner(self, token: str, user: int | str = "me") -> Answer[int]:
+        """The id of the Powens user the token belongs to (``GET /users/me``): an answer at all proves
+        Powens accepts the token (a refused one is 401/403: ``unauthorized``)."""
+        body, rid = self.request("GET", EP_USER, token=token, path_params={"id_user": user})
+        return Answer(parse_user_id(body, EP_USER), rid)
 
     def list_accounts_raw(
         self, token: str, user: int | str = "me", *, include_disabled: bool = True

@@ -130,6 +130,15 @@ def _str(value: Any, *, field: str = "", endpoint: str = "", limit: int = 0) -> 
     return text
 
 
+def parse_user_id(raw: Any, endpoint: str) -> int:
+    """The ``id`` of a Powens user object (``GET /users/{id}``)."""
+    if not isinstance(raw, dict):
+        raise invalid("the user object is missing", endpoint)
+    user_id = _int(raw.get("id"), field="id", endpoint=endpoint)
+    assert user_id is not None  # required
+    return user_id
+
+
 @dataclass(frozen=True)
 class PowensAccount:
     id: int

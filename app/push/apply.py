@@ -181,8 +181,8 @@ def _balances(
     for done in applied.recorded:
         account_id = done.entry.subject.account_id
         if done.status == "superseded":
-            deleted = done.superseded == "deleted"
-            yield Applied(PushOutcome.DELETED if deleted else PushOutcome.OUT_OF_ORDER, account_id)
+            why = {"deleted": PushOutcome.DELETED, "unlinked": PushOutcome.UNKNOWN_USER}
+            yield Applied(why.get(done.superseded or "", PushOutcome.OUT_OF_ORDER), account_id)
         elif done.status != "recorded":
             yield Applied(PushOutcome.DUPLICATE, account_id)
         elif done.error is None:

@@ -55,6 +55,7 @@ from app.refresh.verdict import (
     judge,
     pushed_note,
     pushed_recently,
+    unlinked,
 )
 from app.retry import as_failure, infra_requeue_seconds, is_infrastructure, say_when
 from app.store import repo
@@ -225,6 +226,8 @@ def _read(
             raise NotFound(f"account {inp.account_id!r} not found in connection {inp.connection_id!r}")
         if ctx.account.status == AccountStatus.DELETED:
             return Verdict.failed(started, deleted(inp.account_id))  # no Powens call for it
+        if ctx.account.status == AccountStatus.UNLINKED:
+            return Verdict.failed(started, unlinked(inp.account_id))  # no token, no Powens call
         user = UserToken.of(deps, ctx.user)
         account_external_id = ctx.account.external_id
         where = Where(inp.tenant_id, inp.account_id, ctx.connection.id, ctx.connection.external_id)

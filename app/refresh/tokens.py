@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from app.errors import NotFound
 from app.powens.errors import PowensError
 from app.refresh.deps import Deps
 from app.store import repo
@@ -33,6 +34,8 @@ class UserToken:
 
     @classmethod
     def of(cls, deps: Deps, user: PowensUser) -> UserToken:
+        if user.token_encrypted is None:
+            raise unlinked(user)
         return cls(
             user.id,
             user.powens_user_id,
@@ -40,6 +43,15 @@ class UserToken:
             deps.cipher.decrypt(user.token_encrypted),
             bytes(user.token_encrypted),
         )
+
+
+def unlinked(user: PowensUser) -> NotFound:
+    """A user unlinked from its tenant (``balances powens unlink``) has no token: nothing calls Powens
+    for it until it is linked again."""
+    return NotFound(
+        f"Powens user {user.powens_user_id} is unlinked from tenant {user.tenant_id!r}: no token "
+        "(link it again with `balances powens link`)"
+    )
 
 
 def call(deps: Deps, user: UserToken, powens_call: Callable[[str], T]) -> T:
@@ -64,6 +76,8 @@ def renew(deps: Deps, user: UserToken) -> str:
         row = session.get(PowensUser, user.user_pk, with_for_update=True)
         if row is None:
             return user.token
+        if row.token_encrypted is None:  # unlinked while Powens refused the token: nothing to renew
+            raise unlinked(row)
         stored = deps.cipher.decrypt(row.token_encrypted)
         if stored != user.token:  # renewed by another task while we waited (compared in clear: a key
             return stored  # rotation re-encrypts the same token into another ciphertext)

@@ -13,7 +13,8 @@ The rules (docs/design.md "What Powens' word does to the store"):
   ``app.store.writes.keep_newer``); the account row and its connection's state follow the newest
   answer only (``newer``);
 - a deleted account stays deleted: nothing of a later answer is written for it (only account
-  discovery, listing it again, brings it back);
+  discovery, listing it again, brings it back); nor for an account whose Powens user was unlinked
+  (only linking the user again brings it back);
 - a status word (active, disabled, deleted) applies only when it is not older than the one that set
   the current status (``app.store.states.next_account_status``, which account discovery and the
   push's status events use too): a replayed ``ACCOUNT_DISABLED`` cannot undo a later enable;
@@ -48,6 +49,13 @@ def deleted(account_id: str) -> NotFound:
 
 def disabled(account_id: str) -> NotFound:
     return NotFound(f"account {account_id!r} is disabled at Powens (not synced)")
+
+
+def unlinked(account_id: str) -> NotFound:
+    return NotFound(
+        f"account {account_id!r} is out of refreshes: its Powens user was unlinked from the tenant "
+        "(link it again with `balances powens link`)"
+    )
 
 
 def pushed_note(pushed_at: datetime) -> str:
@@ -193,7 +201,7 @@ class Change:
     drop_unsent: bool = False  # types Powens no longer sends leave the canonical view
     account: dict[str, Any] | None = None  # the account row's new values, or None: unchanged
     connection_state: tuple[str, str | None] | None = None  # (connection id, state) to record
-    superseded: Literal["older", "deleted"] | None = None  # a push with nothing to add: nothing recorded
+    superseded: Literal["older", "deleted", "unlinked"] | None = None  # a push with nothing to add
 
 
 def newer(answer: PowensAccount | None, held: Held, at: datetime) -> bool:
@@ -211,6 +219,9 @@ def settle(verdict: Verdict, held: Held | None, account_id: str | None) -> Chang
         # Deleted while Powens answered (a push, a 404 of another refresh): it stays deleted. A push
         # for it is not news at all (a late event after CONNECTION_DELETED).
         return Change(superseded="deleted") if verdict.pushed else Change(error=error or deleted(held.id))
+    if held.status == AccountStatus.UNLINKED:
+        # Its Powens user was unlinked while Powens answered: nothing of the answer is ours to keep.
+        return Change(superseded="unlinked") if verdict.pushed else Change(error=error or unlinked(held.id))
     answer = verdict.answer
     is_newer = newer(answer, held, verdict.at)
     if verdict.pushed and answer is not None and not is_newer and verdict.word is AccountStatus.ACTIVE:

@@ -85,7 +85,7 @@ class Recorded:
     notes: list[str] = field(default_factory=list)
     records: list[Stored] = field(default_factory=list)
     replay: Terminal | None = None
-    superseded: str | None = None  # why a superseded push writes nothing: "older" or "deleted"
+    superseded: str | None = None  # why a superseded push writes nothing: "older", "deleted", "unlinked"
 
     def terminal(self) -> Terminal:
         """The outcome as the single refresh returns it (the contract's output)."""

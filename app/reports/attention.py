@@ -9,6 +9,8 @@ gauges, so the three always agree.
 - A transient state (``validating``, ``rateLimiting``, ``websiteUnavailable``, ``bug``) is Powens' to
   retry; one lasting longer than ``BALANCES_TRANSIENT_STATE_DAYS`` is escalated like a state that
   needs the user.
+- Only what is still refreshed counts: active accounts (an unlinked user's are ``unlinked``), the
+  connections of linked Powens users.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from app.jsonio import rfc3339
 from app.powens.errors import classify_state, is_transient_state
 from app.powens.links import reconnect_command
 from app.store.models import BankAccount, BankConnection, RefreshRun, RunItem
+from app.store.repo import linked_user_pks
 from app.store.states import AccountStatus, ItemStatus, RunStatus
 
 # The ``bucket`` label of openbanking_accounts_by_data_age (no ids in labels).
@@ -124,6 +127,7 @@ def connection_views(
     stmt = (
         select(BankConnection)
         .where(BankConnection.active.is_(True))
+        .where(BankConnection.powens_user_pk.in_(linked_user_pks()))  # an unlinked user's: nobody's to fix
         .where(or_(BankConnection.state.is_not(None), BankConnection.consent_expires_at <= horizon))
         .order_by(BankConnection.tenant_id, BankConnection.id)
     )
@@ -253,7 +257,7 @@ def service_counts(session: Session, settings: Settings, now: datetime) -> dict[
             BankConnection.state_since,
             BankConnection.consent_expires_at,
             BankConnection.active,
-        )
+        ).where(BankConnection.powens_user_pk.in_(linked_user_pks()))
     ):
         active += bool(is_active)
         needing += bool(is_active) and needs_attention(settings, state, since, now) is not None

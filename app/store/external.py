@@ -1,7 +1,8 @@
 """Rows found by Powens' ids (a push names Powens' user, connection and account ids, not ours).
 
 A Powens user id is linked to one tenant (unique); its connections and accounts are found within
-that user only, so a push can never reach another tenant's rows, and nothing here creates a row.
+that user only, so a push can never reach another tenant's rows, and nothing here creates a row. A
+user the tenant unlinked is not found: what Powens still says of it is no longer ours to keep.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from app.store.models import BankAccount, BankConnection, PowensUser
 
 
 def user(session: Session, powens_user_id: int) -> PowensUser | None:
-    return session.scalar(select(PowensUser).where(PowensUser.powens_user_id == powens_user_id))
+    """The linked Powens user (None: no tenant linked it, or it was unlinked)."""
+    return session.scalar(
+        select(PowensUser).where(
+            PowensUser.powens_user_id == powens_user_id, PowensUser.token_encrypted.is_not(None)
+        )
+    )
 
 
 def connection(session: Session, user_pk: int, external_id: int) -> BankConnection | None:

@@ -132,11 +132,19 @@ class Actor(Base):
 
 
 class PowensUser(Base):
+    """A Powens user a tenant linked, with its permanent token (Fernet). Unlinked (``balances powens
+    unlink``): the token is gone and ``unlinked_at`` says since when; the row stays, so its accounts'
+    history does (they are ``unlinked``), and linking the same user again takes the row back."""
+
     __tablename__ = "powens_users"
+    __table_args__ = (
+        CheckConstraint("(token_encrypted IS NULL) = (unlinked_at IS NOT NULL)", name="linked"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     powens_user_id: Mapped[int] = mapped_column(BigInteger, unique=True)
-    token_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    token_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # None: unlinked
+    unlinked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -380,7 +388,8 @@ class RunItem(Base):
 
 class AuditEvent(Base):
     """Who did what to whom, and when, for what is not a refresh (those are ``refresh_attempts``):
-    role grants and revokes, the bootstrap, key rotations, reconnect links issued, forged messages."""
+    role grants and revokes, the bootstrap, key rotations, reconnect links issued, Powens users linked
+    and unlinked, forged messages."""
 
     __tablename__ = "audit_events"
     __table_args__ = (Index("ix_audit_events_at", "at"),)
@@ -389,7 +398,7 @@ class AuditEvent(Base):
     actor: Mapped[str] = mapped_column(String(128))
     operation: Mapped[str] = mapped_column(String(128))
     subject: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    outcome: Mapped[str] = mapped_column(String(16))  # done | denied
+    outcome: Mapped[str] = mapped_column(String(16))  # done | denied | refused
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 

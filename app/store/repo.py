@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import Select, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.contract import check_id
@@ -26,6 +26,7 @@ from app.store.models import (
     RefreshAttempt,
     Tenant,
 )
+from app.store.states import AccountStatus
 
 RECORD_NAMESPACE = uuid.UUID("6f1c1a52-94f3-4c44-9d4e-0b1d2c1f7a10")
 ADMIN_LOCK = 0x62616C61  # pg_advisory_xact_lock key of role changes ("bala")
@@ -150,16 +151,33 @@ def list_actors(session: Session) -> Sequence[Actor]:
 # -- Powens users, connections, accounts ----------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Linked:
+    user: PowensUser
+    created: bool  # a new row (else its token was replaced, or an unlinked user linked again)
+    was_unlinked: bool
+    restored: int  # accounts of an unlinked user back in the refreshes
+
+
 def link_powens_user(
     session: Session, tenant_id: str, powens_user_id: int, token_encrypted: bytes, now: datetime
-) -> tuple[PowensUser, bool]:
-    row = session.scalar(select(PowensUser).where(PowensUser.powens_user_id == powens_user_id))
+) -> Linked:
+    """Store the user's token (the row of a user linked before, unlinked or not, is taken back: its
+    accounts and their history are still there, and its unlinked accounts are active again)."""
+    row = session.scalar(
+        select(PowensUser).where(PowensUser.powens_user_id == powens_user_id).with_for_update()
+    )
     if row is not None:
         if row.tenant_id != tenant_id:
-            raise ValueError(f"Powens user {powens_user_id} is already linked to another tenant")
+            raise ValueError(
+                f"Powens user {powens_user_id} is linked to another tenant (or was, and it keeps it)"
+            )
+        was_unlinked = row.token_encrypted is None
+        restored = move_user_accounts(session, row.id, AccountStatus.UNLINKED, AccountStatus.ACTIVE, now)
         row.token_encrypted = token_encrypted
+        row.unlinked_at = None
         row.updated_at = now
-        return row, False
+        return Linked(row, False, was_unlinked, restored)
     row = PowensUser(
         tenant_id=tenant_id,
         powens_user_id=powens_user_id,
@@ -169,13 +187,88 @@ def link_powens_user(
     )
     session.add(row)
     session.flush()
-    return row, True
+    return Linked(row, True, False, 0)
 
 
-def powens_users(session: Session, tenant_id: str) -> Sequence[PowensUser]:
-    return session.scalars(
-        select(PowensUser).where(PowensUser.tenant_id == tenant_id).order_by(PowensUser.powens_user_id)
+def unlink_powens_user(session: Session, user: PowensUser, now: datetime) -> int:
+    """Delete the user's token and take its active accounts out of every refresh (``unlinked``; their
+    records and snapshots stay). Returns how many accounts left the refreshes."""
+    excluded = move_user_accounts(session, user.id, AccountStatus.ACTIVE, AccountStatus.UNLINKED, now)
+    user.token_encrypted = None
+    user.unlinked_at = user.unlinked_at or now
+    user.updated_at = now
+    return excluded
+
+
+def move_user_accounts(
+    session: Session, user_pk: int, frm: AccountStatus, to: AccountStatus, now: datetime
+) -> int:
+    """Move the user's accounts in status ``frm`` to ``to`` (ours to say: linking and unlinking),
+    locking the rows first in id order, as every writer of accounts does. Returns how many moved."""
+    ids = session.scalars(
+        select(BankAccount.id)
+        .where(BankAccount.powens_user_pk == user_pk, BankAccount.status == frm)
+        .order_by(BankAccount.id)
+        .with_for_update()
     ).all()
+    if ids:
+        session.execute(
+            update(BankAccount)
+            .where(BankAccount.id.in_(ids), BankAccount.status == frm)
+            .values(status=to, status_at=now, updated_at=now)
+        )
+    return len(ids)
+
+
+def powens_user(
+    session: Session, tenant_id: str, powens_user_id: int, *, lock: bool = False
+) -> PowensUser | None:
+    """The tenant's Powens user (linked or not); another tenant's is not found."""
+    stmt = select(PowensUser).where(
+        PowensUser.tenant_id == tenant_id, PowensUser.powens_user_id == powens_user_id
+    )
+    return session.scalar(stmt.with_for_update() if lock else stmt)
+
+
+def powens_users(session: Session, tenant_id: str, *, unlinked_too: bool = False) -> Sequence[PowensUser]:
+    """The tenant's linked Powens users (with ``unlinked_too``, every one it ever linked)."""
+    stmt = select(PowensUser).where(PowensUser.tenant_id == tenant_id)
+    if not unlinked_too:
+        stmt = stmt.where(PowensUser.token_encrypted.is_not(None))
+    return session.scalars(stmt.order_by(PowensUser.powens_user_id)).all()
+
+
+def linked_user_pks() -> Select[int]:
+    """The pks of Powens users still linked (a subquery): an unlinked user's connections are nobody's
+    to fix, its accounts nobody's to refresh."""
+    return select(PowensUser.id).where(PowensUser.token_encrypted.is_not(None))
+
+
+@dataclass(frozen=True)
+class UserAccounts:
+    accounts: int
+    by_status: dict[str, int]
+    last_refreshed_at: datetime | None
+
+
+def user_accounts(session: Session, tenant_id: str) -> dict[int, UserAccounts]:
+    """Per Powens user pk of the tenant: its accounts, by status, and the last refresh of any."""
+    rows = session.execute(
+        select(
+            BankAccount.powens_user_pk,
+            BankAccount.status,
+            func.count(),
+            func.max(BankAccount.last_refreshed_at),
+        )
+        .where(BankAccount.tenant_id == tenant_id)
+        .group_by(BankAccount.powens_user_pk, BankAccount.status)
+    ).all()
+    out: dict[int, UserAccounts] = {}
+    for user_pk, status, n, last in rows:
+        held = out.get(user_pk) or UserAccounts(0, {}, None)
+        latest = max((t for t in (held.last_refreshed_at, last) if t is not None), default=None)
+        out[user_pk] = UserAccounts(held.accounts + n, {**held.by_status, status: n}, latest)
+    return out
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,10 @@ def key_opens_stored_tokens(settings: Settings) -> bool | None:
     cipher = TokenCipher.from_settings(settings)
     with session_scope(settings) as session:
         blob = session.scalar(
-            select(PowensUser.token_encrypted).order_by(PowensUser.updated_at.desc()).limit(1)
+            select(PowensUser.token_encrypted)
+            .where(PowensUser.token_encrypted.is_not(None))
+            .order_by(PowensUser.updated_at.desc())
+            .limit(1)
         )
     if blob is None:
         return None

@@ -28,6 +28,9 @@ class AccountStatus(StrEnum):
     ACTIVE = "active"
     DISABLED = "disabled"  # Powens no longer syncs it
     DELETED = "deleted"
+    # Ours, not Powens': its Powens user was unlinked from the tenant (``balances powens unlink``). Out
+    # of every refresh, history kept; linking the same user again makes it active again.
+    UNLINKED = "unlinked"
 
 
 def next_account_status(
@@ -37,8 +40,10 @@ def next_account_status(
     arrival); None when it stays. A deleted account stays deleted — only an explicit account
     discovery (``balances accounts sync``), listing it again, brings it back — and a word older than
     the one that set the current status changes nothing (a replayed ``ACCOUNT_DISABLED`` cannot undo
-    a later enable). Every writer of an account's status from Powens' word goes through here."""
-    if word is None or status == AccountStatus.DELETED:
+    a later enable). An unlinked account changes only when its user is linked again: Powens' word
+    about it is no longer ours to keep. Every writer of an account's status from Powens' word goes
+    through here."""
+    if word is None or status in (AccountStatus.DELETED, AccountStatus.UNLINKED):
         return None
     if status_at is not None and at < status_at:
         return None

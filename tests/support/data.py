@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from app.admin.accounts import link_powens_user, sync_accounts
+from app.admin.accounts import sync_accounts
+from app.admin.powens_users import link_powens_user
 from app.config import Settings
 from app.devtools.sandbox import Sandbox, SUser
 from app.policy import ADMIN, Actor

@@ -1,0 +1,116 @@
+"""Commands about Powens users: ``powens link`` (the token verified with Powens, read from stdin only),
+``powens unlink``, ``powens list``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from app.admin import operations as ops
+from app.cli.shell import (
+    JsonOpt,
+    TenantOpt,
+    authorized,
+    err,
+    fail_from,
+    out,
+    powens_cli,
+    print_json,
+    read_secret,
+)
+from app.config import ConfigError
+from app.errors import RefreshError
+
+UserIdOpt = Annotated[int, typer.Option("--user-id", min=1, max=2**63 - 1, help="Powens id_user.")]
+
+
+def _accounts(n: int) -> str:
+    return f"{n} account{'' if n == 1 else 's'}"
+
+
+@powens_cli.command("link")
+def powens_link(tenant: TenantOpt, user_id: UserIdOpt, json_: JsonOpt = False) -> None:
+    """Link a Powens user to a tenant: its permanent token, read from stdin (never from argv), is
+    verified with Powens (it must be that user's) before it is stored, encrypted. A user unlinked
+    before gets its accounts back in the refreshes."""
+    from app.admin.powens_users import link_verified, require_tenant
+    from app.refresh.deps import Deps
+
+    settings, actor = authorized(ops.POWENS_LINK, as_json=json_)
+    try:
+        require_tenant(settings, tenant)  # before anything is read from stdin
+    except RefreshError as exc:
+        fail_from(exc, json_)
+    token = read_secret("Powens permanent token: ")
+    try:
+        result = link_verified(Deps(settings), actor, tenant, user_id, token)
+    except (RefreshError, ConfigError) as exc:
+        fail_from(exc, json_)
+    if json_:
+        print_json(result.as_json())
+        return
+    said = f"Powens user {user_id} linked to tenant {tenant} (token verified)"
+    if result.relinked:
+        said += f": linked again, {_accounts(result.restored)} back in the refreshes"
+    elif not result.created:
+        said += ": the stored token was replaced"
+    err.print(said, highlight=False)
+
+
+@powens_cli.command("unlink")
+def powens_unlink(tenant: TenantOpt, user_id: UserIdOpt, json_: JsonOpt = False) -> None:
+    """Unlink a Powens user from a tenant: its stored token is deleted and its accounts leave the
+    nightly runs, on-demand refreshes and pushes (status ``unlinked``); their balance history stays.
+    `powens link` of the same user brings them back."""
+    from app.admin.powens_users import unlink
+    from app.refresh.deps import Deps
+
+    settings, actor = authorized(ops.POWENS_UNLINK, as_json=json_)
+    try:
+        result = unlink(Deps(settings), actor, tenant, user_id)
+    except (RefreshError, ConfigError) as exc:
+        fail_from(exc, json_)
+    if json_:
+        print_json(result.as_json())
+        return
+    if result.token_deleted:
+        err.print(
+            f"Powens user {user_id} unlinked from tenant {tenant}: token deleted, "
+            f"{_accounts(result.excluded)} excluded from refreshes; history kept",
+            highlight=False,
+        )
+    else:
+        err.print(
+            f"Powens user {user_id} was already unlinked from tenant {tenant} "
+            f"(since {result.unlinked_at.isoformat(timespec='seconds')}): no token stored, "
+            f"{_accounts(result.unlinked_accounts)} out of refreshes; nothing changed",
+            highlight=False,
+        )
+
+
+@powens_cli.command("list")
+def powens_list(tenant: TenantOpt, json_: JsonOpt = False) -> None:
+    """The tenant's Powens users, linked or not: their accounts and the last refresh of any."""
+    from app.admin.powens_users import list_users
+
+    settings, actor = authorized(ops.POWENS_LIST, as_json=json_)
+    try:
+        users = list_users(settings, actor, tenant)
+    except RefreshError as exc:
+        fail_from(exc, json_)
+    if json_:
+        print_json([u.as_json() for u in users])
+        return
+    table = Table("powens user", "linked", "accounts", "by status", "last refresh")
+    for u in users:
+        linked = "yes" if u.linked else f"no (since {u.unlinked_at:%Y-%m-%d})" if u.unlinked_at else "no"
+        table.add_row(
+            str(u.powens_user_id),
+            linked,
+            str(u.accounts),
+            ", ".join(f"{k} {v}" for k, v in sorted(u.accounts_by_status.items())) or "-",
+            u.last_refreshed_at.isoformat(timespec="seconds") if u.last_refreshed_at else "never",
+        )
+    out.print(table)
