@@ -126,6 +126,7 @@ LISTINGS = [
     ("attention",),
     ("tenant", "list"),
     ("admin", "list"),
+    ("powens", "list", "--tenant", "demo-acme"),
 ]
 
 

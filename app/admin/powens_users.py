@@ -99,8 +99,7 @@ def clean_token(token: str) -> str:
 
 def require_tenant(settings: Settings, tenant_id: str) -> None:
     with session_scope(settings) as session:
-        if repo.get_tenant(session, tenant_id) is None:
-            raise NotFound(f"tenant {tenant_id!r} does not exist (add it with `balances tenant add`)")
+        repo.require_tenant(session, tenant_id)
 
 
 def verify_token(client: PowensClient, token: str, powens_user_id: int) -> None:

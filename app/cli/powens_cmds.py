@@ -3,18 +3,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from app.admin import operations as ops
+from app.admin.powens_users import UserView
+from app.cli.output import Col, Format, FormatOpt, chosen, listing, stamp
 from app.cli.shell import (
     JsonOpt,
     TenantOpt,
     authorized,
     err,
     fail_from,
+    or_fail,
     out,
     powens_cli,
     print_json,
@@ -22,6 +24,9 @@ from app.cli.shell import (
 )
 from app.config import ConfigError
 from app.errors import RefreshError
+
+if TYPE_CHECKING:
+    from app.admin.powens_users import UserView
 
 UserIdOpt = Annotated[int, typer.Option("--user-id", min=1, max=2**63 - 1, help="Powens id_user.")]
 
@@ -84,33 +89,33 @@ def powens_unlink(tenant: TenantOpt, user_id: UserIdOpt, json_: JsonOpt = False)
     else:
         err.print(
             f"Powens user {user_id} was already unlinked from tenant {tenant} "
-            f"(since {result.unlinked_at.isoformat(timespec='seconds')}): no token stored, "
+            f"(since {stamp(result.unlinked_at)}): no token stored, "
             f"{_accounts(result.unlinked_accounts)} out of refreshes; nothing changed",
             highlight=False,
         )
 
 
 @powens_cli.command("list")
-def powens_list(tenant: TenantOpt, json_: JsonOpt = False) -> None:
+def powens_list(tenant: TenantOpt, fmt: FormatOpt = None, json_: JsonOpt = False) -> None:
     """The tenant's Powens users, linked or not: their accounts and the last refresh of any."""
     from app.admin.powens_users import list_users
 
-    settings, actor = authorized(ops.POWENS_LIST, as_json=json_)
-    try:
-        users = list_users(settings, actor, tenant)
-    except RefreshError as exc:
-        fail_from(exc, json_)
-    if json_:
-        print_json([u.as_json() for u in users])
-        return
-    table = Table("powens user", "linked", "accounts", "by status", "last refresh")
-    for u in users:
-        linked = "yes" if u.linked else f"no (since {u.unlinked_at:%Y-%m-%d})" if u.unlinked_at else "no"
-        table.add_row(
-            str(u.powens_user_id),
-            linked,
-            str(u.accounts),
-            ", ".join(f"{k} {v}" for k, v in sorted(u.accounts_by_status.items())) or "-",
-            u.last_refreshed_at.isoformat(timespec="seconds") if u.last_refreshed_at else "never",
-        )
-    out.print(table)
+    form = chosen(fmt, json_)
+    settings, actor = authorized(ops.POWENS_LIST, as_json=form is Format.JSON)
+    users = or_fail(lambda: list_users(settings, actor, tenant), as_json=form is Format.JSON)
+    cols: list[Col[UserView]] = [
+        Col("powens user", lambda u: str(u.powens_user_id), ident=True),
+        Col("linked", lambda u: "yes" if u.linked else f"no (since {stamp(u.unlinked_at, '?')[:10]})"),
+        Col("accounts", lambda u: str(u.accounts), justify="right"),
+        Col(
+            "by status",
+            lambda u: ", ".join(f"{k} {v}" for k, v in sorted(u.accounts_by_status.items())) or "-",
+            drop=2,
+        ),
+        Col("last refresh", lambda u: stamp(u.last_refreshed_at), drop=1),
+    ]
+    listing(out, users, cols, form, [u.as_json() for u in users], title=f"Powens users of {tenant}")
+
+
+def _by_status(user: UserView) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(user.accounts_by_status.items())) or "-"
