@@ -21,7 +21,7 @@ from kombu import Queue
 from app.config import get_settings
 from app.schedule import parse as parse_cron
 from app.worker.queues import Queue as Q
-from app.worker.queues import route
+from app.worker.queues import route, time_limits
 
 _s = get_settings()
 
@@ -47,6 +47,8 @@ task_publish_retry_policy = {"max_retries": 30, "interval_start": 0, "interval_s
 worker_prefetch_multiplier = 1
 task_soft_time_limit = _s.task_soft_time_limit
 task_time_limit = _s.task_time_limit
+# Declared per task: planning steps their own (short) limits, the rest the service's.
+task_annotations = time_limits(_s)
 worker_max_tasks_per_child = 1000
 worker_hijack_root_logger = False
 worker_send_task_events = False

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from app.admin.accounts import sync_accounts
 from app.config import Settings
 from app.errors import Reason
+from app.nightly import pipeline
 from app.refresh.coordination import get_coordinator, throttle
 from app.refresh.deps import Deps
 from app.refresh.handler import execute, give_up_refresh
@@ -95,9 +96,7 @@ def test_an_account_missing_from_one_listing_is_read_directly_and_never_deleted(
     assert sandbox.state.calls[ONE_ACCOUNT] - direct == 1  # asked Powens about that one account
     assert status_of(settings, hidden) == AccountStatus.ACTIVE
     run_id, _ = runs.create_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
-    generation = runs.claim_planning(settings, run_id)
-    assert generation is not None
-    runs.write_items(settings, run_id, generation)
+    assert pipeline.plan_run(settings, run_id, lambda *_: None, lambda *_: None) == 2
     with session_scope(settings) as s:
         planned = set(s.scalars(select(RunItem.account_id).where(RunItem.run_id == run_id)))
     assert hidden in planned  # still refreshed every night
@@ -256,10 +255,7 @@ def test_a_poison_refresh_ends_as_a_recorded_failure(settings, sandbox) -> None:
     t = seed_tenant(settings, sandbox, "f-poison-msg", accounts=1)
     acc = t.account_ids[0]
     run_id, _ = runs.create_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
-    generation = runs.claim_planning(settings, run_id)
-    assert generation is not None
-    runs.write_items(settings, run_id, generation)
-    runs.open_tenants(settings, run_id, generation)
+    assert pipeline.plan_run(settings, run_id, lambda *_: None, lambda *_: None) == 1
     raw = {"tenantId": "f-poison-msg", "accountId": acc}
     why = "given up after 6 deliveries: the worker running it died each time"
     outcome = give_up_refresh(settings, f"{run_id}:{acc}", run_id, raw, "system:scheduler", "scheduled", why)

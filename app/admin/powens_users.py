@@ -177,8 +177,7 @@ def _store(
     actor: Actor | None,
 ) -> LinkResult:
     with session_scope(settings) as session:
-        if repo.get_tenant(session, tenant_id) is None:
-            raise NotFound(f"tenant {tenant_id!r} does not exist (add it with `balances tenant add`)")
+        repo.require_tenant(session, tenant_id)
         try:
             linked = repo.link_powens_user(session, tenant_id, powens_user_id, cipher.encrypt(token), now)
         except ValueError as exc:  # linked to another tenant
@@ -205,8 +204,7 @@ def unlink(deps: Deps, actor: Actor, tenant_id: str, powens_user_id: int) -> Unl
     authorize(ops.POWENS_UNLINK, actor)
     now = deps.clock()
     with session_scope(deps.settings) as session:
-        if repo.get_tenant(session, tenant_id) is None:
-            raise NotFound(f"tenant {tenant_id!r} does not exist")
+        repo.require_tenant(session, tenant_id)
         user = repo.powens_user(session, tenant_id, powens_user_id, lock=True)
         if user is None:
             raise NotFound(f"Powens user {powens_user_id} is not linked to tenant {tenant_id!r}")
@@ -226,8 +224,7 @@ def list_users(settings: Settings, actor: Actor, tenant_id: str) -> list[UserVie
     """The tenant's Powens users, linked or not, with their accounts and the last refresh of any."""
     authorize(ops.POWENS_LIST, actor)
     with session_scope(settings) as session:
-        if repo.get_tenant(session, tenant_id) is None:
-            raise NotFound(f"tenant {tenant_id!r} does not exist")
+        repo.require_tenant(session, tenant_id)
         held = repo.user_accounts(session, tenant_id)
         views = []
         for u in repo.powens_users(session, tenant_id, unlinked_too=True):

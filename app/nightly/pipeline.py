@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from app.config import Settings
 from app.schedule import previous_fire
-from app.store import recovery, run_reports, runs
+from app.store import planning, recovery, run_reports, runs
 from app.store.states import RunStatus, TenantStatus, Trigger
 
 log = logging.getLogger(__name__)
@@ -52,30 +52,102 @@ def start_run(
     return runs.create_run(settings, trigger=trigger, actor=actor, tick=tick, business_day=business_day)
 
 
-def plan_run(settings: Settings, run_id: str, publish: Publish, enqueue_summary: EnqueueReport) -> int:
-    """Enumerate active accounts per active tenant and fan out one refresh per account.
+# enqueue_step(run_id, after, countdown) sends the run's next planning step (after: the cursor it
+# plans from; countdown: seconds to wait first, or None).
+EnqueueStep = Callable[[str, planning.Cursor | None, float | None], None]
 
-    Three passes, none holding every account in memory: the database writes the run items
-    (INSERT ... SELECT), per-tenant counters are derived from them, then the items are published in
-    batches of ``plan_batch_size`` (one fan-out message per batch; workers publish its refreshes).
-    Publishing comes last, so an early finisher always finds its tenant's counter. Returns the number
-    of accounts planned.
-    """
-    generation = runs.claim_planning(settings, run_id)
+
+def begin_planning(settings: Settings, run_id: str, enqueue_step: EnqueueStep) -> bool:
+    """Claim a pending run for planning (a fresh one, or one whose planner died: it resumes where its
+    cursor stands), give every active tenant its counter, and send the first step."""
+    generation = planning.claim(settings, run_id)
     if generation is None:
         log.info("run %s is not pending; planning skipped", run_id, extra={"run_id": run_id})
-        return 0
+        return False
+    tenants = planning.open_tenants(settings, run_id)
+    st = planning.state(settings, run_id)
+    enqueue_step(run_id, st.cursor if st else None, None)
+    log.info(
+        "run %s planning (%d tenants, generation %d)", run_id, tenants, generation, extra={"run_id": run_id}
+    )
+    return True
+
+
+def plan_step(
+    settings: Settings,
+    run_id: str,
+    after: planning.Cursor | None,
+    *,
+    publish: Publish,
+    enqueue_step: EnqueueStep,
+    enqueue_summary: EnqueueReport,
+    queued: Callable[[], int],
+) -> bool:
+    """One bounded step of planning ``run_id`` from the cursor ``after``: publish a page a step before
+    wrote but did not publish, or wait (renewing the lease) while the refresh queue already holds
+    ``plan_queue_accounts``, or write and publish the next page; the last step moves the run to running
+    and sends the summaries of tenants with nothing left. Returns whether another step was sent. A step
+    whose cursor is no longer the run's (a duplicate delivery, a re-planned run) does nothing."""
+    st = planning.state(settings, run_id)
+    if st is None or st.status is not RunStatus.PLANNING or st.cursor != after:
+        log.info("planning step of run %s superseded; nothing done", run_id, extra={"run_id": run_id})
+        return False
     try:
-        runs.write_items(settings, run_id, generation)
-        total, empty_tenants = runs.open_tenants(settings, run_id, generation)
-    except runs.Superseded:
-        log.warning("run %s was re-planned meanwhile; this planner stops", run_id, extra={"run_id": run_id})
-        return 0
-    publish_items(settings, run_id, publish, pending_only=False)
-    for tenant_id in empty_tenants:
+        if st.cursor is not None and st.published != st.cursor:
+            publish(run_id, planning.unpublished(settings, run_id, st.published, st.cursor))
+            planning.mark_published(settings, run_id, st.generation, st.cursor)
+        if queued() * settings.refresh_batch_accounts >= settings.plan_queue_accounts:
+            # Backpressure: the broker holds minutes of work, not the night; the planner stays alive.
+            if planning.hold(settings, run_id, st.generation):
+                enqueue_step(run_id, after, settings.plan_wait_seconds)
+                return True
+            return False
+        page = planning.write_page(settings, run_id, st.generation, after)
+        if page:
+            publish(run_id, page)
+            upto = (page[-1].powens_user_pk, page[-1].account_id)
+            planning.mark_published(settings, run_id, st.generation, upto)
+            enqueue_step(run_id, upto, None)
+            return True
+        ready = planning.finish(settings, run_id, st.generation, after)
+    except planning.Superseded:
+        log.info("planning step of run %s superseded; nothing done", run_id, extra={"run_id": run_id})
+        return False
+    for tenant_id in ready:
         claim_summary_and_enqueue(settings, run_id, tenant_id, enqueue_summary)
-    log.info("run %s planned: %d accounts", run_id, total, extra={"run_id": run_id})
-    return total
+    log.info("run %s planned: %d accounts", run_id, st.planned, extra={"run_id": run_id})
+    return False
+
+
+def plan_run(
+    settings: Settings,
+    run_id: str,
+    publish: Publish,
+    enqueue_summary: EnqueueReport,
+    queued: Callable[[], int] = lambda: 0,
+) -> int:
+    """The whole plan in this process, one step after the other: the steps the workers run, without a
+    broker between them (the benchmark's planning measurement; tests). Returns the accounts planned
+    (0: the run was not pending)."""
+    steps: list[planning.Cursor | None] = []
+
+    def enqueue_step(_run: str, after: planning.Cursor | None, _countdown: float | None) -> None:
+        steps.append(after)
+
+    if not begin_planning(settings, run_id, enqueue_step):
+        return 0
+    while steps:
+        plan_step(
+            settings,
+            run_id,
+            steps.pop(),
+            publish=publish,
+            enqueue_step=enqueue_step,
+            enqueue_summary=enqueue_summary,
+            queued=queued,
+        )
+    st = planning.state(settings, run_id)
+    return st.planned if st else 0
 
 
 def publish_items(settings: Settings, run_id: str, publish: Publish, *, pending_only: bool) -> int:
@@ -152,8 +224,18 @@ def sweep(
         idle = now - run.last_progress
         stalled = lost_messages or now - run.last_activity > stall
         if run.status in (RunStatus.PENDING, RunStatus.PLANNING):
-            # The plan message was lost, or the planner died before the run was running.
-            if stalled and run.replans < settings.max_redrives and recovery.replan(settings, run, now):
+            # The plan message was lost, or the planner died before the run was running. A planner
+            # whose lease is still running is alive (a slow step, or waiting for the queue to drain):
+            # left alone, unless the broker lost every message (its next step with them).
+            alive = (
+                not lost_messages and run.planner_lease_until is not None and run.planner_lease_until > now
+            )
+            if (
+                stalled
+                and not alive
+                and run.replans < settings.max_redrives
+                and recovery.replan(settings, run, now)
+            ):
                 enqueue_plan(run.id)
                 report.plans_reenqueued += 1
         elif run.status is RunStatus.RUNNING:

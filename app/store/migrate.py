@@ -22,11 +22,14 @@ def alembic_config(settings: Settings) -> Config:
 
 
 def upgrade(settings: Settings, revision: str = "head") -> None:
+    """Alembic opens the transactions itself (one per migration): a migration that must run outside
+    one (``CREATE INDEX CONCURRENTLY`` in an ``autocommit_block``) can then step out of it."""
     engine = get_engine(settings)
     cfg = alembic_config(settings)
-    with engine.begin() as conn:
+    with engine.connect() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+        conn.commit()
 
 
 def current_revision(settings: Settings) -> str | None:

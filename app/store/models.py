@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -200,6 +201,14 @@ class BankAccount(Base):
     __table_args__ = (
         UniqueConstraint("powens_user_pk", "external_id"),
         Index("ix_bank_accounts_tenant_status", "tenant_id", "status"),
+        # The planner's keyset: active accounts in (Powens user, id) order, a page at a time.
+        Index(
+            "ix_bank_accounts_active_user",
+            "powens_user_pk",
+            "id",
+            postgresql_where=text("status = 'active'"),
+            sqlite_where=text("status = 'active'"),
+        ),
         CheckConstraint(check_in("status", AccountStatus), name="status"),
     )
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -344,6 +353,14 @@ class RefreshRun(Base):
     report_outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
     report_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     report_resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Planning in steps (app.store.planning): the last account written as an item (a keyset on
+    # (Powens user, account)), the last one published, and the lease of the live planner, renewed by
+    # every step: the sweeper re-plans a planning run only once its lease ran out.
+    plan_user_pk: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    plan_account_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    published_user_pk: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    published_account_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    planner_lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class RunTenant(Base):

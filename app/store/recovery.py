@@ -37,6 +37,7 @@ class OpenRun:
     redrives: int
     replans: int
     pending: int
+    planner_lease_until: datetime | None = None  # a planning run's live planner holds it until then
 
 
 def open_runs(settings: Settings) -> list[OpenRun]:
@@ -50,10 +51,11 @@ def open_runs(settings: Settings) -> list[OpenRun]:
                 RefreshRun.redispatched_at,
                 RefreshRun.redrives,
                 RefreshRun.replans,
+                RefreshRun.planner_lease_until,
             ).where(RefreshRun.status.in_(OPEN_RUN_STATUSES))
         ).all()
         found = []
-        for run_id, status, created, planned, redriven, redrives, replans in rows:
+        for run_id, status, created, planned, redriven, redrives, replans, lease in rows:
             progress = session.scalar(select(func.max(RunItem.finished_at)).where(RunItem.run_id == run_id))
             pending = session.scalar(
                 select(func.count())
@@ -73,13 +75,15 @@ def open_runs(settings: Settings) -> list[OpenRun]:
                     redrives,
                     replans,
                     int(pending or 0),
+                    lease,
                 )
             )
     return found
 
 
 def replan(settings: Settings, run: OpenRun, now: datetime) -> bool:
-    """A run whose planner died (or whose plan message was lost) goes back to pending, counted."""
+    """A run whose planner died (or whose plan message was lost) goes back to pending, counted: the next
+    planner resumes from the run's cursor (what was planned and published stays)."""
     with session_scope(settings) as session:
         values = {"replans": RefreshRun.replans + 1, "redispatched_at": now}
         if run.status is RunStatus.PENDING:

@@ -17,16 +17,15 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import String, delete, func, insert, literal, select, text, tuple_, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.store.db import rowcount, session_scope
-from app.store.models import BankAccount, RefreshRun, RunItem, RunTenant, Tenant
+from app.store.models import RefreshRun, RunItem, RunTenant
 from app.store.states import (
     RUN_MOVES,
     TENANT_MOVES,
-    AccountStatus,
     ItemStatus,
     RunKind,
     RunStatus,
@@ -130,111 +129,6 @@ def abandon_unpublished(settings: Settings, run_id: str, why: str) -> bool:
         return move_run(session, run_id, RunStatus.PENDING, RunStatus.STALE, error=why, finished_at=_now())
 
 
-class Superseded(Exception):
-    """This planner's claim is no longer the run's: the sweeper re-planned it meanwhile."""
-
-
-def claim_planning(settings: Settings, run_id: str) -> int | None:
-    """Move a pending run to planning. Returns the planner's generation (the run's re-plan count), which
-    every later planning step checks, or None when the run was not pending."""
-    check_move(RUN_MOVES, RunStatus.PENDING, RunStatus.PLANNING)
-    with session_scope(settings) as session:
-        return session.scalar(
-            update(RefreshRun)
-            .where(RefreshRun.id == run_id, RefreshRun.status == RunStatus.PENDING)
-            .values(status=RunStatus.PLANNING, planned_at=_now())  # a live planner is progress
-            .returning(RefreshRun.replans)
-        )
-
-
-def _own(session: Session, run_id: str, generation: int) -> None:
-    """Lock the run row while it is still this planner's, or raise Superseded."""
-    mine = session.scalar(
-        select(RefreshRun.id)
-        .where(
-            RefreshRun.id == run_id,
-            RefreshRun.status == RunStatus.PLANNING,
-            RefreshRun.replans == generation,
-        )
-        .with_for_update()
-    )
-    if mine is None:
-        raise Superseded(run_id)
-
-
-def write_items(settings: Settings, run_id: str, generation: int) -> None:
-    """The run's items, computed and written by the database in one statement (INSERT ... SELECT):
-    every active account of every active tenant, pending, with its fixed task id. Items of an earlier
-    planner that died are replaced (it published nothing: publishing starts after this commits)."""
-    run_lit = literal(run_id, String)
-    with session_scope(settings) as session:
-        _own(session, run_id, generation)
-        session.execute(delete(RunItem).where(RunItem.run_id == run_id))
-        session.execute(
-            insert(RunItem).from_select(
-                ["run_id", "tenant_id", "account_id", "task_id", "status", "powens_user_pk"],
-                select(
-                    run_lit,
-                    BankAccount.tenant_id,
-                    BankAccount.id,
-                    (run_lit + literal(":", String) + BankAccount.id),
-                    literal(ItemStatus.PENDING.value, String),
-                    BankAccount.powens_user_pk,
-                )
-                .join(Tenant, Tenant.id == BankAccount.tenant_id)
-                .where(Tenant.active.is_(True), BankAccount.status == AccountStatus.ACTIVE),
-            )
-        )
-    if not settings.is_sqlite:
-        # The table just grew by a whole night of rows the planner has no statistics for: it would take
-        # "this run's pending items" for one row and scan them all on every batch's lookup by account
-        # (measured: 135-300 ms per batch at 100,000 items, growing with the run). Statistics now, so
-        # every lookup takes the primary key.
-        with session_scope(settings) as session:
-            session.execute(text("ANALYZE run_items"))
-
-
-def open_tenants(settings: Settings, run_id: str, generation: int) -> tuple[int, list[str]]:
-    """One counter row per active tenant (tenants without accounts too: they still get a summary);
-    the run moves to running. Returns (accounts planned, tenants with nothing to refresh)."""
-    with session_scope(settings) as session:
-        _own(session, run_id, generation)
-        counts = dict(
-            session.execute(
-                select(RunItem.tenant_id, func.count())
-                .where(RunItem.run_id == run_id)
-                .group_by(RunItem.tenant_id)
-            ).all()
-        )
-        tenants = session.scalars(select(Tenant.id).where(Tenant.active.is_(True)).order_by(Tenant.id)).all()
-        if tenants:
-            session.execute(
-                insert(RunTenant),
-                [
-                    {
-                        "run_id": run_id,
-                        "tenant_id": t,
-                        "status": TenantStatus.REFRESHING,
-                        "expected": counts.get(t, 0),
-                        "remaining": counts.get(t, 0),
-                        "stale": 0,
-                    }
-                    for t in tenants
-                ],
-            )
-        total = sum(counts.values())
-        move_run(
-            session,
-            run_id,
-            RunStatus.PLANNING,
-            RunStatus.RUNNING,
-            total_tenants=len(tenants),
-            total_accounts=total,
-            planned_at=_now(),
-        )
-    return total, [t for t in tenants if counts.get(t, 0) == 0]
-
-
 def item_pages(settings: Settings, run_id: str, size: int, *, pending_only: bool) -> Iterator[list[Item]]:
     """The run's items in pages of about ``size``, grouped by Powens user (keyset on user, account),
     each page read in its own short transaction so that publishing 100,000 items never holds one open.
@@ -272,6 +166,13 @@ def claim_summary(settings: Settings, run_id: str, tenant_id: str) -> bool:
     """Exactly one caller moves a tenant whose counter reached zero from refreshing to summarising."""
     with session_scope(settings) as session:
         check_move(TENANT_MOVES, TenantStatus.REFRESHING, TenantStatus.SUMMARISING)
+        # Only once the run is running: while it is planned in steps, a tenant's counter may reach 0
+        # with more of its accounts still to be planned (app.store.planning).
+        running = (
+            select(RefreshRun.id)
+            .where(RefreshRun.id == run_id, RefreshRun.status == RunStatus.RUNNING)
+            .exists()
+        )
         return bool(
             rowcount(
                 session.execute(
@@ -281,6 +182,7 @@ def claim_summary(settings: Settings, run_id: str, tenant_id: str) -> bool:
                         RunTenant.tenant_id == tenant_id,
                         RunTenant.status == TenantStatus.REFRESHING,
                         RunTenant.remaining <= 0,
+                        running,
                     )
                     .values(status=TenantStatus.SUMMARISING, summary_enqueued_at=_now())
                 )

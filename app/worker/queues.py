@@ -13,6 +13,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+from app.config import Settings
 from app.store.states import Trigger
 
 
@@ -35,6 +36,7 @@ ROUTES: dict[str, Queue] = {
     "balances.refresh_batch": Queue.REFRESH,
     "balances.start_nightly_run": Queue.REPORTS,
     "balances.plan_nightly_run": Queue.REPORTS,
+    "balances.plan_nightly_step": Queue.REPORTS,
     "balances.summarize_tenant": Queue.REPORTS,
     "balances.forecast_tenant": Queue.REPORTS,
     "balances.sweep_runs": Queue.REPORTS,
@@ -66,3 +68,15 @@ def queue_for(name: str, args: Any = (), kwargs: Any = None, task: Any = None) -
 def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any) -> dict[str, str]:
     """A Celery router (``task_routes``)."""
     return {"queue": queue_for(name, args, kwargs, task).value}
+
+
+# Planning steps have their own time limits (BALANCES_PLAN_*): a step is a page of accounts, well
+# inside them; every other task keeps the service's task limits (BALANCES_TASK_*).
+PLAN_TASKS = ("balances.plan_nightly_run", "balances.plan_nightly_step")
+
+
+def time_limits(settings: Settings) -> dict[str, dict[str, float]]:
+    """Each task's soft and hard time limits (``task_annotations``): declared per task."""
+    plan = {"soft_time_limit": settings.plan_soft_time_limit, "time_limit": settings.plan_time_limit}
+    task = {"soft_time_limit": settings.task_soft_time_limit, "time_limit": settings.task_time_limit}
+    return {name: dict(plan if name in PLAN_TASKS else task) for name in (REFRESH_TASK, *ROUTES)}

@@ -315,8 +315,33 @@ def start_nightly_run(fired_at: str | None = None) -> str:
 
 
 @app.task(name="balances.plan_nightly_run")
-def plan_nightly_run(run_id: str) -> int:
-    return pipeline.plan_run(get_settings(), run_id, publish_fanout, enqueue_summary)
+def plan_nightly_run(run_id: str) -> bool:
+    """Claim the run for planning and send its first step (a re-planned run resumes)."""
+    return pipeline.begin_planning(get_settings(), run_id, enqueue_plan_step)
+
+
+@app.task(name="balances.plan_nightly_step")
+def plan_nightly_step(run_id: str, after: list[Any] | None = None) -> bool:
+    """One step of planning: a page of accounts written as items and published as refresh batches,
+    under the planning time limits (BALANCES_PLAN_*), bounded whatever the number of accounts."""
+    return pipeline.plan_step(
+        get_settings(),
+        run_id,
+        (int(after[0]), str(after[1])) if after else None,
+        publish=publish_page,
+        enqueue_step=enqueue_plan_step,
+        enqueue_summary=enqueue_summary,
+        queued=refresh_queue_depth,
+    )
+
+
+def publish_page(run_id: str, items: Sequence[runs.Item]) -> None:
+    """A planned page as refresh batches, straight from the planner: a page is a few dozen messages."""
+    publish_batches(run_id, items)
+
+
+def enqueue_plan_step(run_id: str, after: tuple[int, str] | None, countdown: float | None) -> None:
+    plan_nightly_step.apply_async(args=(run_id, list(after) if after else None), countdown=countdown)
 
 
 @app.task(name="balances.summarize_tenant")

@@ -17,6 +17,9 @@ def _run(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        # Each migration commits on its own: one that builds an index CONCURRENTLY steps out of its
+        # transaction (autocommit_block) without ending the others'.
+        transaction_per_migration=True,
     )
     with context.begin_transaction():
         context.run_migrations()

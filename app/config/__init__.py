@@ -6,18 +6,18 @@ are fixed interfaces (README "Configuration"); the ``BALANCES_*`` tuning knobs a
 
 from __future__ import annotations
 
-import re
 import tempfile
 from datetime import UTC, date, datetime
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-POWENS_DOMAIN_RE = re.compile(r"^[a-z\d]+(-[a-z\d]+)*$")
+from app.config import values
+
 DEFAULT_DATABASE_URL = "sqlite:///balances.db"
 # Settings kept in a file of the working directory, below the process environment (which wins):
 # ``balances demo`` writes the keys of its database there, so every command run beside that database
@@ -104,6 +104,17 @@ class Settings(BaseSettings):
     # False behind PgBouncer in transaction mode (no server-side prepared statements).
     db_prepared_statements: bool = Field(True, validation_alias=_env("BALANCES_DB_PREPARED_STATEMENTS"))
     plan_batch_size: int = Field(1000, ge=1, le=10000, validation_alias=_env("BALANCES_PLAN_BATCH_SIZE"))
+    # Planning in steps (app.nightly.pipeline): each step writes and publishes one page of accounts,
+    # under its own time limits; the live planner's lease is renewed by every step; the fan-out waits
+    # while the refresh queue holds this many accounts (the broker holds minutes of work, not the night).
+    plan_page_accounts: int = Field(
+        2000, ge=1, le=100_000, validation_alias=_env("BALANCES_PLAN_PAGE_ACCOUNTS")
+    )
+    plan_soft_time_limit: float = Field(30.0, gt=0, validation_alias=_env("BALANCES_PLAN_SOFT_TIME_LIMIT"))
+    plan_time_limit: float = Field(45.0, gt=0, validation_alias=_env("BALANCES_PLAN_TIME_LIMIT"))
+    plan_lease_seconds: float = Field(300.0, gt=0, validation_alias=_env("BALANCES_PLAN_LEASE_SECONDS"))
+    plan_queue_accounts: int = Field(100_000, ge=1, validation_alias=_env("BALANCES_PLAN_QUEUE_ACCOUNTS"))
+    plan_wait_seconds: float = Field(5.0, gt=0, validation_alias=_env("BALANCES_PLAN_WAIT_SECONDS"))
     # A nightly refresh message carries the accounts of whole Powens users, at most this many (a user
     # with more accounts alone); its worker reads up to ``readers`` users from Powens at once. Chosen
     # by measurement (docs/performance.md): shorter batches keep an operator's refresh from waiting
@@ -190,108 +201,47 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, v: str) -> str:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        try:
-            backend = make_url(v).get_backend_name()
-        except ArgumentError:
-            backend = ""
-        if backend not in ("postgresql", "sqlite"):
-            raise ValueError(
-                "not a database URL this service uses: postgresql+psycopg://USER@HOST:5432/DB or "
-                "sqlite:///PATH"
-            )
-        return v
+        return values.database_url(v)
 
     @field_validator("powens_domain")
     @classmethod
     def _domain(cls, v: str | None) -> str | None:
-        if v is not None and v != "" and not POWENS_DOMAIN_RE.match(v):
-            raise ValueError("must match [a-z0-9]+(-[a-z0-9]+)*, e.g. acme-sandbox")
-        return v or None
+        return values.powens_domain(v)
 
     @field_validator("powens_base_url_override")
     @classmethod
     def _base_url(cls, v: str | None) -> str | None:
-        if not v:
-            return None
-        if not re.match(r"^https?://[^/]+", v):
-            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8765/2.0")
-        return v.rstrip("/") + "/"
+        return values.base_url(v)
 
     @field_validator("powens_timezone", "timezone")
     @classmethod
     def _zone(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown time zone {v!r}") from exc
-        return v
+        return values.zone(v)
 
     @field_validator("nightly_cron")
     @classmethod
     def _cron(cls, v: str) -> str:
-        if len(v.split()) != 5:
-            raise ValueError("must be a 5-field crontab expression such as '0 2 * * *'")
-        return v
+        return values.cron(v)
 
     @field_validator("encryption_key")
     @classmethod
     def _fernet_keys(cls, v: SecretStr | None) -> SecretStr | None:
-        """Checked when the process starts, not at 2 a.m. when the first token is read."""
-        if v is None or not v.get_secret_value().strip():
-            return None
-        import base64
-        import binascii
-
-        for key in (k.strip() for k in v.get_secret_value().split(",") if k.strip()):
-            try:
-                raw = base64.urlsafe_b64decode(key.encode())
-            except (binascii.Error, ValueError):
-                raw = b""
-            if len(raw) != 32:
-                raise ValueError("each key must be a url-safe base64 32-byte Fernet key (comma-separated)")
-        return v
+        return values.fernet_keys(v)
 
     @field_validator("signing_key", "push_signing_key")
     @classmethod
     def _signing_keys(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is None or not v.get_secret_value().strip():
-            return None
-        if any(len(k.strip()) < 32 for k in v.get_secret_value().split(",") if k.strip()):
-            raise ValueError("each key must be at least 32 characters (e.g. `openssl rand -hex 32`)")
-        return v
+        return values.signing_keys(v)
 
     @field_validator("notify_url")
     @classmethod
     def _notify_url(cls, v: SecretStr | None) -> SecretStr | None:
-        """An http(s) URL with a host. The message never repeats the value: the URL is a secret."""
-        url = v.get_secret_value().strip() if v is not None else ""
-        if not url:
-            return None
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises on a port that is not a number in range
-        except ValueError:
-            parts = None
-        if (
-            parts is None
-            or parts.scheme not in ("http", "https")
-            or not parts.hostname
-            or any(c.isspace() for c in url)
-        ):
-            raise ValueError("must be an http(s) URL such as https://hooks.example.com/balances")
-        return SecretStr(url)
+        return values.notify_url(v)
 
     @field_validator("notify_secret")
     @classmethod
     def _notify_secret(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is None or not v.get_secret_value().strip():
-            return None
-        if len(v.get_secret_value().strip()) < 16:
-            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 32`)")
-        return SecretStr(v.get_secret_value().strip())
+        return values.notify_secret(v)
 
     @model_validator(mode="after")
     def _schedule(self) -> Settings:
@@ -306,6 +256,14 @@ class Settings(BaseSettings):
     def _limits(self) -> Settings:
         if self.task_time_limit <= self.task_soft_time_limit:
             raise ValueError("BALANCES_TASK_TIME_LIMIT must exceed BALANCES_TASK_SOFT_TIME_LIMIT")
+        if self.plan_time_limit <= self.plan_soft_time_limit:
+            raise ValueError("BALANCES_PLAN_TIME_LIMIT must exceed BALANCES_PLAN_SOFT_TIME_LIMIT")
+        # A step may run for its hard limit, or wait for the queue to drain: its lease outlasts both.
+        if self.plan_lease_seconds <= self.plan_time_limit + self.plan_wait_seconds:
+            raise ValueError(
+                "BALANCES_PLAN_LEASE_SECONDS must exceed "
+                "BALANCES_PLAN_TIME_LIMIT + BALANCES_PLAN_WAIT_SECONDS"
+            )
         # A countdown longer than the visibility timeout makes Redis redeliver the task early.
         if self.retry_cap_seconds + self.task_time_limit >= self.visibility_timeout:
             raise ValueError(
