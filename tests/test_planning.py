@@ -143,3 +143,75 @@ def test_a_live_planner_is_not_replanned_and_a_dead_one_resumes_where_it_stopped
         assert run is not None and run.status == RunStatus.RUNNING and run.total_accounts == 12
         items = s.scalar(select(func.count()).select_from(RunItem).where(RunItem.run_id == run_id))
     assert items == 12 and [len(p) for p in published] == [4, 4, 4]  # resumed: each page once
+
+
+def test_the_fan_out_waits_while_the_refresh_queue_holds_its_budget(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    """Backpressure: a step that finds the refresh queue already holding ``plan_queue_accounts`` writes
+    nothing, renews its lease and comes back ``plan_wait_seconds`` later; the broker holds minutes of
+    work, not the night."""
+    seed_tenant(settings, sandbox, "waves", users=2, accounts=3)
+    s = settings.model_copy(update={"plan_page_accounts": 3, "plan_queue_accounts": 100})
+    run_id, _ = runs.create_run(s, trigger=Trigger.ON_DEMAND, actor="alice")
+    sent: list[tuple[tuple[int, str] | None, float | None]] = []
+    pipeline.begin_planning(s, run_id, lambda _r, after, countdown: sent.append((after, countdown)))
+    depth = [s.plan_queue_accounts // s.refresh_batch_accounts]  # messages: the budget, exactly
+    published: list[runs.Item] = []
+
+    def step() -> bool:
+        after, _ = sent[-1]
+        return pipeline.plan_step(
+            s,
+            run_id,
+            after,
+            publish=lambda _r, items: published.extend(items),
+            enqueue_step=lambda _r, a, c: sent.append((a, c)),
+            enqueue_summary=lambda *_: None,
+            queued=lambda: depth[0],
+        )
+
+    assert step()
+    assert sent[-1] == (None, s.plan_wait_seconds) and published == []  # waited, wrote nothing
+    with session_scope(s) as db:
+        run = db.get(RefreshRun, run_id)
+        assert run is not None and run.planner_lease_until is not None
+        assert run.planner_lease_until > datetime.now(UTC) + timedelta(seconds=s.plan_lease_seconds - 60)
+        assert db.scalar(select(func.count()).select_from(RunItem).where(RunItem.run_id == run_id)) == 0
+    depth[0] -= 1  # workers took one message
+    assert step() and len(published) == 3 and sent[-1][1] is None
+
+
+def test_a_tenant_is_summarised_only_once_its_whole_plan_is_written(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    """A page may end in the middle of a tenant: the refreshes of its first page can all finish before
+    the next page adds more of its accounts. Its summary waits for the run to be running."""
+    seed_tenant(settings, sandbox, "split", users=2, accounts=2)  # two pages of one user each
+    s = settings.model_copy(update={"plan_page_accounts": 2})
+    run_id, _ = runs.create_run(s, trigger=Trigger.ON_DEMAND, actor="alice")
+    sent: list[tuple[int, str] | None] = []
+    summaries: list[str] = []
+    pipeline.begin_planning(s, run_id, lambda _r, after, _c: sent.append(after))
+
+    def step() -> bool:
+        return pipeline.plan_step(
+            s,
+            run_id,
+            sent.pop(),
+            publish=lambda *_: None,
+            enqueue_step=lambda _r, a, _c: sent.append(a),
+            enqueue_summary=lambda _r, tenant: summaries.append(tenant),
+            queued=lambda: 0,
+        )
+
+    assert step()  # the first user's two accounts
+    with session_scope(s) as db:  # ...both refreshed already: the tenant's counter is at 0
+        db.execute(text("UPDATE run_tenants SET remaining = 0 WHERE run_id = :r"), {"r": run_id})
+    assert not runs.claim_summary(s, run_id, "split")  # not yet: the run is still planning
+    assert step()  # the second user's accounts: the counter is 2 again
+    assert not step()  # nothing left: the run is running
+    assert summaries == []  # the tenant still has 2 accounts to refresh
+    with session_scope(s) as db:
+        db.execute(text("UPDATE run_tenants SET remaining = 0 WHERE run_id = :r"), {"r": run_id})
+    assert runs.claim_summary(s, run_id, "split")
