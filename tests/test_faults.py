@@ -481,10 +481,13 @@ def test_a_message_that_kills_its_worker_every_time_ends_after_bounded_deliverie
     import redis as redis_lib
     from celery import Celery
 
+    from app.celery import SigningAMQP
+
     with run_worker(
         rig.env, rig.tmp / "w.log", concurrency=1, extra_args=("--include", "tests.poison_tasks")
     ) as worker:
-        sender = Celery("poison-sender", broker=rig.redis.url)  # the service's own app stays untouched
+        # Signed as the service signs (its AMQP sender), on the rig's broker; the service's app untouched.
+        sender = Celery("poison-sender", broker=rig.redis.url, amqp=SigningAMQP)
         sender.send_task("tests.poison", args=(rig.redis.url, "poison-runs"), queue="interactive")
         sender.close()
         back = time.monotonic()
