@@ -242,7 +242,8 @@ def test_a_worker_killed_mid_run_still_completes_without_duplicate_snapshots(
         os.killpg(doomed.proc.pid, signal.SIGKILL)  # parent and pool children, no warm shutdown
         doomed.proc.wait()
     sandbox.state.knobs.latency_ms = 0
-    assert runs.run_status(settings, run_id)["status"] == "running"  # type: ignore[index]
+    # Killed mid-run: still open (its last planning step may have died with the worker too).
+    assert runs.run_status(settings, run_id)["status"] in ("planning", "running")  # type: ignore[index]
 
     with run_worker(env, tmp_path / "w2.log"):
 
