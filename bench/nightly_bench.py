@@ -58,7 +58,7 @@ import threading
 import time
 import tracemalloc
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
@@ -857,9 +857,46 @@ def _knobs(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, Any]]:
     return env, overrides
 
 
+def plan_in_steps(
+    settings: Settings, run_id: str, publish: Callable[[str, Sequence[Any]], None]
+) -> tuple[int, list[float]]:
+    """Plan ``run_id`` as the workers do — ``begin_planning``, then one ``plan_step`` after the other —
+    in this process, timing each step (the broker between them is not what is measured). Returns the
+    accounts planned and each step's seconds."""
+    from app.nightly import pipeline
+    from app.store import planning
+
+    steps: list[planning.Cursor | None] = []
+    took: list[float] = []
+
+    def enqueue(_run: str, after: planning.Cursor | None, _countdown: float | None) -> None:
+        steps.append(after)
+
+    t0 = time.perf_counter()
+    pipeline.begin_planning(settings, run_id, enqueue)
+    took.append(time.perf_counter() - t0)
+    while steps:
+        t0 = time.perf_counter()
+        pipeline.plan_step(
+            settings,
+            run_id,
+            steps.pop(),
+            publish=publish,
+            enqueue_step=enqueue,
+            enqueue_summary=lambda *_: None,
+            queued=lambda: 0,
+        )
+        took.append(time.perf_counter() - t0)
+    state = planning.state(settings, run_id)
+    return (state.planned if state else 0), took
+
+
 def bench_planning(args: argparse.Namespace) -> dict[str, Any]:
-    """The planner task's body (whatever ``balances.plan_nightly_run`` does now), in this process,
-    against the real broker: wall time and Python heap peak."""
+    """Planning ``--plan-accounts`` accounts in this process, step by step as the workers run it:
+    wall time, each step's time against its own time limit (the target: no step over half of it),
+    statements and Python heap peak. ``--plan-publish broker`` publishes each page's refresh batches
+    to the real broker (then purged); ``none`` measures the database side alone (10 M accounts'
+    messages would not fit the broker: in production backpressure keeps them out of it)."""
     from prometheus_client import REGISTRY
 
     from app.worker import tasks
@@ -870,6 +907,14 @@ def bench_planning(args: argparse.Namespace) -> dict[str, Any]:
     name, url = fresh_db()
     r = redis.Redis.from_url(REDIS_URL)
     settings = None
+    published = [0]
+
+    def publish(run_id: str, items: Sequence[Any]) -> None:
+        published[0] += len(items)
+        if args.plan_publish == "broker":
+            tasks.publish_page(run_id, items)
+            r.delete("refresh")  # nobody consumes them here: the broker must not hold the night
+
     try:
         settings = bench_settings(url, "http://127.0.0.1:9/2.0/", generate_key(), 0, **overrides)
         use_settings(settings)
@@ -885,25 +930,33 @@ def bench_planning(args: argparse.Namespace) -> dict[str, Any]:
         statements0 = REGISTRY.get_sample_value("balances_db_statements_total") or 0.0
         tracemalloc.start()
         t0 = time.perf_counter()
-        planned = tasks.plan_nightly_run.run(run_id)
+        planned, took = plan_in_steps(settings, run_id, publish)
         elapsed = time.perf_counter() - t0
         _cur, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         statements = (REGISTRY.get_sample_value("balances_db_statements_total") or 0.0) - statements0
-        from app.worker.queues import Queue
-
-        queued = {q.value: queue_len(r, q.value) for q in Queue}
+        limit = settings.plan_time_limit
         return {
             "accounts": n,
             "users": users,
             "planned": planned,
+            "published": published[0],
+            "publish": args.plan_publish,
+            "page_accounts": settings.plan_page_accounts,
             "seed_s": round(t_seed, 2),
             "seed": timings,
             "wall_s": round(elapsed, 3),
             "accounts_per_s": round(planned / elapsed) if elapsed else None,
+            "steps": len(took),
+            "step_s": {
+                "p50": round(quantile(took, 0.5), 4),
+                "p99": round(quantile(took, 0.99), 4),
+                "max": round(max(took), 4),
+            },
+            "step_limit_s": limit,
+            "max_step_share_of_limit": round(max(took) / limit, 4),
             "heap_peak_mib": round(peak / 2**20, 1),
             "db_statements": int(statements),
-            "messages_queued": queued,
         }
     finally:
         with shielded():
@@ -1264,7 +1317,9 @@ def render(res: dict[str, Any]) -> str:
         else:
             row(
                 f"| planning {p['accounts']:,} accounts | {p['wall_s']:.2f} s ({_n(p['accounts_per_s'])} "
-                f"accounts/s), heap peak {p['heap_peak_mib']} MiB, {p['db_statements']:,} statements |"
+                f"accounts/s) in {p['steps']:,} steps (longest {p['step_s']['max']:.3f} s = "
+                f"{p['max_step_share_of_limit']:.1%} of its {p['step_limit_s']:g} s limit), heap peak "
+                f"{p['heap_peak_mib']} MiB, {p['db_statements']:,} statements |"
             )
     r = res.get("run")
     if r and "error" in r:
@@ -1410,6 +1465,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--scaling-noop", type=int, default=2_000, help="no-op messages per scaling point")
     ap.add_argument("--plan-accounts", type=int, default=100_000)
     ap.add_argument("--skip-planning", action="store_true")
+    ap.add_argument(
+        "--plan-publish",
+        choices=("broker", "none"),
+        default="broker",
+        help="planning measurement: publish each page's batches to the broker (then purged), or not",
+    )
     ap.add_argument("--batch-accounts", type=int, default=None, help="BALANCES_REFRESH_BATCH_ACCOUNTS")
     ap.add_argument("--batch-readers", type=int, default=None, help="BALANCES_REFRESH_BATCH_READERS")
     ap.add_argument(

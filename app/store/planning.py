@@ -24,8 +24,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, func, insert, literal, select, text, tuple_, update
+from sqlalchemy import ColumnElement, String, and_, func, insert, literal, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -35,6 +36,19 @@ from app.store.runs import Item, move_run
 from app.store.states import RUN_MOVES, AccountStatus, ItemStatus, RunStatus, TenantStatus, check_move
 
 Cursor = tuple[int, str]  # (Powens user pk, account id): the keyset planning pages through
+
+
+# The keyset, on accounts and on items: (Powens user pk, account id).
+ACCOUNT_KEY = tuple_(BankAccount.powens_user_pk, BankAccount.id)
+ITEM_KEY = tuple_(RunItem.powens_user_pk, RunItem.account_id)
+
+
+def _between(key: Any, after: Cursor | None, upto: Cursor | None) -> list[ColumnElement[bool]]:
+    """``after < key <= upto``, either bound open when None."""
+    return [
+        *((key > after,) if after is not None else ()),
+        *((key <= upto,) if upto is not None else ()),
+    ]
 
 
 class Superseded(Exception):
@@ -91,9 +105,16 @@ def open_tenants(settings: Settings, run_id: str) -> int:
                     ).where(Tenant.active.is_(True)),
                 )
             )
-        return int(
+        tenants = int(
             session.scalar(select(func.count()).select_from(RunTenant).where(RunTenant.run_id == run_id)) or 0
         )
+    if not settings.is_sqlite:
+        # Its new rows have no statistics: the query planner would take this run's tenants for a few
+        # and drive every page from them (every account of every tenant, then a sort: measured 33 ms
+        # a page at 100,000 accounts) instead of reading the page off the keyset index.
+        with session_scope(settings) as session:
+            session.execute(text("ANALYZE run_tenants"))
+    return tenants
 
 
 def state(settings: Settings, run_id: str) -> PlanState | None:
@@ -132,57 +153,78 @@ def _own(session: Session, run_id: str, generation: int, after: Cursor | None) -
 
 def write_page(settings: Settings, run_id: str, generation: int, after: Cursor | None) -> list[Item]:
     """The next page of active accounts after ``after``, written as pending items with their task
-    ids, added to their tenants' counters, the cursor and the lease moved on: one transaction. A page
-    ends at a Powens user's boundary (a user with more accounts than a page is split), so one refresh
-    message never carries part of a user whose other part another message reads again."""
+    ids, added to their tenants' counters, the cursor and the lease moved on: one transaction of a few
+    set-based statements (the database writes the items, ``INSERT … SELECT``; one row per statement
+    cost 1 statement per account, measured: 3,400 accounts/s). A page ends at a Powens user's boundary
+    (a user with more accounts than a page is split), so one refresh message never carries part of a
+    user whose other part another message reads again."""
     size = settings.plan_page_accounts
     with session_scope(settings) as session:
         run = _own(session, run_id, generation, after)
-        stmt = (
-            select(BankAccount.powens_user_pk, BankAccount.id, BankAccount.tenant_id)
-            .join(RunTenant, and_(RunTenant.run_id == run_id, RunTenant.tenant_id == BankAccount.tenant_id))
-            .where(BankAccount.status == AccountStatus.ACTIVE)
-            .order_by(BankAccount.powens_user_pk, BankAccount.id)
-            .limit(size + 1)
+        planned = and_(
+            BankAccount.status == AccountStatus.ACTIVE,
+            select(RunTenant.tenant_id)
+            .where(RunTenant.run_id == run_id, RunTenant.tenant_id == BankAccount.tenant_id)
+            .exists(),
+            *_between(ACCOUNT_KEY, after, None),
         )
-        if after is not None:
-            stmt = stmt.where(tuple_(BankAccount.powens_user_pk, BankAccount.id) > after)
-        rows = [(int(u), str(a), str(t)) for u, a, t in session.execute(stmt)]
-        page = rows[:size]
-        if len(rows) > size and rows[size][0] == page[-1][0]:
-            page = [r for r in page if r[0] != page[-1][0]] or page
+        keys = [
+            (int(u), str(a))
+            for u, a in session.execute(
+                select(BankAccount.powens_user_pk, BankAccount.id)
+                .where(planned)
+                .order_by(BankAccount.powens_user_pk, BankAccount.id)
+                .limit(size + 1)
+            )
+        ]
+        page = keys[:size]
+        if len(keys) > size and keys[size][0] == page[-1][0]:
+            page = [k for k in page if k[0] != page[-1][0]] or page
         if not page:
             return []
-        items = [Item(f"{run_id}:{acc}", tenant, acc, user) for user, acc, tenant in page]
-        session.execute(
-            insert(RunItem),
-            [
-                {
-                    "run_id": run_id,
-                    "tenant_id": i.tenant_id,
-                    "account_id": i.account_id,
-                    "task_id": i.task_id,
-                    "status": ItemStatus.PENDING,
-                    "powens_user_pk": i.powens_user_pk,
-                }
-                for i in items
-            ],
+        upto = page[-1]
+        run_lit = literal(run_id, String)
+        written = session.execute(
+            insert(RunItem)
+            .from_select(
+                ["run_id", "tenant_id", "account_id", "task_id", "status", "powens_user_pk"],
+                select(
+                    run_lit,
+                    BankAccount.tenant_id,
+                    BankAccount.id,
+                    run_lit + literal(":", String) + BankAccount.id,
+                    literal(ItemStatus.PENDING.value, String),
+                    BankAccount.powens_user_pk,
+                ).where(planned, upto >= ACCOUNT_KEY),
+            )
+            .returning(RunItem.task_id, RunItem.tenant_id, RunItem.account_id, RunItem.powens_user_pk)
+        ).all()
+        items = sorted(
+            (Item(str(t), str(tn), str(a), int(u)) for t, tn, a, u in written),
+            key=lambda i: (i.powens_user_pk, i.account_id),
         )
         per_tenant = Counter(i.tenant_id for i in items)
-        # One lock order everywhere tenants' counters change: by tenant id.
-        table = RunTenant.__table__
-        assert isinstance(table, Table)
-        counters = table.c
-        session.connection().execute(  # Core: one statement, executed for each tenant of the page
-            update(table)
-            .where(counters.run_id == run_id, counters.tenant_id == bindparam("tenant"))
-            .values(
-                expected=counters.expected + bindparam("n"), remaining=counters.remaining + bindparam("n")
-            ),
-            [{"tenant": t, "n": n} for t, n in sorted(per_tenant.items())],
+        # One lock order everywhere tenants' counters change: by tenant id (then one UPDATE … FROM).
+        session.execute(
+            select(RunTenant.tenant_id)
+            .where(RunTenant.run_id == run_id, RunTenant.tenant_id.in_(sorted(per_tenant)))
+            .order_by(RunTenant.tenant_id)
+            .with_for_update()
+        ).all()
+        added = (
+            select(RunItem.tenant_id, func.count().label("n"))
+            .where(RunItem.run_id == run_id, *_between(ITEM_KEY, after, upto))
+            .group_by(RunItem.tenant_id)
+            .subquery()
+        )
+        session.execute(
+            update(RunTenant)
+            .where(RunTenant.run_id == run_id, RunTenant.tenant_id == added.c.tenant_id)
+            .values(expected=RunTenant.expected + added.c.n, remaining=RunTenant.remaining + added.c.n)
+            .execution_options(synchronize_session=False)
         )
         now = _now()
-        run.plan_user_pk, run.plan_account_id = page[-1][0], page[-1][1]
+        run.plan_user_pk, run.plan_account_id = upto
         run.total_accounts += len(items)
         run.planned_at = now  # progress, for the sweeper
         run.planner_lease_until = _lease(settings, now)
@@ -211,12 +253,10 @@ def unpublished(settings: Settings, run_id: str, published: Cursor | None, curso
             .where(
                 RunItem.run_id == run_id,
                 RunItem.status == ItemStatus.PENDING,
-                tuple_(RunItem.powens_user_pk, RunItem.account_id) <= cursor,
+                *_between(ITEM_KEY, published, cursor),
             )
             .order_by(RunItem.powens_user_pk, RunItem.account_id)
         )
-        if published is not None:
-            stmt = stmt.where(tuple_(RunItem.powens_user_pk, RunItem.account_id) > published)
         return [Item(str(t), str(tn), str(a), int(u)) for t, tn, a, u in session.execute(stmt)]
 
 
