@@ -15,13 +15,13 @@ Why each setting (docs/design.md "Celery"):
 
 from datetime import timedelta
 
-from celery.schedules import schedule
+from celery.schedules import crontab, schedule
 from kombu import Queue
 
 from app.config import get_settings
 from app.schedule import parse as parse_cron
+from app.worker.queues import PRUNE_TASK, route, time_limits
 from app.worker.queues import Queue as Q
-from app.worker.queues import route, time_limits
 
 _s = get_settings()
 
@@ -90,5 +90,12 @@ beat_schedule = {
         "task": "balances.sweep_runs",
         "schedule": _s.sweep_interval_seconds,
         "options": {"expires": _s.sweep_interval_seconds},
+    },
+    # Retention (docs/retention.md): 01:30, hours before the nightly run (04:00 by default) and after
+    # the day's operators; a tick no worker ran within 6 h is dropped (the next day's resumes).
+    "prune-history": {
+        "task": PRUNE_TASK,
+        "schedule": crontab(minute=30, hour=1),
+        "options": {"expires": 6 * 3600},
     },
 }

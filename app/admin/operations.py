@@ -23,6 +23,11 @@ def _shell(key: str, description: str, auth: str, kind: str = "command") -> Oper
 
 # Whoever can reach the database may migrate it (the shell is trusted with DATABASE_URL).
 DB_UPGRADE = _shell("db.upgrade", "Apply the schema migrations.", ANONYMOUS)
+DB_PRUNE = _shell(
+    "db.prune",
+    "Apply the retention policy now: prune old run items, audit rows and reports; make snapshot partitions.",
+    ADMIN,
+)
 # Needs an admin — except once: while no admin exists, anyone may grant the first (app.admin.manage.grant).
 ADMIN_GRANT = _shell("actors.grant", "Grant a role to an actor.", ADMIN)
 ADMIN_REVOKE = _shell("actors.revoke", "Revoke a role from an actor.", ADMIN)

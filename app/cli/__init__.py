@@ -10,6 +10,7 @@ import sys
 
 from app.cli import (  # noqa: F401 - they register their commands
     admin_cmds,
+    db_cmds,
     powens_cmds,
     refresh_cmds,
     run_cmds,

@@ -151,6 +151,15 @@ class Settings(BaseSettings):
     )
     forecast_min_points: int = Field(7, ge=2, validation_alias=_env("BALANCES_FORECAST_MIN_POINTS"))
 
+    # Retention (docs/retention.md): days kept of finished runs' items and tenants, of the machine's audit
+    # rows (an operator's are kept), of runs' summaries and forecasts. Pruned daily, in batches of one
+    # short transaction each, at most BALANCES_PRUNE_MAX_ROWS rows an invocation. Snapshots are kept.
+    keep_run_items_days: int = Field(35, ge=2, validation_alias=_env("BALANCES_KEEP_RUN_ITEMS_DAYS"))
+    keep_attempts_days: int = Field(35, ge=2, validation_alias=_env("BALANCES_KEEP_ATTEMPTS_DAYS"))
+    keep_reports_days: int = Field(90, ge=2, validation_alias=_env("BALANCES_KEEP_REPORTS_DAYS"))
+    prune_batch_size: int = Field(5000, ge=1, le=100_000, validation_alias=_env("BALANCES_PRUNE_BATCH_SIZE"))
+    prune_max_rows: int = Field(1_000_000, ge=1, validation_alias=_env("BALANCES_PRUNE_MAX_ROWS"))
+
     # The push path (app.push): Powens' HMAC secret(s), comma-separated, newest first.
     webhook_secret: SecretStr | None = Field(None, validation_alias=_env("POWENS_WEBHOOK_SECRET"))
     webhook_tolerance_seconds: float = Field(

@@ -50,6 +50,17 @@ class PushOutcome(StrEnum):
     UNKNOWN_ACCOUNT = "unknown_account"  # a connection we have not registered (a status event)
 
 
+class HistoryTable(StrEnum):
+    """The ``table`` label of ``balances_retention_deleted_rows_total``: the tables retention prunes
+    (``app.store.retention``, docs/retention.md)."""
+
+    RUN_ITEMS = "run_items"
+    RUN_TENANTS = "run_tenants"
+    TENANT_SUMMARIES = "tenant_summaries"
+    CASHFLOW_FORECASTS = "cashflow_forecasts"
+    REFRESH_ATTEMPTS = "refresh_attempts"
+
+
 PUSH_EVENTS = (
     "CONNECTION_SYNCED",
     "ACCOUNT_SYNCED",
@@ -145,6 +156,11 @@ RUN_REPORTS = Counter(
     "delivery ended: sent (2xx), failed (every attempt failed), refused (a 4xx other than 429).",
     ["outcome"],
 )
+RETENTION_DELETED = Counter(
+    "balances_retention_deleted_rows",
+    "Rows the retention task deleted from the history tables, by table (docs/retention.md).",
+    ["table"],
+)
 
 
 def preinitialise_tasks(names: Iterable[str]) -> None:
@@ -165,6 +181,8 @@ def _preinitialise() -> None:
             RETRIES.labels(provider=PROVIDER, reason=reason.value)
     for report in ReportOutcome:
         RUN_REPORTS.labels(outcome=report.value)
+    for table in HistoryTable:
+        RETENTION_DELETED.labels(table=table.value)
     for event in PUSH_EVENTS:
         for push in (PushOutcome.QUEUED, PushOutcome.STORED, PushOutcome.REJECTED_SIGNATURE):
             WEBHOOKS.labels(event=event, outcome=push.value)

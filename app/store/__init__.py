@@ -2,7 +2,8 @@
 (``states``), the write path's set-based statements (``writes``, over ``recordset``, the one dialect
 seam), the nightly run's state (``runs``, ``recovery``; its report's delivery: ``run_reports``), the
 one registration path (``registry``), other queries (``repo``, ``external``), secrets at rest
-(``secrets``), migrations.
+(``secrets``), how long the history tables keep their rows (``retention``) and the snapshots' monthly
+partitions (``partitions``), migrations.
 
 Knows SQL, nothing of HTTP or Celery: imports the foundation modules, ``app.ops``, and Powens'
 payload models (``registry`` maps them), never the Powens client.

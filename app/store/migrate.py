@@ -22,14 +22,23 @@ def alembic_config(settings: Settings) -> Config:
 
 
 def upgrade(settings: Settings, revision: str = "head") -> None:
-    """Alembic opens the transactions itself (one per migration): a migration that must run outside
-    one (``CREATE INDEX CONCURRENTLY`` in an ``autocommit_block``) can then step out of it."""
+    """Each migration in a transaction of its own, begun by Alembic (not by us: a migration that builds
+    an index ``CONCURRENTLY`` steps out of it, which Alembic refuses inside a caller's transaction)."""
     engine = get_engine(settings)
     cfg = alembic_config(settings)
     with engine.connect() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
         conn.commit()
+
+
+def downgrade(settings: Settings, revision: str) -> None:
+    """Back to ``revision`` (tests and operators' rollbacks; the shell has no command for it)."""
+    engine = get_engine(settings)
+    cfg = alembic_config(settings)
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
 
 
 def current_revision(settings: Settings) -> str | None:

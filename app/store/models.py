@@ -260,7 +260,10 @@ class AccountBalance(Base):
 
 
 class BalanceSnapshot(Base):
-    """Daily history: one row per (account, balance type, business day)."""
+    """Daily history: one row per (account, balance type, business day), kept forever (the forecasts'
+    history). On PostgreSQL partitioned by month on ``day`` (migration 0012, ``app.store.partitions``),
+    where the primary key is ``(id, day)``: a partitioned table's keys include its partition key. ``id``
+    (from one sequence) is the ORM's identity either way."""
 
     __tablename__ = "balance_snapshots"
     __table_args__ = (
@@ -289,6 +292,8 @@ class RefreshAttempt(Base):
     __table_args__ = (
         Index("ix_refresh_attempts_tenant_account", "tenant_id", "account_id"),
         Index("ix_refresh_attempts_run", "run_id"),
+        # Retention deletes the oldest by keyset on it (app.store.retention, migration 0012).
+        Index("ix_refresh_attempts_finished", "finished_at", "id"),
         CheckConstraint(check_in("outcome", AttemptOutcome), name="outcome"),
         CheckConstraint(check_in("trigger", Trigger), name="trigger"),
     )

@@ -3,8 +3,8 @@
 No call site names a queue: ``celeryconfig.task_routes`` points here. On-demand refreshes go to
 ``interactive`` (drained first by every worker, so the nightly flood never starves an operator),
 Powens pushes to ``push`` (next: a push is as fresh as data gets, and cheap to apply),
-planning, reports (summaries, forecasts, the run report) and the sweeper to ``reports``, scheduled
-refreshes and their fan-out to ``refresh``. Imports nothing heavy: ``celeryconfig`` and the beat's
+planning, reports (summaries, forecasts, the run report), the sweeper and retention to ``reports``,
+scheduled refreshes and their fan-out to ``refresh``. Imports nothing heavy: ``celeryconfig`` and the beat's
 exporter use it.
 """
 
@@ -30,6 +30,7 @@ class Queue(StrEnum):
 
 REFRESH_TASK = "balances.refresh_account"
 PUSH_TASK = "balances.apply_push"
+PRUNE_TASK = "balances.prune_history"  # retention (docs/retention.md): daily, on reports
 ROUTES: dict[str, Queue] = {
     PUSH_TASK: Queue.PUSH,
     "balances.fanout_batch": Queue.REFRESH,
@@ -41,6 +42,7 @@ ROUTES: dict[str, Queue] = {
     "balances.forecast_tenant": Queue.REPORTS,
     "balances.sweep_runs": Queue.REPORTS,
     "balances.send_run_report": Queue.REPORTS,
+    PRUNE_TASK: Queue.REPORTS,
 }
 
 

@@ -27,10 +27,10 @@ from app.refresh.handler import deny_refresh, execute, give_up_refresh
 from app.refresh.outcomes import Attempt
 from app.reports import jobs, notify
 from app.retry import requeue_seconds
-from app.store import runs
+from app.store import retention, runs
 from app.store.states import Trigger
 from app.worker import liveness
-from app.worker.queues import PUSH_TASK, REFRESH_TASK, ROUTES, Queue
+from app.worker.queues import PRUNE_TASK, PUSH_TASK, REFRESH_TASK, ROUTES, Queue
 from app.worker.taskbase import Again, BalancesTask, Finish, action_for
 
 log = logging.getLogger(__name__)
@@ -420,6 +420,21 @@ def apply_push(payload: str, received_at: str) -> dict[str, int]:
     Idempotent per account, so a redelivery (or Powens sending it twice) writes nothing twice."""
     applied = apply(Deps.default(), payload, datetime.fromisoformat(received_at))
     return dict(Counter(a.outcome.value for a in applied))
+
+
+# -- retention (docs/retention.md) -------------------------------------------------------------------
+RESUME_SECONDS = 5.0
+
+
+@app.task(name=PRUNE_TASK)
+def prune_history() -> dict[str, Any]:
+    """One bounded invocation of the retention policy (``app.store.retention.prune``). Rows left and no
+    run open: the next invocation is queued at once, so a backlog drains in steps that each give the
+    worker back to the queue's other tasks; a run open: tomorrow's goes on."""
+    report = retention.prune(get_settings())
+    if report.resume:
+        prune_history.apply_async(countdown=RESUME_SECONDS)
+    return report.as_json()
 
 
 metrics.preinitialise_tasks([REFRESH_TASK, *ROUTES])

@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from app.store.models import Base
+from app.store.partitions import schema_names
 
 config = context.config
 target_metadata = Base.metadata
@@ -17,9 +18,10 @@ def _run(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
-        # Each migration commits on its own: one that builds an index CONCURRENTLY steps out of its
-        # transaction (autocommit_block) without ending the others'.
+        # One transaction per migration: a migration with an autocommit block (an index built
+        # CONCURRENTLY) commits the ones before it anyway; this makes that the rule, not a surprise.
         transaction_per_migration=True,
+        include_name=schema_names,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -8,8 +8,8 @@ an index instead of sorting every account for every page. Built ``CONCURRENTLY``
 ``bank_accounts`` is read and written all night, and a plain CREATE INDEX would block its writers for
 as long as the build takes (minutes at 10 M accounts).
 
-Revision ID: 0012
-Revises: 0011
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-07
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0012"
-down_revision: str | None = "0011"
+revision: str = "0013"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
