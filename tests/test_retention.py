@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select, text
+from sqlalchemy import event, func, select, text, update
 
 from app.config import Settings
 from app.devtools.sandbox import Sandbox
@@ -423,3 +423,38 @@ def test_a_window_too_short_for_a_redelivered_task_is_refused_by_name() -> None:
     ):
         with pytest.raises(ConfigError, match=variable):
             load_settings(**{field: 0})
+
+
+def test_a_pruned_run_still_shows_its_counts(settings: Settings, sandbox: Sandbox) -> None:
+    """The move that ends a run keeps its final counts on the run row: `run status` and `run list`
+    show them after retention pruned its items (they showed 0 succeeded, 0 failed)."""
+    from app.nightly import pipeline
+    from app.store import recovery, runs
+    from tests.support.data import seed_tenant
+
+    seed_tenant(settings, sandbox, "kept", accounts=3)
+    run_id, _ = runs.create_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
+    assert pipeline.plan_run(settings, run_id, lambda *_: None, lambda *_: None) == 3
+    with session_scope(settings) as session:
+        first, second, _third = sorted(
+            session.scalars(select(RunItem.account_id).where(RunItem.run_id == run_id))
+        )
+        session.execute(update(RunItem).where(RunItem.account_id == first).values(status="succeeded"))
+        session.execute(
+            update(RunItem).where(RunItem.account_id == second).values(status="failed", reason="unauthorized")
+        )
+    assert recovery.give_up(settings, run_id, RunStatus.RUNNING, datetime.now(UTC), "test")
+    before = runs.run_status(settings, run_id)
+    retention.prune(settings, datetime.now(UTC) + timedelta(days=settings.keep_run_items_days + 1))
+    with session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(RunItem).where(RunItem.run_id == run_id)) == 0
+    after = runs.run_status(settings, run_id)
+    assert before is not None and after is not None
+    assert (
+        after["accounts"]
+        == before["accounts"]
+        == {"total": 3, "pending": 1, "succeeded": 1, "failed": 1, "stale": 0}
+    )
+    assert after["failuresByReason"] == {"unauthorized": 1}
+    [listed] = [r for r in runs.list_runs(settings) if r["runId"] == run_id]
+    assert listed["accounts"] == after["accounts"]

@@ -366,6 +366,9 @@ class RefreshRun(Base):
     published_user_pk: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     published_account_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     planner_lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Its items' final counts by status and failure reason, written by the move that ends the run:
+    # what `run status` and `run list` show once retention pruned the items.
+    outcomes: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class RunTenant(Base):

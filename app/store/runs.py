@@ -58,6 +58,8 @@ def _now() -> datetime:
 
 def move_run(session: Session, run_id: str, frm: RunStatus, to: RunStatus, **values: Any) -> bool:
     check_move(RUN_MOVES, frm, to)
+    if not to.open:  # the move that ends a run keeps its final counts on it (its items are pruned later)
+        values.setdefault("outcomes", item_counts(session, run_id))
     return bool(
         rowcount(
             session.execute(
@@ -215,6 +217,26 @@ def last_success(settings: Settings) -> datetime | None:
 # -- status --------------------------------------------------------------------------------------------
 
 
+def item_counts(session: Session, run_id: str) -> dict[str, Any]:
+    """The run's items by status, and its failures by reason."""
+    by_status = dict(
+        session.execute(
+            select(RunItem.status, func.count()).where(RunItem.run_id == run_id).group_by(RunItem.status)
+        ).all()
+    )
+    by_reason = dict(
+        session.execute(
+            select(RunItem.reason, func.count())
+            .where(RunItem.run_id == run_id, RunItem.status == ItemStatus.FAILED)
+            .group_by(RunItem.reason)
+        ).all()
+    )
+    return {
+        **{s.value: int(by_status.get(s, 0)) for s in ItemStatus},
+        "failuresByReason": {str(k): int(v) for k, v in by_reason.items()},
+    }
+
+
 def run_status(settings: Settings, run_id: str | None = None) -> dict[str, Any] | None:
     """Counts, duration, failures by reason, stale accounts: what `balances run status` shows."""
     with session_scope(settings) as session:
@@ -225,18 +247,7 @@ def run_status(settings: Settings, run_id: str | None = None) -> dict[str, Any] 
         run = session.get(RefreshRun, run_id)
         if run is None:
             return None
-        by_status = dict(
-            session.execute(
-                select(RunItem.status, func.count()).where(RunItem.run_id == run_id).group_by(RunItem.status)
-            ).all()
-        )
-        by_reason = dict(
-            session.execute(
-                select(RunItem.reason, func.count())
-                .where(RunItem.run_id == run_id, RunItem.status == ItemStatus.FAILED)
-                .group_by(RunItem.reason)
-            ).all()
-        )
+        counts = run.outcomes or item_counts(session, run_id)
         stale = session.execute(
             select(RunItem.tenant_id, RunItem.account_id)
             .where(RunItem.run_id == run_id, RunItem.status == ItemStatus.STALE)
@@ -260,11 +271,8 @@ def run_status(settings: Settings, run_id: str | None = None) -> dict[str, Any] 
             "finishedAt": run.finished_at,
             "durationSeconds": round((end - run.created_at).total_seconds(), 3),
             "tenants": {"total": run.total_tenants, **dict(tenants.items())},
-            "accounts": {
-                "total": run.total_accounts,
-                **{s.value: by_status.get(s, 0) for s in ItemStatus},
-            },
-            "failuresByReason": {str(k): v for k, v in by_reason.items()},
+            "accounts": {"total": run.total_accounts, **{s.value: int(counts.get(s, 0)) for s in ItemStatus}},
+            "failuresByReason": dict(counts.get("failuresByReason", {})),
             "staleAccounts": [{"tenantId": t, "accountId": a} for t, a in stale],
             "error": run.error,
         }
@@ -277,10 +285,11 @@ def list_runs(settings: Settings, limit: int = 20) -> list[dict[str, Any]]:
         found = session.scalars(
             select(RefreshRun).order_by(RefreshRun.created_at.desc(), RefreshRun.id.desc()).limit(limit)
         ).all()
-        counts: dict[str, dict[str, int]] = {r.id: {} for r in found}
+        # A finished run carries its final counts; only open runs' items are counted (grouped, once).
+        counts: dict[str, dict[str, Any]] = {r.id: dict(r.outcomes or {}) for r in found}
         for run_id, status, n in session.execute(
             select(RunItem.run_id, RunItem.status, func.count())
-            .where(RunItem.run_id.in_(list(counts)))
+            .where(RunItem.run_id.in_([r.id for r in found if r.outcomes is None]))
             .group_by(RunItem.run_id, RunItem.status)
         ):
             counts[run_id][status] = int(n)

@@ -3,6 +3,7 @@
 ``refresh_runs.plan_user_pk`` / ``plan_account_id``: the last account written as an item (the keyset
 of (Powens user, account id) the planner pages through); ``published_*``: the last one published;
 ``planner_lease_until``: until when the live planner holds the run (renewed by every step).
+``outcomes``: the run's final counts, kept on the run when retention prunes its items.
 ``ix_bank_accounts_active_user``: the planner reads a page of active accounts in that order, from
 an index instead of sorting every account for every page. Built ``CONCURRENTLY`` on PostgreSQL:
 ``bank_accounts`` is read and written all night, and a plain CREATE INDEX would block its writers for
@@ -33,6 +34,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("published_user_pk", sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column("published_account_id", sa.String(64), nullable=True))
         batch.add_column(sa.Column("planner_lease_until", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("outcomes", sa.JSON(), nullable=True))
     where = sa.text("status = 'active'")
     if op.get_bind().dialect.name == "postgresql":
         with op.get_context().autocommit_block():
@@ -56,6 +58,7 @@ def downgrade() -> None:
         op.drop_index(INDEX, table_name="bank_accounts")
     with op.batch_alter_table("refresh_runs") as batch:
         for column in (
+            "outcomes",
             "planner_lease_until",
             "published_account_id",
             "published_user_pk",
