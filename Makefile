@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit promtool bench bench-full clean
+.PHONY: demo test lint typecheck unit promtool bench bench-full bench-steady clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
@@ -42,6 +42,11 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(BIN)/python -m bench.nightly_bench --accounts 100000 --users 20000 --latency-ms 100 --scaling
+
+# The steady state (hours, ~60 GB of disk): planning 1 M and 10 M accounts, the broker during a 1 M fan-out,
+# the nightly run on a young database and on one with 1 M accounts and 90 days of history.
+bench-steady: $(STAMP)
+	$(BIN)/python -m bench.steady_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache balances.db

@@ -977,9 +977,12 @@ def run_phase(
     rate_limit: float,
     noop: int,
     probes: bool,
+    prepare: Callable[[Settings, str], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A fresh database and sandbox, seeded; the no-op ceiling (``noop`` > 0) on the workers just
-    started; then one nightly run on those workers (with on-demand probes when ``probes``)."""
+    """A fresh database and sandbox, seeded (then ``prepare(settings, url)``, whose answer goes in the
+    result as ``prepared``: the steady-state benchmark's history); the no-op ceiling (``noop`` > 0) on
+    the workers just started; then one nightly run on those workers (with on-demand probes when
+    ``probes``)."""
     log(
         f"{label}: {accounts:,} accounts / {users:,} users, {workers} worker(s) x {concurrency} ({args.pool})"
     )
@@ -1018,6 +1021,8 @@ def run_phase(
                 timings=timings,
             )
             grant_probe_actor(settings)
+            if prepare is not None:
+                result["prepared"] = prepare(settings, url)
             result.update(
                 accounts=len(seeded),
                 users=users,

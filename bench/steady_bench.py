@@ -37,7 +37,7 @@ from typing import Any
 
 import redis
 
-from app.config import use_settings
+from app.config import Settings, use_settings
 from app.nightly import pipeline
 from app.store.db import get_engine
 from app.store.migrate import upgrade
@@ -208,6 +208,85 @@ def fanout(accounts: int, drain_per_s: float, per_user: int = 5) -> dict[str, An
             r.flushdb()
 
 
+def runs(args: argparse.Namespace) -> dict[str, Any]:
+    """The same nightly run (bench.nightly_bench's full run) on a young database, then on an aged
+    one; their per-account costs side by side."""
+    from bench import nightly_bench
+
+    full = nightly_bench.parse_args(
+        [
+            "--accounts", str(args.accounts), "--users", str(args.accounts // 5),
+            "--latency-ms", "100", "--skip-planning", "--skip-rate",
+        ]
+    )  # fmt: skip
+    users = args.accounts // 5
+
+    def aged(settings: Settings, url: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        added = history.seed_accounts(
+            url,
+            first_user=users + 1,
+            users=args.history_accounts // 5,
+            per_user=5,
+            users_per_tenant=10,
+            prefix="h",
+            active=False,
+            token=b"not-a-token",
+        )
+        log(f"aged: {args.history_accounts:,} more accounts in {added}")
+        seeded = history.seed_history(
+            url, days=args.days, item_days=args.item_days, today=settings.business_day(), log=log
+        )
+        sizes = history.table_sizes(url)
+        log(f"aged: history in {time.perf_counter() - t0:.0f} s {seeded}; sizes {sizes}")
+        return {
+            "history_accounts": args.history_accounts,
+            "days": args.days,
+            "item_days": args.item_days,
+            "seconds": round(time.perf_counter() - t0),
+            "accounts_s": added,
+            "history_s": seeded,
+            "table_sizes": sizes,
+        }
+
+    common = {
+        "accounts": args.accounts,
+        "users": users,
+        "workers": 2,
+        "concurrency": 2,
+        "rate_limit": 0,
+        "noop": args.noop,
+        "probes": True,
+    }
+    young = nightly_bench.run_phase(full, "young", **common)
+    nightly_bench._ratio(young)
+    old = nightly_bench.run_phase(full, "aged", prepare=aged, **common)
+    nightly_bench._ratio(old)
+    return {"young": young, "aged": old, "compared": compare(young, old)}
+
+
+def compare(young: dict[str, Any], aged: dict[str, Any]) -> dict[str, Any]:
+    """Aged over young, per account: what a year of history costs the nightly run."""
+
+    def per_account(r: dict[str, Any], *path: str) -> float | None:
+        value: Any = r
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return float(value) if isinstance(value, int | float) else None
+
+    out: dict[str, Any] = {}
+    for name, path in (
+        ("worker_cpu_ms_per_account", ("cpu", "ms_per_account", "workers")),
+        ("postgres_cpu_ms_per_account", ("cpu", "ms_per_account", "postgres")),
+        ("statements_per_account", ("db_statements", "per_account_excl_probes")),
+        ("ratio_to_ceiling", ("ratio_to_ceiling",)),
+        ("accounts_per_s", ("accounts_per_s",)),
+    ):
+        y, a = per_account(young, *path), per_account(aged, *path)
+        out[name] = {"young": y, "aged": a, "aged_over_young": round(a / y, 3) if y and a else None}
+    return out
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -216,6 +295,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--plan-sizes", default="1000000,10000000")
     ap.add_argument("--fanout-accounts", type=int, default=1_000_000)
     ap.add_argument("--drain-per-s", type=float, default=100.0, help="messages/s taken off the refresh queue")
+    ap.add_argument("--accounts", type=int, default=100_000, help="accounts the nightly run refreshes")
+    ap.add_argument(
+        "--history-accounts", type=int, default=900_000, help="more accounts in the aged database"
+    )
+    ap.add_argument("--days", type=int, default=90, help="days of snapshots of every account")
+    ap.add_argument("--item-days", type=int, default=35, help="days of run items and audit rows (retention)")
+    ap.add_argument("--noop", type=int, default=20_000, help="no-op messages of the ceiling")
     ap.add_argument("--out", type=Path, default=None)
     return ap.parse_args(argv)
 
@@ -233,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         res["planning"] = [planning_at(int(n)) for n in args.plan_sizes.split(",")]
     if "fanout" in phases:
         res["fanout"] = fanout(args.fanout_accounts, args.drain_per_s)
+    if "runs" in phases:
+        res["runs"] = runs(args)
     out = args.out or RESULTS / f"steady-{started:%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps(res, indent=2, default=str))
     (RESULTS / "latest-steady.json").write_text(json.dumps(res, indent=2, default=str))
