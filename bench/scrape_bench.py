@@ -13,7 +13,9 @@ dropped at the end, on an error, Ctrl-C or SIGTERM too):
    disabled, 3 % deleted; bank data under a day old for 70 %, 1-3 days 15 %, 3-7 days 8 %, older 5 %,
    never 2 %. Then ``VACUUM ANALYZE``.
 2. The aggregate: ``app.reports.attention.service_counts`` in this process, ``--repeats`` times (wall
-   time of each), and each of its statements under ``EXPLAIN (ANALYZE, BUFFERS)`` (plan shape, time).
+   time of each); three more with parallel workers off, reading the backend's CPU time in /proc (the
+   database's cost of one computation; the server's total would count other databases' work); and
+   each of its statements under ``EXPLAIN (ANALYZE, BUFFERS)`` (plan shape, time).
    With ``--try-index``: again with a partial index on the active accounts' ``powens_last_update``
    (created, measured, dropped: what an index-only scan would buy).
 3. The beat: a real ``celery -A app beat`` (RedBeat on ``--redis``, metrics on a free port,
@@ -55,7 +57,7 @@ from typing import Any
 import psycopg
 import redis
 import requests
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from app.config import Settings, load_settings
 from app.reports.attention import service_counts
@@ -238,6 +240,14 @@ def aggregate(settings: Settings, repeats: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             counts = service_counts(session, settings, now)
             times.append(round(time.perf_counter() - t0, 4))
+    backend_cpu = []
+    for _ in range(3):  # the database's CPU: one backend, no parallel workers, so /proc has it all
+        with session_scope(settings) as session:
+            session.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            cpu0 = proc_cpu(pid)
+            service_counts(session, settings, datetime.now(UTC))
+            backend_cpu.append(round(proc_cpu(pid) - cpu0, 3))
     plans = []
     with session_scope(settings) as session:
         raw = session.connection().connection.dbapi_connection
@@ -260,6 +270,7 @@ def aggregate(settings: Settings, repeats: int) -> dict[str, Any]:
     return {
         "repeats_s": times,
         "median_s": round(statistics.median(times), 4),
+        "postgres_cpu_s": backend_cpu,  # of the backend, with parallel workers off
         "counts": {
             "ages": counts.ages,
             "needing": counts.needing,
@@ -304,21 +315,6 @@ def proc_cpu(pid: int) -> float:
     raw = Path(f"/proc/{pid}/stat").read_text()
     fields = raw[raw.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK
-
-
-def postgres_cpu() -> float:
-    """CPU seconds of every postgres process of the machine, reaped backends included (in the
-    postmaster's cutime/cstime); other databases' work on the same server is counted too."""
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            raw = Path(f"/proc/{entry}/stat").read_text()
-            if raw[raw.index("(") + 1 : raw.rindex(")")] == "postgres":
-                fields = raw[raw.rindex(")") + 2 :].split()
-                total += sum(int(x) for x in fields[11:15]) / CLK
-    return total
 
 
 class RssSampler(threading.Thread):
@@ -403,7 +399,7 @@ def beat(
         idle_kb = proc_kb(proc.pid, "VmRSS:")
         sampler = RssSampler(proc.pid)
         sampler.start()
-        cpu0, pg0 = proc_cpu(proc.pid), postgres_cpu()
+        cpu0 = proc_cpu(proc.pid)
         latencies, computed_at, durations = [], set(), set()
         t_phase = time.perf_counter()
         for _ in range(args.scrapes):
@@ -417,7 +413,7 @@ def beat(
                 durations.add(parsed.get(("balances_service_gauges_compute_duration_seconds", ())))
             time.sleep(args.scrape_interval)
         phase_s = time.perf_counter() - t_phase
-        cpu_s, pg_s = proc_cpu(proc.pid) - cpu0, postgres_cpu() - pg0
+        cpu_s = proc_cpu(proc.pid) - cpu0
         rss = sampler.stop()
         hwm_kb = proc_kb(proc.pid, "VmHWM:")
         end_kb = proc_kb(proc.pid, "VmRSS:")
@@ -458,8 +454,6 @@ def beat(
         },
         "beat_cpu_s": round(cpu_s, 2),
         "beat_cpu_ms_per_scrape": round(cpu_s * 1000 / args.scrapes, 1),
-        "postgres_cpu_s": round(pg_s, 2),  # the whole server's: other databases' load included
-        "postgres_cpu_s_per_computation": round(pg_s / computations, 3),
     }
 
 
@@ -484,7 +478,8 @@ def render(res: dict[str, Any]) -> str:
     a = res["aggregate"]
     lines.append(
         f"| one computation of the counts (this process) | median {a['median_s'] * 1000:,.0f} ms "
-        f"({', '.join(f'{t * 1000:,.0f}' for t in a['repeats_s'])} ms) |"
+        f"({', '.join(f'{t * 1000:,.0f}' for t in a['repeats_s'])} ms); PostgreSQL CPU "
+        f"{', '.join(f'{t * 1000:,.0f}' for t in a['postgres_cpu_s'])} ms (one backend, serial) |"
     )
     for st in a["statements"]:
         lines.append(f"| &nbsp; statement | {st['execution_ms']:,.0f} ms: {' > '.join(st['nodes'])} |")
@@ -501,7 +496,7 @@ def render(res: dict[str, Any]) -> str:
             f"{b['scrape_s']['p50'] * 1000:,.1f} ms, p95 {b['scrape_s']['p95'] * 1000:,.1f} ms, max "
             f"{b['scrape_s']['max'] * 1000:,.0f} ms; RSS idle {r['idle_before_scrapes']} MiB, steady "
             f"{r['steady']} MiB, peak {r['peak_vmhwm']} MiB; beat CPU {b['beat_cpu_ms_per_scrape']} ms "
-            f"per scrape; PostgreSQL CPU {b['postgres_cpu_s_per_computation']} s per computation |"
+            f"per scrape |"
         )
     return "\n".join(lines)
 
