@@ -93,6 +93,8 @@ def exported_metric_names() -> set[str]:
         "openbanking_connections_consent_expiring",
         "openbanking_connections",
         "openbanking_accounts_by_data_age",
+        "balances_service_gauges_computed_timestamp_seconds",
+        "balances_service_gauges_compute_duration_seconds",
     }
     assert tuple(q.value for q in Queue) == ("interactive", "push", "reports", "refresh")  # priority order
     # Gauges with no value yet (no sample) still exist as families.

@@ -414,7 +414,7 @@ def test_the_operator_views_leave_out_an_unlinked_users_connections(
     def needing() -> tuple[set[int], int]:
         with session_scope(settings) as s:
             views = tenant_views(s, settings, "lk-views", now)
-            counted = service_counts(s, settings, now)["needing"]
+            counted = service_counts(s, settings, now).needing
         return {c["powensConnectionId"] for c in views["connectionsNeedingUser"]}, counted
 
     assert needing() == (set(gone.connections) | set(kept.connections), 2)

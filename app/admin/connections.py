@@ -7,7 +7,7 @@ temporary code — goes only to the person who asked.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -20,7 +20,7 @@ from app.powens.links import reconnect_command, reconnect_url
 from app.refresh import tokens
 from app.refresh.deps import Deps
 from app.refresh.tokens import UserToken
-from app.reports.attention import needs_attention
+from app.reports.attention import consent_ending, needs_attention
 from app.store import repo
 from app.store.db import session_scope
 from app.store.models import BankAccount, BankConnection, PowensUser
@@ -56,7 +56,6 @@ def connection_list(settings: Settings, tenant_id: str) -> list[dict[str, Any]]:
     consent's end, its active accounts, and — when it needs a person (``needs_attention``) or its
     consent ends within BALANCES_CONSENT_WARNING_DAYS — the command that makes its reconnect link."""
     now = datetime.now(UTC)
-    horizon = now + timedelta(days=settings.consent_warning_days)
     with session_scope(settings) as session:
         repo.require_tenant(session, tenant_id)
         accounts = (
@@ -73,7 +72,7 @@ def connection_list(settings: Settings, tenant_id: str) -> list[dict[str, Any]]:
         listed = []
         for c, powens_user_id, active_accounts in rows:
             why = needs_attention(settings, c.state, c.state_since, now) if c.active else None
-            ending = c.active and c.consent_expires_at is not None and c.consent_expires_at <= horizon
+            ending = c.active and consent_ending(settings, c.consent_expires_at, now)
             listed.append(
                 {
                     "connectionId": c.id,

@@ -178,6 +178,13 @@ class Settings(BaseSettings):
     stale_after_days: float = Field(3.0, gt=0, validation_alias=_env("BALANCES_STALE_AFTER_DAYS"))
     consent_warning_days: float = Field(7.0, gt=0, validation_alias=_env("BALANCES_CONSENT_WARNING_DAYS"))
     transient_state_days: float = Field(3.0, gt=0, validation_alias=_env("BALANCES_TRANSIENT_STATE_DAYS"))
+    # The beat's gauges of the above (and of active connections) are counted by the database at most
+    # this often, off the scrape; a scrape serves the last counts and when they were computed
+    # (docs/design.md "Observability": the aggregates read every account, a scrape comes every 15 s).
+    # At most 10 minutes: the ServiceGaugesStale alert takes counts 15 minutes old for stuck ones.
+    gauge_refresh_seconds: float = Field(
+        60.0, ge=1, le=600, validation_alias=_env("BALANCES_GAUGE_REFRESH_SECONDS")
+    )
 
     # The run report (app.reports.notify): a signed POST of each finished nightly run's report. The URL
     # is a credential itself (a Slack or Teams webhook URL is all it takes to post): kept secret, and

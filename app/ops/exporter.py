@@ -14,10 +14,17 @@ import re
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.config import Settings
+from app.ops.refreshed import Refreshed
+
+if TYPE_CHECKING:
+    from app.reports.attention import ServiceCounts
 
 log = logging.getLogger(__name__)
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -45,14 +52,48 @@ def prepare_multiprocess(settings: Settings) -> Path | None:
 
 
 def serve_beat_metrics(settings: Settings) -> None:
-    """Beat (one leader at a time) also exports what no worker sees: queue depth, connections that
-    need their user. Read at scrape time, so the numbers are never stale."""
-    serve_worker_metrics(settings, extra=(ServiceCollector(settings),))
+    """Beat (leader and standby alike) also exports what no worker sees: queue depth, connections that
+    need their user, accounts by the age of their bank data. The first computation of the counts
+    starts with the server, so the first scrape finds them."""
+    collector = ServiceCollector(settings)
+    serve_worker_metrics(settings, extra=(collector,))
+    if settings.metrics_port != 0:
+        collector.counts.start_if_due()
 
 
 class ServiceCollector:
-    def __init__(self, settings: Settings) -> None:
+    """The beat's gauges. Queue depth is read at each scrape (a few Redis LLENs). The service counts
+    (``app.reports.attention.service_counts``: aggregates over every account and connection) are
+    computed at most every BALANCES_GAUGE_REFRESH_SECONDS on a thread of their own; a scrape serves
+    the last counts with the time they describe (``balances_service_gauges_computed_timestamp_seconds``)
+    and how long they took, so a scrape costs the same at a thousand accounts or ten million and
+    staleness is visible (docs/design.md "Observability"). ``clock`` and ``spawn``: ``Refreshed``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        spawn: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
         self.settings = settings
+        self.counts: Refreshed[ServiceCounts] = Refreshed(
+            "service gauges", self._count, settings.gauge_refresh_seconds, clock=clock, spawn=spawn
+        )
+
+    def _count(self, at: float) -> ServiceCounts:
+        from sqlalchemy import text
+
+        from app.reports.attention import service_counts
+        from app.store.db import session_scope
+
+        with session_scope(self.settings) as session:
+            if session.get_bind().dialect.name == "postgresql":
+                # Bounded: an aggregate stuck behind a lock (a migration's) must not hold its
+                # connection, nor queue others behind it, longer than about a period.
+                timeout_ms = int(max(self.settings.gauge_refresh_seconds, 30) * 1000)
+                session.execute(text(f"SET LOCAL statement_timeout = {timeout_ms}"))
+            return service_counts(session, self.settings, datetime.fromtimestamp(at, UTC))
 
     def collect(self):  # type: ignore[no-untyped-def]
         from prometheus_client.core import GaugeMetricFamily
@@ -78,41 +119,44 @@ class ServiceCollector:
             log.warning("queue depth unavailable", exc_info=True)
         yield depth
 
-        try:
-            from datetime import UTC, datetime
-
-            from app.reports.attention import service_counts
-            from app.store.db import session_scope
-
-            with session_scope(self.settings) as session:
-                counts = service_counts(session, self.settings, datetime.now(UTC))
-        except Exception:
-            log.warning("connection and account states unavailable", exc_info=True)
+        computed = self.counts.latest()
+        if computed is None:  # never computed yet (the database unreadable since start): absent
             return
-        needing = GaugeMetricFamily(
+        counts = computed.value
+        yield GaugeMetricFamily(
             "openbanking_connections_needing_user",
             "Bank connections that need a person: a state only the end user can fix (SCA, wrong "
             "password, ...), or a transient state lasting past BALANCES_TRANSIENT_STATE_DAYS.",
+            value=float(counts.needing),
         )
-        needing.add_metric([], float(counts["needing"]))
-        yield needing
-        expiring = GaugeMetricFamily(
+        yield GaugeMetricFamily(
             "openbanking_connections_consent_expiring",
             "Active connections whose PSD2 consent ends within BALANCES_CONSENT_WARNING_DAYS.",
+            value=float(counts.expiring),
         )
-        expiring.add_metric([], float(counts["expiring"]))
-        yield expiring
-        connections = GaugeMetricFamily("openbanking_connections", "Active bank connections.")
-        connections.add_metric([], float(counts["connections"]))
-        yield connections
+        yield GaugeMetricFamily(
+            "openbanking_connections", "Active bank connections.", value=float(counts.connections)
+        )
         ages = GaugeMetricFamily(
             "openbanking_accounts_by_data_age",
             "Active accounts by the age of the bank's data (Powens last_update; never: no sync yet).",
             labels=["bucket"],
         )
-        for bucket, n in counts["ages"].items():
+        for bucket, n in counts.ages.items():
             ages.add_metric([bucket], float(n))
         yield ages
+        yield GaugeMetricFamily(
+            "balances_service_gauges_computed_timestamp_seconds",
+            "Unix time the beat's connection and account gauges describe: when they were last "
+            "computed (at most every BALANCES_GAUGE_REFRESH_SECONDS; older: the database could not "
+            "be read since).",
+            value=computed.at,
+        )
+        yield GaugeMetricFamily(
+            "balances_service_gauges_compute_duration_seconds",
+            "How long the last computation of the beat's connection and account gauges took.",
+            value=computed.seconds,
+        )
 
 
 def serve_worker_metrics(

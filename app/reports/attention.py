@@ -11,35 +11,58 @@ gauges, so the three always agree.
   needs the user.
 - Only what is still refreshed counts: active accounts (an unlinked user's are ``unlinked``), the
   connections of linked Powens users.
+
+Each rule is a Python function of one row (the lists: a few rows, read with their ids) and, beside it,
+the same rule as a SQL expression (the beat's gauges: counted by the database over every row, so a
+scrape reads a handful of numbers, never the rows; docs/design.md "Observability"). Both are built from
+the same constants, and ``tests/test_service_gauges.py`` holds the two to the same counts row by row.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, func, or_, select
+from sqlalchemy import ColumnElement, String, and_, case, func, or_, select
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from app.config import Settings
 from app.errors import Reason
 from app.jsonio import rfc3339
-from app.powens.errors import classify_state, is_transient_state
+from app.powens.errors import TRANSIENT_STATES, classify_state, is_transient_state
 from app.powens.links import reconnect_command
 from app.store.models import BankAccount, BankConnection, RefreshRun, RunItem
 from app.store.repo import linked_user_pks
 from app.store.states import AccountStatus, ItemStatus, RunStatus
 
-# The ``bucket`` label of openbanking_accounts_by_data_age (no ids in labels).
-AGE_BUCKETS = ("under_1d", "1d_to_3d", "3d_to_7d", "over_7d", "never")
+# The ``bucket`` label of openbanking_accounts_by_data_age (no ids in labels): bank data younger than
+# each limit (days), else older than the last one, else none yet.
+AGE_LIMITS = ((1, "under_1d"), (3, "1d_to_3d"), (7, "3d_to_7d"))
+AGE_OLDEST, AGE_NEVER = "over_7d", "never"
+AGE_BUCKETS = (*(name for _days, name in AGE_LIMITS), AGE_OLDEST, AGE_NEVER)
 
 
 def age_bucket(last_update: datetime | None, now: datetime) -> str:
     if last_update is None:
-        return "never"
-    days = (now - last_update).total_seconds() / 86_400
-    return "under_1d" if days < 1 else "1d_to_3d" if days < 3 else "3d_to_7d" if days < 7 else "over_7d"
+        return AGE_NEVER
+    for days, name in AGE_LIMITS:
+        if now - last_update < timedelta(days=days):
+            return name
+    return AGE_OLDEST
+
+
+def age_bucket_sql(now: datetime) -> ColumnElement[str]:
+    """``age_bucket`` of an account's bank data asked of the database (same limits, same comparisons)."""
+    last_update = BankAccount.powens_last_update
+    return case(
+        (last_update.is_(None), AGE_NEVER),
+        *((last_update > now - timedelta(days=days), name) for days, name in AGE_LIMITS),
+        else_=AGE_OLDEST,
+    )
 
 
 def age_text(last_update: datetime | None, now: datetime) -> str:
@@ -66,6 +89,50 @@ def needs_attention(
         return "user_action"
     lasting = since is not None and now - since > timedelta(days=settings.transient_state_days)
     return "lasting_transient" if is_transient_state(state) and lasting else None
+
+
+def needs_attention_sql(settings: Settings, now: datetime) -> ColumnElement[bool]:
+    """``needs_attention(...) is not None`` asked of the database, from the same state lists:
+    ``classify_state`` makes every state that is neither empty nor transient (unknown ones included)
+    the user's; a transient state needs a person once it lasts past BALANCES_TRANSIENT_STATE_DAYS."""
+    state, since = BankConnection.state, BankConnection.state_since
+    transient = _ascii_lower(state).in_(sorted(TRANSIENT_STATES))
+    user_action = and_(state.is_not(None), state != "", ~transient)
+    lasting = and_(transient, since < now - timedelta(days=settings.transient_state_days))
+    return or_(user_action, lasting)
+
+
+class _ascii_lower(FunctionElement[str]):
+    """``str.lower()`` as the state lists need it, in SQL. The lists are ASCII letters, and outside
+    ASCII only the Kelvin sign lowers to one in Python ('k', in no list; 'İ' becomes 'i' plus a
+    combining dot), so a state is in a list exactly when it is with A-Z lowered and nothing else.
+    PostgreSQL's ``lower()`` follows the database's locale ('İ' becomes 'i' under C.UTF-8): under the
+    "C" collation it lowers A-Z only. SQLite's ``lower()`` lowers A-Z only already. The premise is
+    checked by ``tests/test_service_gauges.py``."""
+
+    type = String()
+    name = "lower"
+    inherit_cache = True
+
+
+@compiles(_ascii_lower)
+def _lower(element: _ascii_lower, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"lower({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(_ascii_lower, "postgresql")
+def _lower_c(element: _ascii_lower, compiler: SQLCompiler, **kw: Any) -> str:
+    return f'lower(({compiler.process(element.clauses, **kw)}) COLLATE "C")'
+
+
+def consent_ending(settings: Settings, expires: datetime | None, now: datetime) -> bool:
+    """A PSD2 consent that ends (or ended) within BALANCES_CONSENT_WARNING_DAYS."""
+    return expires is not None and expires <= now + timedelta(days=settings.consent_warning_days)
+
+
+def consent_ending_sql(settings: Settings, now: datetime) -> ColumnElement[bool]:
+    """``consent_ending`` asked of the database."""
+    return BankConnection.consent_expires_at <= now + timedelta(days=settings.consent_warning_days)
 
 
 def tenant_views(session: Session, settings: Settings, tenant_id: str, now: datetime) -> dict[str, Any]:
@@ -123,12 +190,11 @@ def connection_views(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(connections that need a person, consents ending within BALANCES_CONSENT_WARNING_DAYS) of one
     tenant or of every tenant. Only connections in a state or near their consent's end are read."""
-    horizon = now + timedelta(days=settings.consent_warning_days)
     stmt = (
         select(BankConnection)
         .where(BankConnection.active.is_(True))
         .where(BankConnection.powens_user_pk.in_(linked_user_pks()))  # an unlinked user's: nobody's to fix
-        .where(or_(BankConnection.state.is_not(None), BankConnection.consent_expires_at <= horizon))
+        .where(or_(BankConnection.state.is_not(None), consent_ending_sql(settings, now)))
         .order_by(BankConnection.tenant_id, BankConnection.id)
     )
     if tenant_id is not None:
@@ -149,14 +215,15 @@ def connection_views(
                     "reconnectCommand": reconnect_command(c.tenant_id, c.id),
                 }
             )
-        if c.consent_expires_at is not None and c.consent_expires_at <= horizon:
+        expires = c.consent_expires_at
+        if expires is not None and consent_ending(settings, expires, now):
             expiring.append(
                 {
                     "tenantId": c.tenant_id,
                     "connectionId": c.id,
                     "powensConnectionId": c.external_id,
-                    "consentExpiresAt": rfc3339(c.consent_expires_at),
-                    "daysLeft": round((c.consent_expires_at - now).total_seconds() / 86_400, 1),
+                    "consentExpiresAt": rfc3339(expires),
+                    "daysLeft": round((expires - now).total_seconds() / 86_400, 1),
                     "reconnectCommand": reconnect_command(c.tenant_id, c.id),
                 }
             )
@@ -234,32 +301,36 @@ def service_attention(
     }
 
 
-def service_counts(session: Session, settings: Settings, now: datetime) -> dict[str, Any]:
-    """Across every tenant, for the beat's gauges (read at scrape time)."""
-    ages: Counter[str] = Counter({b: 0 for b in AGE_BUCKETS})
-    last = BankAccount.powens_last_update
-    bucket = case(  # age_bucket, counted by the database: a scrape does not load every account
-        (last.is_(None), "never"),
-        (last > now - timedelta(days=1), "under_1d"),
-        (last > now - timedelta(days=3), "1d_to_3d"),
-        (last > now - timedelta(days=7), "3d_to_7d"),
-        else_="over_7d",
-    )
+@dataclass(frozen=True)
+class ServiceCounts:
+    """Across every tenant, for the beat's gauges: active accounts by the age of their bank data
+    (every bucket of ``AGE_BUCKETS``, zeros included), and the active connections of linked users:
+    all of them, those that need a person, those whose consent ends soon."""
+
+    ages: dict[str, int]
+    needing: int
+    expiring: int
+    connections: int
+
+
+def service_counts(session: Session, settings: Settings, now: datetime) -> ServiceCounts:
+    """Two aggregates that return a handful of rows whatever the number of accounts: the rules are
+    asked of the database (``age_bucket_sql``, ``needs_attention_sql``, ``consent_ending_sql``), so
+    the beat's memory does not grow with the service (docs/design.md "Observability")."""
+    ages = dict.fromkeys(AGE_BUCKETS, 0)
+    bucket = age_bucket_sql(now)
     for name, n in session.execute(
         select(bucket, func.count()).where(BankAccount.status == AccountStatus.ACTIVE).group_by(bucket)
     ):
         ages[str(name)] += int(n)
-    needing = expiring = active = 0
-    horizon = now + timedelta(days=settings.consent_warning_days)
-    for state, since, expires, is_active in session.execute(
+    counted = session.execute(
         select(
-            BankConnection.state,
-            BankConnection.state_since,
-            BankConnection.consent_expires_at,
-            BankConnection.active,
-        ).where(BankConnection.powens_user_pk.in_(linked_user_pks()))
-    ):
-        active += bool(is_active)
-        needing += bool(is_active) and needs_attention(settings, state, since, now) is not None
-        expiring += bool(is_active and expires is not None and expires <= horizon)
-    return {"ages": dict(ages), "needing": needing, "expiring": expiring, "connections": active}
+            func.count(),
+            func.count().filter(needs_attention_sql(settings, now)),
+            func.count().filter(consent_ending_sql(settings, now)),
+        )
+        .where(BankConnection.active.is_(True))
+        .where(BankConnection.powens_user_pk.in_(linked_user_pks()))  # an unlinked user's: nobody's to fix
+    ).one()
+    connections, needing, expiring = (int(n or 0) for n in counted)
+    return ServiceCounts(ages=ages, needing=needing, expiring=expiring, connections=connections)
