@@ -135,17 +135,18 @@ def _cursor(user_pk: int | None, account_id: str | None) -> Cursor | None:
     return None if user_pk is None or account_id is None else (int(user_pk), account_id)
 
 
+def _planner(run_id: str, generation: int) -> ColumnElement[bool]:
+    """The run while it is planning under this planner (its generation)."""
+    return and_(
+        RefreshRun.id == run_id,
+        RefreshRun.status == RunStatus.PLANNING,
+        RefreshRun.replans == generation,
+    )
+
+
 def _own(session: Session, run_id: str, generation: int, after: Cursor | None) -> RefreshRun:
     """The run row, locked, while it is this planner's and its cursor is still ``after``."""
-    run = session.scalar(
-        select(RefreshRun)
-        .where(
-            RefreshRun.id == run_id,
-            RefreshRun.status == RunStatus.PLANNING,
-            RefreshRun.replans == generation,
-        )
-        .with_for_update()
-    )
+    run = session.scalar(select(RefreshRun).where(_planner(run_id, generation)).with_for_update())
     if run is None or _cursor(run.plan_user_pk, run.plan_account_id) != after:
         raise Superseded(run_id)
     return run
@@ -264,7 +265,7 @@ def mark_published(settings: Settings, run_id: str, generation: int, upto: Curso
     with session_scope(settings) as session:
         session.execute(
             update(RefreshRun)
-            .where(RefreshRun.id == run_id, RefreshRun.replans == generation)
+            .where(_planner(run_id, generation))
             .values(published_user_pk=upto[0], published_account_id=upto[1])
         )
 
@@ -274,11 +275,7 @@ def hold(settings: Settings, run_id: str, generation: int) -> bool:
     with session_scope(settings) as session:
         changed = session.execute(
             update(RefreshRun)
-            .where(
-                RefreshRun.id == run_id,
-                RefreshRun.status == RunStatus.PLANNING,
-                RefreshRun.replans == generation,
-            )
+            .where(_planner(run_id, generation))
             .values(planner_lease_until=_lease(settings, _now()))
         )
         return bool(getattr(changed, "rowcount", 0))
