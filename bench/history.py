@@ -94,7 +94,10 @@ def seed_accounts(
 
 def seed_history(url: str, *, days: int, item_days: int, today: date, log: Any = print) -> dict[str, Any]:
     """``days`` days of snapshots for every account before ``today``; a completed run with items and
-    audit rows for each of the last ``item_days`` of them. Returns seconds per table."""
+    audit rows for each of the last ``item_days`` of them. Returns seconds per table. Rows go in key
+    order (``ORDER BY id``): each day is one sweep through the indexes, not a million random inserts
+    into indexes far larger than PostgreSQL's shared buffers (measured: 1.5 min a day of snapshots
+    in random order on this machine)."""
     took: dict[str, float] = {"snapshots": 0.0, "runs": 0.0, "run_tenants": 0.0, "run_items": 0.0}
     took["refresh_attempts"] = 0.0
     with _connect(url) as conn:
@@ -106,11 +109,13 @@ def seed_history(url: str, *, days: int, item_days: int, today: date, log: Any =
                 "INSERT INTO balance_snapshots (account_id, tenant_id, balance_type, day, current_balance, "
                 "available_balance, currency, last_updated_at, refreshed_at, carried) "
                 "SELECT id, tenant_id, 'current', %(day)s, round((random() * 100000)::numeric, 2), NULL, "
-                "'EUR', %(at)s, %(at)s, false FROM bank_accounts",
+                "'EUR', %(at)s, %(at)s, false FROM bank_accounts ORDER BY id",
                 {"day": day, "at": at},
             )
             took["snapshots"] += time.perf_counter() - t0
             if back > item_days:
+                if back % 10 == 0:
+                    _progress(log, days - back + 1, days, took)
                 continue
             run_id = f"run_{day:%Y%m%d}T043000_history"
             t0 = time.perf_counter()
@@ -135,7 +140,7 @@ def seed_history(url: str, *, days: int, item_days: int, today: date, log: Any =
             conn.execute(
                 "INSERT INTO run_items (run_id, tenant_id, account_id, powens_user_pk, task_id, status, "
                 "finished_at) SELECT %(run)s, tenant_id, id, powens_user_pk, %(run)s || ':' || id, "
-                "'succeeded', %(at)s FROM bank_accounts",
+                "'succeeded', %(at)s FROM bank_accounts ORDER BY id",
                 {"run": run_id, "at": at},
             )
             took["run_items"] += time.perf_counter() - t0
@@ -145,16 +150,20 @@ def seed_history(url: str, *, days: int, item_days: int, today: date, log: Any =
                 "trigger, outcome, attempts, balance_count, force_refresh, started_at, finished_at) "
                 "SELECT %(run)s || ':' || id, %(run)s, 'openbanking.balances.refresh.v1.0.0', tenant_id, "
                 "id, 'system:scheduler', 'scheduled', 'succeeded', 1, 1, false, %(at)s, %(at)s "
-                "FROM bank_accounts",
+                "FROM bank_accounts ORDER BY id",
                 {"run": run_id, "at": at},
             )
             took["refresh_attempts"] += time.perf_counter() - t0
             if back % 10 == 0 or back == 1:
-                log(f"history: {days - back + 1}/{days} days ({ {k: round(v) for k, v in took.items()} } s)")
+                _progress(log, days - back + 1, days, took)
         t0 = time.perf_counter()
         conn.execute("VACUUM ANALYZE")
         took["vacuum_analyze"] = time.perf_counter() - t0
     return {k: round(v, 1) for k, v in took.items()}
+
+
+def _progress(log: Any, done: int, days: int, took: dict[str, float]) -> None:
+    log(f"history: {done}/{days} days ({ {k: round(v) for k, v in took.items()} } s)")
 
 
 def table_sizes(url: str) -> dict[str, dict[str, int]]:
