@@ -866,11 +866,11 @@ def plan_in_steps(
     from app.nightly import pipeline
     from app.store import planning
 
-    steps: list[planning.Cursor | None] = []
+    steps: list[pipeline.Step] = []
     took: list[float] = []
 
-    def enqueue(_run: str, after: planning.Cursor | None, _countdown: float | None) -> None:
-        steps.append(after)
+    def enqueue(_run: str, step: pipeline.Step, _countdown: float | None) -> None:
+        steps.append(step)
 
     t0 = time.perf_counter()
     pipeline.begin_planning(settings, run_id, enqueue)

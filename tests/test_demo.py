@@ -53,7 +53,7 @@ def test_demo_runs_with_no_services_and_prints_refreshed_balances(tmp_path: Path
     )
     assert "needs the user: connection" in out and "trend over" in out
     # The command the demo prints to read its records back works as printed.
-    hint = re.search(r"Canonical records: (balances [^(]+?) \(same database\)", out)
+    hint = re.search(r"Canonical records: (balances [^(]+?) \(same database;", out)
     assert hint, out
     shown = subprocess.run(
         [sys.executable, "-m", "app.cli", *hint.group(1).split()[1:]],

@@ -347,3 +347,31 @@ def test_0012_on_sqlite_adds_the_index_and_nothing_else(tmp_path: Path) -> None:
     assert "ix_refresh_attempts_finished" not in {
         i["name"] for i in inspect(get_engine(s)).get_indexes("refresh_attempts")
     }
+
+
+def test_the_planning_migration_runs_again_after_a_build_it_did_not_finish(fresh_pg: Settings) -> None:
+    """0013 adds columns, then builds indexes CONCURRENTLY outside any transaction: a job killed during
+    a build leaves the columns added, the version at 0012 and maybe an INVALID index. Upgrading again
+    must finish the work (before: DuplicateColumn, and IF NOT EXISTS took the invalid index)."""
+    from app.store.migrate import current_revision
+
+    upgrade(fresh_pg, "0012")
+    with get_engine(fresh_pg).connect() as conn:
+        conn.exec_driver_sql("ALTER TABLE refresh_runs ADD COLUMN plan_tenant_id varchar(128)")
+        conn.exec_driver_sql(  # an index as an interrupted build leaves it: there, and not valid
+            "CREATE INDEX ix_run_tenants_run_status ON run_tenants (run_id, status)"
+        )
+        conn.exec_driver_sql(
+            "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'ix_run_tenants_run_status'::regclass"
+        )
+        conn.commit()
+    upgrade(fresh_pg)
+    assert current_revision(fresh_pg) == "0013"
+    with get_engine(fresh_pg).connect() as conn:
+        valid = conn.exec_driver_sql(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_run_tenants_run_status'::regclass"
+        ).scalar()
+        planned = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_bank_accounts_active_plan'"
+        ).scalar()
+    assert valid is True and planned == 1

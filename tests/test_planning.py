@@ -97,7 +97,7 @@ def test_a_live_planner_is_not_replanned_and_a_dead_one_resumes_where_it_stopped
     quick = settings.model_copy(update={"run_stall_seconds": 1.0, "plan_page_accounts": 4})
     run_id, _ = runs.create_run(quick, trigger=Trigger.ON_DEMAND, actor="alice")
     published: list[list[runs.Item]] = []
-    steps: list[tuple[int, str] | None] = []
+    steps: list[pipeline.Step] = []
 
     def step() -> bool:
         return pipeline.plan_step(
@@ -105,13 +105,13 @@ def test_a_live_planner_is_not_replanned_and_a_dead_one_resumes_where_it_stopped
             run_id,
             steps.pop(),
             publish=lambda _r, items: published.append(list(items)),
-            enqueue_step=lambda _r, after, _c: steps.append(after),
+            enqueue_step=lambda _r, next_step, _c: steps.append(next_step),
             enqueue_summary=lambda *_: None,
             queued=lambda: 0,
         )
 
-    assert pipeline.begin_planning(quick, run_id, lambda _r, after, _c: steps.append(after))
-    assert steps == [None]
+    assert pipeline.begin_planning(quick, run_id, lambda _r, first, _c: steps.append(first))
+    assert steps == [pipeline.Step(None, 0)]
     assert step()  # one page of three: one Powens user's 4 accounts written and published
     assert len(published) == 1 and len(published[0]) == 4 and len(steps) == 1
     replans: list[str] = []
@@ -132,10 +132,13 @@ def test_a_live_planner_is_not_replanned_and_a_dead_one_resumes_where_it_stopped
         assert run is not None and run.status == RunStatus.PENDING
         kept = s.scalar(select(func.count()).select_from(RunItem).where(RunItem.run_id == run_id))
     assert kept == 4  # what the dead planner wrote and published stays
-    assert not step()  # the dead planner's own next step, delivered late: superseded, does nothing
-    assert len(published) == 1
+    late = steps.pop()  # the dead planner's own next step, delivered late...
     steps.clear()
-    assert pipeline.begin_planning(quick, run_id, lambda _r, after, _c: steps.append(after))
+    assert pipeline.begin_planning(quick, run_id, lambda _r, first, _c: steps.append(first))
+    assert steps == [pipeline.Step(late.after, 1)]  # the new planner resumes from the cursor
+    steps.append(late)
+    assert not step()  # ...superseded by the re-plan (generation 0 of 1): does nothing
+    assert len(published) == 1
     while steps:
         step()
     with session_scope(quick) as s:
@@ -154,17 +157,17 @@ def test_the_fan_out_waits_while_the_refresh_queue_holds_its_budget(
     seed_tenant(settings, sandbox, "waves", users=2, accounts=3)
     s = settings.model_copy(update={"plan_page_accounts": 3, "plan_queue_accounts": 100})
     run_id, _ = runs.create_run(s, trigger=Trigger.ON_DEMAND, actor="alice")
-    sent: list[tuple[tuple[int, str] | None, float | None]] = []
-    pipeline.begin_planning(s, run_id, lambda _r, after, countdown: sent.append((after, countdown)))
+    sent: list[tuple[pipeline.Step, float | None]] = []
+    pipeline.begin_planning(s, run_id, lambda _r, first, countdown: sent.append((first, countdown)))
     depth = [s.plan_queue_accounts // s.refresh_batch_accounts]  # messages: the budget, exactly
     published: list[runs.Item] = []
 
     def step() -> bool:
-        after, _ = sent[-1]
+        next_step, _ = sent[-1]
         return pipeline.plan_step(
             s,
             run_id,
-            after,
+            next_step,
             publish=lambda _r, items: published.extend(items),
             enqueue_step=lambda _r, a, c: sent.append((a, c)),
             enqueue_summary=lambda *_: None,
@@ -172,7 +175,7 @@ def test_the_fan_out_waits_while_the_refresh_queue_holds_its_budget(
         )
 
     assert step()
-    assert sent[-1] == (None, s.plan_wait_seconds) and published == []  # waited, wrote nothing
+    assert sent[-1] == (pipeline.Step(None, 0), s.plan_wait_seconds) and published == []  # waited
     with session_scope(s) as db:
         run = db.get(RefreshRun, run_id)
         assert run is not None and run.planner_lease_until is not None
@@ -182,17 +185,19 @@ def test_the_fan_out_waits_while_the_refresh_queue_holds_its_budget(
     assert step() and len(published) == 3 and sent[-1][1] is None
 
 
-def test_a_tenant_is_summarised_only_once_its_whole_plan_is_written(
+def test_a_tenant_is_summarised_once_its_whole_plan_is_written_during_planning(
     settings: Settings, sandbox: Sandbox
 ) -> None:
-    """A page may end in the middle of a tenant: the refreshes of its first page can all finish before
-    the next page adds more of its accounts. Its summary waits for the run to be running."""
-    seed_tenant(settings, sandbox, "split", users=2, accounts=2)  # two pages of one user each
+    """Pages go in tenant order. A page may end in the middle of a tenant, whose first refreshes may
+    all finish before its next page: its summary waits until the planner is past it — then it is sent
+    during planning, not in one burst after the last page."""
+    seed_tenant(settings, sandbox, "a-split", users=2, accounts=2)  # two pages of one user each
+    seed_tenant(settings, sandbox, "b-next", users=1, accounts=2)  # a third page
     s = settings.model_copy(update={"plan_page_accounts": 2})
     run_id, _ = runs.create_run(s, trigger=Trigger.ON_DEMAND, actor="alice")
-    sent: list[tuple[int, str] | None] = []
+    sent: list[pipeline.Step] = []
     summaries: list[str] = []
-    pipeline.begin_planning(s, run_id, lambda _r, after, _c: sent.append(after))
+    pipeline.begin_planning(s, run_id, lambda _r, first, _c: sent.append(first))
 
     def step() -> bool:
         return pipeline.plan_step(
@@ -205,13 +210,126 @@ def test_a_tenant_is_summarised_only_once_its_whole_plan_is_written(
             queued=lambda: 0,
         )
 
-    assert step()  # the first user's two accounts
-    with session_scope(s) as db:  # ...both refreshed already: the tenant's counter is at 0
-        db.execute(text("UPDATE run_tenants SET remaining = 0 WHERE run_id = :r"), {"r": run_id})
-    assert not runs.claim_summary(s, run_id, "split")  # not yet: the run is still planning
-    assert step()  # the second user's accounts: the counter is 2 again
-    assert not step()  # nothing left: the run is running
-    assert summaries == []  # the tenant still has 2 accounts to refresh
+    def refreshed(tenant: str) -> None:  # its refreshes so far all ended
+        with session_scope(s) as db:
+            db.execute(
+                text("UPDATE run_tenants SET remaining = 0 WHERE run_id = :r AND tenant_id = :t"),
+                {"r": run_id, "t": tenant},
+            )
+
+    assert step()  # a-split's first user
+    refreshed("a-split")
+    assert not runs.claim_summary(s, run_id, "a-split")  # not yet: more of it may come
+    assert step()  # a-split's second user: its counter is 2 again
+    assert summaries == []
+    refreshed("a-split")
+    assert not runs.claim_summary(s, run_id, "a-split")  # the cursor is still in a-split
+    assert step()  # b-next's page: the planner is past a-split, whose summary goes now
+    assert summaries == ["a-split"]
     with session_scope(s) as db:
-        db.execute(text("UPDATE run_tenants SET remaining = 0 WHERE run_id = :r"), {"r": run_id})
-    assert runs.claim_summary(s, run_id, "split")
+        assert db.get(RefreshRun, run_id).status == RunStatus.PLANNING  # type: ignore[union-attr]
+    assert not step()  # nothing left: the run is running
+    assert summaries == ["a-split"]  # b-next still has 2 accounts to refresh
+    refreshed("b-next")
+    assert runs.claim_summary(s, run_id, "b-next")
+
+
+def _planning_run(settings: Settings, sandbox: Sandbox, **knobs: object) -> tuple[Settings, str]:
+    seed_tenant(settings, sandbox, "sweep-plan", users=2, accounts=2)
+    s = settings.model_copy(update={"plan_page_accounts": 2, "run_stall_seconds": 1.0, **knobs})
+    run_id, _ = runs.create_run(s, trigger=Trigger.ON_DEMAND, actor="alice")
+    first: list[pipeline.Step] = []
+    pipeline.begin_planning(s, run_id, lambda _r, step, _c: first.append(step))
+    pipeline.plan_step(  # one page written and published; the next step's message then lost
+        s,
+        run_id,
+        first[0],
+        publish=lambda *_: None,
+        enqueue_step=lambda *_: None,
+        enqueue_summary=lambda *_: None,
+        queued=lambda: 0,
+    )
+    return s, run_id
+
+
+def _sweep(s: Settings, at: datetime, *, lost: bool = False) -> tuple[pipeline.SweepReport, list[str], int]:
+    replans: list[str] = []
+    published: list[runs.Item] = []
+    report = pipeline.sweep(
+        s,
+        lambda _r, items: published.extend(items),
+        lambda *_: None,
+        replans.append,
+        lambda *_: None,
+        now=at,
+        lost_messages=lost,
+    )
+    return report, replans, len(published)
+
+
+def test_a_broker_that_lost_its_messages_during_planning_gets_the_published_page_again_at_once(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    s, run_id = _planning_run(settings, sandbox)
+    _report, replans, republished = _sweep(s, datetime.now(UTC), lost=True)
+    assert replans == [run_id] and republished == 2  # re-planned despite its lease, the page sent again
+
+
+def test_a_planner_lost_again_and_again_still_plans_while_it_progresses_and_is_abandoned_when_it_cannot(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    s, run_id = _planning_run(settings, sandbox, max_redrives=1)
+    later = datetime.now(UTC) + timedelta(seconds=s.plan_lease_seconds + 5)
+    with session_scope(s) as db:  # its one re-plan is spent already
+        db.execute(
+            text("UPDATE refresh_runs SET replans = 1, redispatched_at = :t WHERE id = :r"),
+            {"t": later - timedelta(hours=1), "r": run_id},
+        )
+    _report, replans, _ = _sweep(s, later)
+    assert replans == [run_id]  # it progressed since its last re-plan: re-planned anyway
+    with session_scope(s) as db:
+        db.execute(
+            text("UPDATE refresh_runs SET status = 'planning', planner_lease_until = NULL WHERE id = :r"),
+            {"r": run_id},
+        )
+    _report, replans, _ = _sweep(s, later + timedelta(seconds=5))
+    assert replans == []  # no progress since: the limit holds
+    past_deadline = later + timedelta(seconds=s.run_deadline_seconds + 5)
+    _sweep(s, past_deadline)
+    status = runs.run_status(s, run_id)
+    assert status is not None and status["status"] == RunStatus.RUNNING
+    assert status["error"] == "planning stopped after 2 accounts: the rest not refreshed"
+    # From there the run ends as every run does: its pending item stale, its tenants summarised.
+    _sweep(s, past_deadline + timedelta(seconds=s.run_deadline_seconds + 5))
+    assert runs.run_status(s, run_id)["accounts"]["stale"] == 2  # type: ignore[index]
+
+
+def test_a_lease_renewed_at_the_moment_of_the_sweep_keeps_its_run(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    """The sweeper read an expired lease, and a step renewed it just after: the re-plan's UPDATE checks
+    the lease again and takes nothing."""
+    from app.store import recovery
+
+    s, run_id = _planning_run(settings, sandbox)
+    [seen] = [r for r in recovery.open_runs(s) if r.id == run_id]
+    now = datetime.now(UTC)
+    assert not recovery.replan(s, seen, now)  # its lease (renewed by the step) still runs
+    assert recovery.replan(s, seen, now + timedelta(seconds=s.plan_lease_seconds + 1))
+
+
+def test_a_run_finished_before_its_counts_were_kept_gets_them_once(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    from app.store import recovery
+
+    seed_tenant(settings, sandbox, "older", accounts=2)
+    run_id, _ = runs.create_run(settings, trigger=Trigger.ON_DEMAND, actor="alice")
+    pipeline.plan_run(settings, run_id, lambda *_: None, lambda *_: None)
+    assert recovery.give_up(settings, run_id, RunStatus.RUNNING, datetime.now(UTC), "test")
+    with session_scope(settings) as db:  # as a run finished before the upgrade that keeps them
+        db.execute(text("UPDATE refresh_runs SET outcomes = NULL WHERE id = :r"), {"r": run_id})
+    assert runs.run_status(settings, run_id)["accounts"]["pending"] == 2  # type: ignore[index]
+    with session_scope(settings) as db:
+        kept = db.get(RefreshRun, run_id)
+        assert kept is not None and kept.outcomes is not None and kept.outcomes["pending"] == 2

@@ -239,3 +239,34 @@ def _cli(env: dict[str, str], cwd: Path, *args: str) -> object:
         timeout=60,
         check=False,
     )
+
+
+def test_refresh_beside_no_database_creates_none_either(tmp_path: Path) -> None:
+    proc = _cli(_bare_env(), tmp_path, "--as", "bob", "refresh", "--tenant", "t", "--account", "a")
+    assert proc.returncode == 1 and "no database at" in _one_line_error(proc)
+    assert not list(tmp_path.glob("balances.db*"))
+
+
+def test_run_sweep_with_the_broker_down_is_one_line(settings: Settings, sandbox: Sandbox) -> None:
+    seed_tenant(settings, sandbox, "sweep-down")
+    env = _env(settings, sandbox, CELERY_BROKER_URL="redis://127.0.0.1:1/0")
+    proc = run_cli(env, "--as", "alice", "run", "sweep", timeout=120)
+    assert proc.returncode == 1 and "could not publish to the broker" in _one_line_error(proc)
+    no_key = run_cli(_env(settings, sandbox, BALANCES_SIGNING_KEY=""), "--as", "alice", "run", "sweep")
+    assert no_key.returncode == 2 and "BALANCES_SIGNING_KEY is not set" in _one_line_error(no_key)
+
+
+def test_summary_forecast_and_accounts_sync_refuse_what_is_not_a_tenant_id(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    seed_tenant(settings, sandbox, "a-tenant")  # alice is an admin
+    for command in (("summary",), ("forecast",), ("accounts", "sync")):
+        proc = run_cli(_env(settings, sandbox), "--as", "alice", *command, "--tenant", "t" * 200)
+        assert proc.returncode == 2 and _one_line_error(proc).startswith("invalid_input:"), command
+
+
+def test_webhooks_serve_refuses_one_port_for_both(tmp_path: Path) -> None:
+    env = _bare_env(POWENS_WEBHOOK_SECRET="s" * 32, BALANCES_PUSH_SIGNING_KEY="k" * 32)
+    port = str(free_port())
+    proc = _cli(env, tmp_path, "webhooks", "serve", "--port", port, "--metrics-port", port)
+    assert proc.returncode == 2 and "both" in _one_line_error(proc)

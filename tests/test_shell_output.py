@@ -337,11 +337,9 @@ def test_version_and_help_that_says_what_each_option_is(demo: Demo) -> None:
 
     missing = []
     for path, command in _commands(typer.main.get_command(cli)):
-        missing += [
-            f"{path} {p.name}"
-            for p in command.params
-            if getattr(p, "help", None) in (None, "") and p.param_type_name == "option"
-        ]
+        if not getattr(command, "commands", None) and not (command.help or "").strip():
+            missing.append(f"{path} (the command)")
+        missing += [f"{path} {p.name}" for p in command.params if not getattr(p, "help", None)]
     assert missing == []
 
 
@@ -366,3 +364,70 @@ def test_make_and_readme_agree_and_every_setting_is_documented() -> None:
         for text in (readme, (ROOT / "Makefile").read_text(), (ROOT / "docs" / "performance.md").read_text())
     ]
     assert all(said) and len({s for found in said for s in found}) == 1, said
+
+
+# -- after review: the first ten minutes, literally -------------------------------------------------
+
+
+def test_the_readmes_first_read_command_works_as_written_on_the_demo_database(demo: Demo) -> None:
+    """`balances show --tenant demo-acme`, no --as: the demo's balances.env names its admin."""
+    shown = demo.run("show", "--tenant", "demo-acme")
+    assert shown.returncode == 0 and "demo-acme" in shown.stdout, shown.stderr
+    denied = demo.run("--as", "nobody", "show", "--tenant", "demo-acme")
+    assert denied.returncode == 3
+    hint = re.search(r"`(balances [^`]+)`", denied.stderr)
+    assert hint and hint.group(1) == "balances --as demo-admin admin grant nobody"  # a command that works
+
+
+def test_on_an_80_column_terminal_run_ids_are_whole_and_json_is_never_broken(demo: Demo) -> None:
+    run_ids = [
+        line.split("\t")[0] for line in demo.run("run", "list", "--format", "tsv").stdout.splitlines()[1:]
+    ]
+    raw = ANSI.sub("", demo.tty("run", "status", run_ids[0]))
+    assert run_ids[0] in raw
+    as_json = ANSI.sub("", demo.tty("summary", "--tenant", "demo-initech", "--json"))
+    assert re.search(r'"reconnectCommand": "' + RECONNECT + r'[0-9a-f]{32}"', as_json), as_json
+
+
+def test_on_an_80_column_terminal_the_commands_to_copy_are_printed_under_the_table(demo: Demo) -> None:
+    raw = ANSI.sub("", demo.tty("attention"))
+    assert "too narrow for:" in raw  # says what it left out
+    assert re.search(r"\r\n  " + RECONNECT + r"[0-9a-f]{32}\r\n", raw), raw  # whole, on a line of its own
+
+
+def test_attention_counts_what_its_limit_leaves_out(demo: Demo) -> None:
+    doc = json.loads(demo.run("attention", "--limit", "1", "--json").stdout)
+    assert doc["repeatedFailures"]["total"] == 2 and len(doc["repeatedFailures"]["items"]) == 1
+    said = demo.run("attention", "--limit", "1").stdout
+    assert "in all: 2 accounts failing run after run" in said and "{" not in said
+    [item] = doc["repeatedFailures"]["items"]  # failing on the bank's SCA: the reconnect link, not a refresh
+    assert item["command"].startswith(RECONNECT)
+
+
+def test_json_log_lines_use_the_one_timestamp_format(demo: Demo) -> None:
+    refused = demo.run("refresh", "--tenant", "demo-acme", "--account", "acc_nope")  # logs a telemetry line
+    stamps = re.findall(r'"(?:ts|timestamp)": "([^"]+)"', refused.stderr)
+    assert stamps and all(s.endswith("Z") for s in stamps), refused.stderr
+
+
+def test_the_demo_settings_file_is_ignored_when_the_environment_names_another_database(
+    demo: Demo, tmp_path: Path
+) -> None:
+    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
+    proc = demo.run("show", "--tenant", "demo-acme", DATABASE_URL=elsewhere)
+    # Not the demo's actor, keys or sandbox: the OS user, on a database that is not there.
+    assert proc.returncode == 1 and "no database at" in proc.stderr and not (tmp_path / "other.db").exists()
+    import os
+
+    from app.config import load_settings
+
+    previous = os.getcwd()
+    os.chdir(demo.dir)
+    try:
+        os.environ["DATABASE_URL"] = elsewhere
+        assert load_settings().encryption_key is None and load_settings().actor is None
+        del os.environ["DATABASE_URL"]
+        assert load_settings().actor == "demo-admin"  # beside its own database, it applies
+    finally:
+        os.environ.pop("DATABASE_URL", None)
+        os.chdir(previous)

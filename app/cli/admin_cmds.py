@@ -46,6 +46,7 @@ def tenant_add(
     tenant_id: Annotated[str, typer.Argument(help="Tenant id (1-128 characters).")],
     name: Annotated[str | None, typer.Option(help="Display name.")] = None,
 ) -> None:
+    """Add a tenant (its accounts come with its Powens users: `powens link`, `accounts sync`)."""
     from app.admin.manage import add_tenant
 
     settings, _ = authorized(ops.TENANT_ADD)
@@ -76,7 +77,7 @@ def tenant_list(fmt: FormatOpt = None, json_: JsonOpt = False) -> None:
 
 @admin_cli.command("grant")
 def admin_grant(
-    name: Annotated[str, typer.Argument()],
+    name: Annotated[str, typer.Argument(help="The actor (what it passes as --as NAME).")],
     role: Annotated[str, typer.Option(help="Role to grant.")] = ADMIN,
 ) -> None:
     """Grant a role. The first admin may be granted by anyone who can reach the database (the
@@ -94,9 +95,10 @@ def admin_grant(
 
 @admin_cli.command("revoke")
 def admin_revoke(
-    name: Annotated[str, typer.Argument()],
+    name: Annotated[str, typer.Argument(help="The actor.")],
     role: Annotated[str, typer.Option(help="Role to revoke.")] = ADMIN,
 ) -> None:
+    """Revoke a role (never the last admin's). Audited."""
     from app.admin.manage import revoke
 
     settings, actor = authorized(ops.ADMIN_REVOKE)
@@ -293,6 +295,8 @@ def webhooks_serve(
         metrics_port = (
             settings.metrics_port if "metrics_port" in settings.model_fields_set else RECEIVER_METRICS_PORT
         )
+    if metrics_port == port:
+        fail(Reason.INVALID_INPUT, f"--port and --metrics-port are both {port}", 2, as_json=False)
     # The metrics server listens on every interface (prometheus_client's default).
     for what, number, on in (("--port", port, host), ("--metrics-port", metrics_port, "0.0.0.0")):
         if number and not port_free(on, number):

@@ -19,10 +19,11 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import typer
 from rich.console import Console
+from rich.highlighter import JSONHighlighter
 from rich.markup import escape
 from rich.measure import Measurement
-from rich.syntax import Syntax
 from rich.table import Table
+from rich.text import Text
 
 from app.jsonio import dumps, rfc3339
 
@@ -64,6 +65,9 @@ class Col(Generic[R]):
     justify: Literal["left", "right"] = "left"
     style: Callable[[R], str | None] | None = None
     raw: Callable[[R], str] | None = None  # the TSV value when it differs (an amount without grouping)
+    # A command to copy: when the terminal is too narrow for its column, each row's command is printed
+    # under the table instead, one line each, never broken by us.
+    line: bool = False
 
 
 def stamp(moment: datetime | None, missing: str = "never") -> str:
@@ -98,12 +102,31 @@ def listing(
     if not rows and empty:
         console.print(empty, highlight=False)
         return
-    console.print(fit(console, rows, cols, title=title))
+    table, dropped = fitted(console, rows, cols, title=title)
+    console.print(table)
+    if dropped:
+        names = ", ".join(c.header for c in dropped)
+        console.print(
+            f"(too narrow for: {names}; --format tsv shows every column)", style="dim", highlight=False
+        )
+    key = ([c for c in cols if c.ident] or list(cols))[-1]  # what a command line is about
+    for c in dropped:
+        for r in rows:
+            if c.line and (value := c.text(r)) not in ("", "-"):
+                console.print(f"{key.text(r)}:", highlight=False)
+                console.print(f"  {value}", highlight=False, soft_wrap=True)
 
 
 def fit(console: Console, rows: Sequence[R], cols: Sequence[Col[R]], *, title: str | None = None) -> Table:
-    """The table with the columns that fit the console's width: the ones most readily dropped go
-    first, until its natural width fits (off a terminal the width has no limit: nothing is dropped)."""
+    return fitted(console, rows, cols, title=title)[0]
+
+
+def fitted(
+    console: Console, rows: Sequence[R], cols: Sequence[Col[R]], *, title: str | None = None
+) -> tuple[Table, list[Col[R]]]:
+    """The table with the columns that fit the console's width, and the columns left out: the ones
+    most readily dropped go first, until its natural width fits (off a terminal the width has no
+    limit: nothing is dropped)."""
     shown = list(cols)
     while True:
         table = _table(rows, shown, title)
@@ -111,7 +134,7 @@ def fit(console: Console, rows: Sequence[R], cols: Sequence[Col[R]], *, title: s
         width = Measurement.get(console, console.options.update_width(WIDEST), table).maximum
         droppable = [c for c in shown if c.drop]
         if width <= console.width or not droppable:
-            return table
+            return table, [c for c in cols if c not in shown]
         shown.remove(max(droppable, key=lambda c: c.drop))
 
 
@@ -140,6 +163,7 @@ def write_json(obj: Any, console: Console) -> None:
     would parse it again, through float, and show 12345678901234567.89 as 1.2345678901234568e+16)."""
     text = dumps(obj, indent=2)
     if console.is_terminal:
-        console.print(Syntax(text, "json", background_color="default", word_wrap=True))
+        # Coloured, never broken by us: a long value (a command to copy) stays one line (soft wrap).
+        console.print(JSONHighlighter()(Text(text)), soft_wrap=True)
     else:
         console.file.write(text + "\n")

@@ -23,12 +23,14 @@ from app.cli.shell import (
     fail,
     fail_from,
     finite,
+    known_tenant,
     load,
     or_fail,
     out,
     print_json,
     publish_or_fail,
     ready_to_publish,
+    require_database,
     spinner,
     state,
 )
@@ -70,6 +72,7 @@ def refresh_cmd(
     from app.worker.tasks import dispatch_refresh
 
     settings = load()
+    require_database(settings, as_json=json_)  # it checks the policy itself, not through `authorized`
     raw: dict[str, object] = {"tenantId": tenant, "accountId": account}
     if connection:
         raw["connectionId"] = connection
@@ -146,6 +149,7 @@ def accounts_sync(tenant: TenantOpt, json_: JsonOpt = False) -> None:
     from app.refresh.deps import Deps
 
     settings, actor = authorized(ops.ACCOUNTS_SYNC, as_json=json_)
+    known_tenant(settings, tenant, as_json=json_)
     try:
         result = sync_accounts(tenant, actor, Deps(settings))
     except (RefreshError, ConfigError) as exc:

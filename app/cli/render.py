@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from app.cli.output import Col, stamp
+from app.cli.output import Col, Format, listing, stamp
 from app.config import Settings
 from app.contract import AccountBalanceRecord, BankAccountRecord
 from app.money import money_display, money_text
@@ -130,22 +130,24 @@ def print_status(out: Console, err: Console, status: dict[str, Any] | None) -> N
     if status is None:
         err.print("no such run")
         return
-    acc = status["accounts"]
-    table = Table(
-        "run", "status", "accounts", "ok", "failed", "stale", "pending", "duration", "failures by reason"
-    )
-    table.add_row(
-        status["runId"],
-        status["status"],
-        str(acc["total"]),
-        str(acc[ItemStatus.SUCCEEDED]),
-        str(acc[ItemStatus.FAILED]),
-        str(acc[ItemStatus.STALE]),
-        str(acc[ItemStatus.PENDING]),
-        f"{status['durationSeconds']:.1f}s",
-        ", ".join(f"{k} {v}" for k, v in status["failuresByReason"].items()) or "-",
-    )
-    out.print(table)
+    cols: list[Col[dict[str, Any]]] = [
+        Col("run", lambda s: s["runId"], ident=True),
+        Col("status", lambda s: s["status"]),
+        Col("accounts", lambda s: str(s["accounts"]["total"]), justify="right"),
+        Col("ok", lambda s: str(s["accounts"][ItemStatus.SUCCEEDED]), justify="right"),
+        Col("failed", lambda s: str(s["accounts"][ItemStatus.FAILED]), justify="right"),
+        Col("stale", lambda s: str(s["accounts"][ItemStatus.STALE]), justify="right", drop=2),
+        Col("pending", lambda s: str(s["accounts"][ItemStatus.PENDING]), justify="right", drop=3),
+        Col("duration", lambda s: f"{s['durationSeconds']:.1f}s", justify="right", drop=1),
+        Col(
+            "failures by reason",
+            lambda s: ", ".join(f"{k} {v}" for k, v in s["failuresByReason"].items()) or "-",
+            drop=4,
+        ),
+    ]
+    listing(out, [status], cols, Format.TABLE, status)
+    if status.get("error"):
+        out.print(f"  {status['error']}", highlight=False)
     for s in status["staleAccounts"][:20]:
         out.print(f"  stale: {s['tenantId']} {s['accountId']}", highlight=False)
 

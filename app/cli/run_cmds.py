@@ -11,6 +11,7 @@ from app.cli.render import print_forecast, print_status, print_summary, watch_ru
 from app.cli.shell import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
+    EXIT_USAGE,
     JsonOpt,
     TenantOpt,
     authorized,
@@ -18,6 +19,7 @@ from app.cli.shell import (
     err,
     fail,
     finite,
+    known_tenant,
     out,
     print_json,
     publish_or_fail,
@@ -100,8 +102,16 @@ def run_sweep(json_: JsonOpt = False) -> None:
 
     from app.worker.tasks import sweep_runs
 
-    authorized(ops.RUN_SWEEP, as_json=json_)
-    report = {to_camel(k): v for k, v in sweep_runs.run().items()}
+    settings, _ = authorized(ops.RUN_SWEEP, as_json=json_)
+    if settings.signing_key is None:  # the sweep publishes (re-drives, summaries): signed or not at all
+        fail(
+            Reason.INVALID_INPUT,
+            "BALANCES_SIGNING_KEY is not set (nothing was swept)",
+            EXIT_USAGE,
+            as_json=json_,
+        )
+    swept = publish_or_fail(sweep_runs.run, as_json=json_)
+    report = {to_camel(k): v for k, v in swept.items()}
     if json_:
         print_json(report)
         return
@@ -126,6 +136,7 @@ def summary_cmd(
     from app.store.db import session_scope
 
     settings, _ = authorized(ops.SUMMARY, as_json=json_)
+    known_tenant(settings, tenant, as_json=json_)
     with session_scope(settings) as session:
         summary = latest_summary(session, tenant, run)
     if summary is None:
@@ -143,6 +154,7 @@ def forecast_cmd(
     from app.reports.jobs import latest_forecasts
 
     settings, _ = authorized(ops.FORECAST, as_json=json_)
+    known_tenant(settings, tenant, as_json=json_)
     forecasts = latest_forecasts(settings, tenant, run)
     if not forecasts:
         fail(Reason.NOT_FOUND, f"no forecast for tenant {tenant!r}", EXIT_FAILED, as_json=json_)

@@ -119,16 +119,21 @@ def _print_version(asked: bool) -> None:
 
 @cli.callback()
 def main_callback(
-    as_: Annotated[str | None, typer.Option("--as", help="Act as this actor (default: the OS user).")] = None,
+    as_: Annotated[
+        str | None,
+        typer.Option(
+            "--as", metavar="NAME", help="Act as this actor (default: BALANCES_ACTOR, else the OS user)."
+        ),
+    ] = None,
     _version: Annotated[
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
-    name = as_ or default_actor_name()
     from app.ops import logs
 
     settings = load()
+    name = as_ or settings.actor or default_actor_name()
     # Log records and telemetry events (an audited denial) go to the log stream, never stdout (the
     # command's output) and never between the lines an operator reads on a terminal.
     logs.configure(
@@ -244,6 +249,19 @@ def or_fail(call: Callable[[], T], *, as_json: bool) -> T:
         fail_from(exc, as_json)
 
 
+def known_tenant(settings: Settings, tenant_id: str, *, as_json: bool) -> None:
+    """The tenant a command names exists (``not_found``) and is an id (``invalid_input``), as every
+    listing checks it: before anything is read for it, or from Powens."""
+    from app.store import repo
+    from app.store.db import session_scope
+
+    def check() -> None:
+        with session_scope(settings) as session:
+            repo.require_tenant(session, tenant_id)
+
+    or_fail(check, as_json=as_json)
+
+
 def publish_or_fail(publish: Callable[[], T], *, as_json: bool) -> T:
     """Publish to the broker; an unreachable broker is one clear line, whatever kombu raised."""
     from app.signing import SigningKeyMissing
@@ -301,13 +319,21 @@ def authorized(operation: OperationMeta, *, as_json: bool = False) -> tuple[Sett
         from app.admin.manage import record_denial
 
         record_denial(settings, actor, operation.qualified_name, exc.message)
-        fail(
-            exc.reason,
-            f"{exc.message}; an operator grants it with `balances admin grant {actor.name}`",
-            EXIT_DENIED,
-            as_json=as_json,
-        )
+        fail(exc.reason, f"{exc.message}; {grant_hint(settings, actor.name)}", EXIT_DENIED, as_json=as_json)
     return settings, actor
+
+
+def grant_hint(settings: Settings, name: str) -> str:
+    """The command that would let ``name`` in, as it must be typed: an admin grants (by name), except
+    while nobody is admin (the bootstrap)."""
+    from app.store import repo
+    from app.store.db import session_scope
+
+    with session_scope(settings) as session:
+        admins = repo.admins(session)
+    if not admins:
+        return f"the first admin is made with `balances admin grant {name}`"
+    return f"an admin grants it: `balances --as {admins[0]} admin grant {name}`"
 
 
 def print_json(obj: Any, console: Console | None = None) -> None:

@@ -98,23 +98,26 @@ def attention(
         Col("tenant", lambda r: r["tenantId"], ident=True),
         Col("account or connection", lambda r: r["subject"], ident=True),
         Col("detail", lambda r: r["detail"], drop=1),
-        Col("what to do", lambda r: r["command"] or "-", drop=2),
+        Col("what to do", lambda r: r["command"] or "-", drop=2, line=True),
     ]
-    totals = {
-        k: doc[k]["total"]
-        for k in ("connectionsNeedingUser", "consentsExpiring", "repeatedFailures", "oldBankData")
-    }
     listing(out, rows, cols, form, doc, empty="nothing needs attention")
-    if form is Format.TABLE and any(totals[k] > limit for k in totals):
-        out.print(
-            f"(at most {limit} of each kind shown: totals {totals}; --limit to see more)", highlight=False
-        )
+    cut = [f"{doc[k]['total']:,} {words}" for k, words in KIND_WORDS.items() if doc[k]["total"] > limit]
+    if form is Format.TABLE and cut:
+        out.print(f"(at most {limit} of each kind shown; in all: {', '.join(cut)}; --limit shows more)")
+
+
+KIND_WORDS = {
+    "connectionsNeedingUser": "connections needing their user",
+    "consentsExpiring": "consents ending",
+    "repeatedFailures": "accounts failing run after run",
+    "oldBankData": "accounts with old bank data",
+}
 
 
 def _row(what: str, item: Row, detail: str, command_of: Row | None) -> Row:
     command = None
     if command_of is not None:
-        command = command_of.get("reconnectCommand") or command_of.get("refreshCommand")
+        command = command_of.get("reconnectCommand") or command_of.get("command")
     return {
         "what": what,
         "tenantId": item["tenantId"],
@@ -206,7 +209,7 @@ def connections_list(tenant: TenantOpt, fmt: FormatOpt = None, json_: JsonOpt = 
             drop=4,
         ),
         Col("accounts", lambda c: str(c["accounts"]), justify="right", drop=6),
-        Col("what to do", lambda c: c["reconnectCommand"] or "-", drop=1),
+        Col("what to do", lambda c: c["reconnectCommand"] or "-", drop=1, line=True),
     ]
     listing(
         out,

@@ -6,6 +6,7 @@ are fixed interfaces (README "Configuration"); the ``BALANCES_*`` tuning knobs a
 
 from __future__ import annotations
 
+import os
 import tempfile
 from datetime import UTC, date, datetime
 from functools import lru_cache
@@ -14,7 +15,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.config import values
 
@@ -37,6 +38,22 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         extra="ignore", populate_by_name=True, frozen=True, env_file=ENV_FILE, env_file_encoding="utf-8"
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """``balances.env`` holds the settings of the embedded database beside it: it applies only
+        when the environment names no database. With DATABASE_URL set (production, a shell pointed at
+        another database from that directory) its keys and addresses would be another database's."""
+        if "DATABASE_URL" in os.environ:
+            return init_settings, env_settings, file_secret_settings
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
 
     database_url: str = Field(DEFAULT_DATABASE_URL, validation_alias=_env("DATABASE_URL"))
     celery_broker_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("CELERY_BROKER_URL"))
@@ -211,6 +228,9 @@ class Settings(BaseSettings):
     # stderr when stderr is not a terminal (a job's log), else ~/.local/state/balances/shell.log, so an
     # operator's terminal shows the command's own lines only.
     shell_log: str | None = Field(None, validation_alias=_env("BALANCES_SHELL_LOG"))
+    # Who the admin shell acts as when --as is not given (else the OS user): the demo's balances.env
+    # names its admin, so the commands it prints work as printed.
+    actor: str | None = Field(None, validation_alias=_env("BALANCES_ACTOR"))
     state_home: str | None = Field(None, validation_alias=_env("XDG_STATE_HOME"))
     log_level: str = Field("INFO", validation_alias=_env("BALANCES_LOG_LEVEL"))
 

@@ -101,6 +101,8 @@ def write_env(settings: Settings, console: Console) -> None:
         "# `balances sandbox serve --seed 7 --users 3` serves the demo's Powens users (same ids, tokens).",
         f"POWENS_BASE_URL=http://127.0.0.1:{SANDBOX_PORT}/2.0",
         "POWENS_CLIENT_ID=demo-client",
+        "# The shell acts as the demo's admin unless told otherwise (--as NAME).",
+        f"BALANCES_ACTOR={DEMO_ACTOR}",
     ]
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w", encoding="utf-8") as f:
@@ -235,7 +237,8 @@ def _run(settings: Settings, sandbox: Sandbox, n_tenants: int, console: Console,
     nightly_ok = _nightly(settings, sandbox, console, list(TENANTS[:n_tenants]))
     write_env(settings, console)
     console.print(
-        f"Canonical records: [bold]balances --as {DEMO_ACTOR} show --tenant demo-acme[/] (same database).",
+        f"Canonical records: [bold]balances show --tenant demo-acme[/] (same database; as {DEMO_ACTOR}, "
+        "from balances.env).",
         soft_wrap=True,
     )
     return 0 if ok > 0 and nightly_ok and push_ok else 1
@@ -297,7 +300,7 @@ def _print(console: Console, rows: list[Row], faults: dict[str, str]) -> None:
             "" if r.current is None else f"{r.current:,.2f}",
             "" if r.available is None else f"{r.available:,.2f}",
             r.currency,
-            note[:90],
+            note,
         )
     console.print(table)
 

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from typing import NamedTuple
 
 from app.config import Settings
 from app.schedule import previous_fire
@@ -52,9 +53,20 @@ def start_run(
     return runs.create_run(settings, trigger=trigger, actor=actor, tick=tick, business_day=business_day)
 
 
-# enqueue_step(run_id, after, countdown) sends the run's next planning step (after: the cursor it
-# plans from; countdown: seconds to wait first, or None).
-EnqueueStep = Callable[[str, planning.Cursor | None, float | None], None]
+class Step(NamedTuple):
+    """A planning step as a message carries it: the cursor it plans from, the planner it belongs to."""
+
+    after: planning.Cursor | None
+    generation: int
+
+
+# enqueue_step(run_id, step, countdown) sends the run's next planning step (countdown: seconds to wait
+# first, or None).
+EnqueueStep = Callable[[str, Step, float | None], None]
+# Summaries one planning step claims and sends at most (tenants passed, or every tenant at the end):
+# a step stays short; the next step, or the sweeper, takes the rest.
+READY_PER_STEP = 500
+READY_PER_SWEEP = 5000
 
 
 def begin_planning(settings: Settings, run_id: str, enqueue_step: EnqueueStep) -> bool:
@@ -66,7 +78,7 @@ def begin_planning(settings: Settings, run_id: str, enqueue_step: EnqueueStep) -
         return False
     tenants = planning.open_tenants(settings, run_id)
     st = planning.state(settings, run_id)
-    enqueue_step(run_id, st.cursor if st else None, None)
+    enqueue_step(run_id, Step(st.cursor if st else None, generation), None)
     log.info(
         "run %s planning (%d tenants, generation %d)", run_id, tenants, generation, extra={"run_id": run_id}
     )
@@ -76,47 +88,55 @@ def begin_planning(settings: Settings, run_id: str, enqueue_step: EnqueueStep) -
 def plan_step(
     settings: Settings,
     run_id: str,
-    after: planning.Cursor | None,
+    step: Step,
     *,
     publish: Publish,
     enqueue_step: EnqueueStep,
     enqueue_summary: EnqueueReport,
     queued: Callable[[], int],
 ) -> bool:
-    """One bounded step of planning ``run_id`` from the cursor ``after``: publish a page a step before
-    wrote but did not publish, or wait (renewing the lease) while the refresh queue already holds
-    ``plan_queue_accounts``, or write and publish the next page; the last step moves the run to running
-    and sends the summaries of tenants with nothing left. Returns whether another step was sent. A step
-    whose cursor is no longer the run's (a duplicate delivery, a re-planned run) does nothing."""
+    """One bounded step of planning ``run_id``: publish a page a step before wrote but did not publish,
+    or wait (renewing the lease) while the refresh queue already holds ``plan_queue_accounts``, or
+    write and publish the next page and send the summaries of the tenants it left behind whole; the
+    last step moves the run to running. Returns whether another step was sent. A step that is not the
+    run's planner's any more (a duplicate delivery, a superseded planner) does nothing."""
     st = planning.state(settings, run_id)
-    if st is None or st.status is not RunStatus.PLANNING or st.cursor != after:
+    if st is None or st.status is not RunStatus.PLANNING or (st.cursor, st.generation) != step:
         log.info("planning step of run %s superseded; nothing done", run_id, extra={"run_id": run_id})
         return False
+    more = True
     try:
         if st.cursor is not None and st.published != st.cursor:
             publish(run_id, planning.unpublished(settings, run_id, st.published, st.cursor))
-            planning.mark_published(settings, run_id, st.generation, st.cursor)
+            planning.mark_published(settings, run_id, step.generation, st.cursor)
         if queued() * settings.refresh_batch_accounts >= settings.plan_queue_accounts:
             # Backpressure: the broker holds minutes of work, not the night; the planner stays alive.
-            if planning.hold(settings, run_id, st.generation):
-                enqueue_step(run_id, after, settings.plan_wait_seconds)
-                return True
-            return False
-        page = planning.write_page(settings, run_id, st.generation, after)
-        if page:
-            publish(run_id, page)
-            upto = (page[-1].powens_user_pk, page[-1].account_id)
-            planning.mark_published(settings, run_id, st.generation, upto)
-            enqueue_step(run_id, upto, None)
+            if not planning.hold(settings, run_id, step.generation):
+                return False
+            enqueue_step(run_id, step, settings.plan_wait_seconds)
             return True
-        ready = planning.finish(settings, run_id, st.generation, after)
+        page = planning.write_page(settings, run_id, step.generation, step.after)
+        if page is not None:
+            publish(run_id, page.items)
+            planning.mark_published(settings, run_id, step.generation, page.upto)
+            enqueue_step(run_id, Step(page.upto, step.generation), None)
+        else:
+            planning.finish(settings, run_id, step.generation, step.after)
+            more = False
+            log.info("run %s planned: %d accounts", run_id, st.planned, extra={"run_id": run_id})
     except planning.Superseded:
         log.info("planning step of run %s superseded; nothing done", run_id, extra={"run_id": run_id})
         return False
+    send_ready(settings, run_id, enqueue_summary, READY_PER_STEP)
+    return more
+
+
+def send_ready(settings: Settings, run_id: str, enqueue_summary: EnqueueReport, limit: int) -> int:
+    """Claim (one statement) and send the summaries of up to ``limit`` tenants that are ready."""
+    ready = runs.claim_ready(settings, run_id, limit)
     for tenant_id in ready:
-        claim_summary_and_enqueue(settings, run_id, tenant_id, enqueue_summary)
-    log.info("run %s planned: %d accounts", run_id, st.planned, extra={"run_id": run_id})
-    return False
+        enqueue_summary(run_id, tenant_id)
+    return len(ready)
 
 
 def plan_run(
@@ -129,10 +149,10 @@ def plan_run(
     """The whole plan in this process, one step after the other: the steps the workers run, without a
     broker between them (the benchmark's planning measurement; tests). Returns the accounts planned
     (0: the run was not pending)."""
-    steps: list[planning.Cursor | None] = []
+    steps: list[Step] = []
 
-    def enqueue_step(_run: str, after: planning.Cursor | None, _countdown: float | None) -> None:
-        steps.append(after)
+    def enqueue_step(_run: str, step: Step, _countdown: float | None) -> None:
+        steps.append(step)
 
     if not begin_planning(settings, run_id, enqueue_step):
         return 0
@@ -230,14 +250,31 @@ def sweep(
             alive = (
                 not lost_messages and run.planner_lease_until is not None and run.planner_lease_until > now
             )
+            # A re-plan counts against max_redrives only when the run made no progress since the last:
+            # planning a night of 10 M accounts may lose a planner more than ten times and still move.
+            progressed = run.redriven_at is None or run.last_progress > run.redriven_at
             if (
                 stalled
                 and not alive
-                and run.replans < settings.max_redrives
-                and recovery.replan(settings, run, now)
+                and (progressed or run.replans < settings.max_redrives)
+                and recovery.replan(settings, run, now, force=lost_messages)
             ):
                 enqueue_plan(run.id)
                 report.plans_reenqueued += 1
+                if lost_messages and run.status is RunStatus.PLANNING:
+                    # What the planner had published went with the broker: published again now, not
+                    # when planning ends and the stall window has passed (hours at 10 M accounts).
+                    report.redispatched += _redrive(settings, run.id, publish)
+            elif run.status is RunStatus.PLANNING and idle > deadline and not alive:
+                # Planning cannot be finished: the run goes on with what was planned, so its accounts
+                # are refreshed or given up and its tenants summarised (the sweeps that follow).
+                if planning.abandon(settings, run.id, run.planned):
+                    log.error("run %s: planning abandoned", run.id, extra={"run_id": run.id})
+                continue
+            sent_before = now if lost_messages else now - stall  # summaries sent while planning, lost
+            report.summaries_reenqueued += _resume_reports(
+                settings, run.id, sent_before, now, enqueue_summary, enqueue_forecast
+            )
         elif run.status is RunStatus.RUNNING:
             if idle > deadline:
                 report.stale += recovery.mark_items_stale(settings, run.id, now)
@@ -300,6 +337,4 @@ def _resume_reports(
     ):
         (enqueue_summary if status is TenantStatus.SUMMARISING else enqueue_forecast)(run_id, tenant_id)
         n += 1
-    for tenant_id in recovery.tenants_ready(settings, run_id):
-        n += claim_summary_and_enqueue(settings, run_id, tenant_id, enqueue_summary)
-    return n
+    return n + send_ready(settings, run_id, enqueue_summary, READY_PER_SWEEP)

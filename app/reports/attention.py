@@ -232,9 +232,11 @@ def connection_views(
 
 def repeated_failures(
     session: Session, runs: int = 3, tenant_id: str | None = None, limit: int | None = None
-) -> tuple[list[str], list[dict[str, Any]]]:
+) -> tuple[list[str], int, list[dict[str, Any]]]:
     """Accounts that failed in each of the last ``runs`` finished nightly runs (not a bad night: an
-    account that needs someone), with their latest reason. Returns (those runs' ids, the accounts)."""
+    account that needs someone), with their latest reason and what to do: a reconnect link when the
+    bank waits for the user, else a refresh to see the error again. Returns (those runs' ids, how many
+    accounts in all, the first ``limit`` of them)."""
     last_runs = list(
         session.scalars(
             select(RefreshRun.id)
@@ -244,41 +246,54 @@ def repeated_failures(
         )
     )
     if len(last_runs) < runs:
-        return last_runs, []
+        return last_runs, 0, []
     stmt = (
         select(RunItem.tenant_id, RunItem.account_id)
         .where(RunItem.run_id.in_(last_runs), RunItem.status == ItemStatus.FAILED)
         .group_by(RunItem.tenant_id, RunItem.account_id)
         .having(func.count() == runs)
-        .order_by(RunItem.tenant_id, RunItem.account_id)
-        .limit(limit)
     )
     if tenant_id is not None:
         stmt = stmt.where(RunItem.tenant_id == tenant_id)
-    failing = session.execute(stmt).all()
+    total = int(session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
+    failing = session.execute(stmt.order_by(RunItem.tenant_id, RunItem.account_id).limit(limit)).all()
+    accounts = [a for _t, a in failing]
     reasons = dict(
         session.execute(
             select(RunItem.account_id, RunItem.reason).where(
-                RunItem.run_id == last_runs[0], RunItem.account_id.in_([a for _t, a in failing])
+                RunItem.run_id == last_runs[0], RunItem.account_id.in_(accounts)
             )
         ).all()
     )
-    names = dict(
-        session.execute(
-            select(BankAccount.id, BankAccount.name).where(BankAccount.id.in_([a for _t, a in failing]))
-        ).all()
+    about = {
+        acc: (name, connection)
+        for acc, name, connection in session.execute(
+            select(BankAccount.id, BankAccount.name, BankAccount.connection_id).where(
+                BankAccount.id.in_(accounts)
+            )
+        )
+    }
+
+    def what_to_do(tenant: str, acc: str) -> str:
+        if reasons.get(acc) == Reason.NEEDS_USER_ACTION and acc in about:
+            return reconnect_command(tenant, about[acc][1])
+        return f"balances refresh --tenant {tenant} --account {acc}"
+
+    return (
+        last_runs,
+        total,
+        [
+            {
+                "tenantId": tenant,
+                "accountId": acc,
+                "name": about.get(acc, (None, None))[0],
+                "failedRuns": runs,
+                "reason": reasons.get(acc),
+                "command": what_to_do(tenant, acc),
+            }
+            for tenant, acc in failing
+        ],
     )
-    return last_runs, [
-        {
-            "tenantId": tenant,
-            "accountId": acc,
-            "name": names.get(acc),
-            "failedRuns": runs,
-            "reason": reasons.get(acc),
-            "refreshCommand": f"balances refresh --tenant {tenant} --account {acc}",
-        }
-        for tenant, acc in failing
-    ]
 
 
 def service_attention(
@@ -288,7 +303,7 @@ def service_attention(
     long, with its full count, so the answer stays small however big the service is."""
     old = old_bank_data(session, settings, now, limit=limit)
     needing, expiring = connection_views(session, settings, now)
-    failed_runs, failing = repeated_failures(session, runs, limit=limit)
+    failed_runs, failing_total, failing = repeated_failures(session, runs, limit=limit)
     old_total = session.scalar(
         select(func.count()).select_from(BankAccount).where(_old_clause(settings, now))
     )
@@ -297,7 +312,7 @@ def service_attention(
         "oldBankData": {"total": int(old_total or 0), "items": old},
         "connectionsNeedingUser": {"total": len(needing), "items": needing[:limit]},
         "consentsExpiring": {"total": len(expiring), "items": expiring[:limit]},
-        "repeatedFailures": {"runs": failed_runs, "total": len(failing), "items": failing},
+        "repeatedFailures": {"runs": failed_runs, "total": failing_total, "items": failing},
     }
 
 

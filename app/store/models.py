@@ -201,9 +201,10 @@ class BankAccount(Base):
     __table_args__ = (
         UniqueConstraint("powens_user_pk", "external_id"),
         Index("ix_bank_accounts_tenant_status", "tenant_id", "status"),
-        # The planner's keyset: active accounts in (Powens user, id) order, a page at a time.
+        # The planner's keyset: active accounts in (tenant, Powens user, id) order, a page at a time.
         Index(
-            "ix_bank_accounts_active_user",
+            "ix_bank_accounts_active_plan",
+            "tenant_id",
             "powens_user_pk",
             "id",
             postgresql_where=text("status = 'active'"),
@@ -221,8 +222,7 @@ class BankAccount(Base):
     account_type: Mapped[str] = mapped_column(String(64))
     usage: Mapped[str | None] = mapped_column(String(16), nullable=True)
     currency: Mapped[str | None] = mapped_column(String(3), nullable=True)  # null: Powens has none yet
-    # Masked as ContractSpec masks them (all but the last 4 characters): no use here needs the full
-    # values, so they are never stored.
+    # Masked as ContractSpec masks them (all but the last 4 characters): the full values never stored.
     iban_masked: Mapped[str | None] = mapped_column(String(64), nullable=True)
     bic: Mapped[str | None] = mapped_column(String(16), nullable=True)
     number_masked: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -280,8 +280,7 @@ class BalanceSnapshot(Base):
     currency: Mapped[str] = mapped_column(String(3))
     last_updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     refreshed_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    # Copied from the latest record by the day's run, which did not read the account itself (a push
-    # kept it fresh, or Powens had nothing newer): the balance as the run saw it, not a new reading.
+    # Copied from the latest record by the day's run, which did not read the account (a push kept it).
     carried: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
@@ -349,25 +348,23 @@ class RefreshRun(Base):
     planned_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     redispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    # The run's report (app.reports.notify), one delivery sequence per run: the task that holds it
-    # (``report_owner``, claimed by a conditional UPDATE) until ``report_lease_until``; the attempts made
-    # (bounded by BALANCES_NOTIFY_MAX_ATTEMPTS); how it ended, and when; the sweeper's re-sends.
+    # The run's report (app.reports.notify, app.store.run_reports): its holder and lease, attempts,
+    # how it ended and when, the sweeper's re-sends.
     report_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     report_lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     report_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     report_outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
     report_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     report_resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    # Planning in steps (app.store.planning): the last account written as an item (a keyset on
-    # (Powens user, account)), the last one published, and the lease of the live planner, renewed by
-    # every step: the sweeper re-plans a planning run only once its lease ran out.
+    # Planning in steps (app.store.planning): its cursor, what it published, its planner's lease.
+    plan_tenant_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     plan_user_pk: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     plan_account_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    published_tenant_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     published_user_pk: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     published_account_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     planner_lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    # Its items' final counts by status and failure reason, written by the move that ends the run:
-    # what `run status` and `run list` show once retention pruned the items.
+    # Its items' final counts, written by the move that ends it (its items are pruned later).
     outcomes: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
@@ -376,7 +373,11 @@ class RunTenant(Base):
     outcome; the move out of refreshing is claimed by one conditional UPDATE."""
 
     __tablename__ = "run_tenants"
-    __table_args__ = (CheckConstraint(check_in("status", TenantStatus), name="status"),)
+    __table_args__ = (
+        CheckConstraint(check_in("status", TenantStatus), name="status"),
+        # Whether a run still has a tenant open, and which are ready: read by index, not counted.
+        Index("ix_run_tenants_run_status", "run_id", "status"),
+    )
     run_id: Mapped[str] = mapped_column(ForeignKey("refresh_runs.id", ondelete="CASCADE"), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), default=TenantStatus.REFRESHING)
@@ -397,7 +398,7 @@ class RunItem(Base):
         Index("ix_run_items_run_status", "run_id", "status"),
         Index("ix_run_items_run_finished", "run_id", "finished_at"),
         Index("ix_run_items_run_user", "run_id", "powens_user_pk", "account_id"),
-        Index("ix_run_items_run_tenant", "run_id", "tenant_id"),
+        Index("ix_run_items_run_plan", "run_id", "tenant_id", "powens_user_pk", "account_id"),  # + keyset
         CheckConstraint(check_in("status", ItemStatus), name="status"),
     )
     run_id: Mapped[str] = mapped_column(ForeignKey("refresh_runs.id", ondelete="CASCADE"), primary_key=True)

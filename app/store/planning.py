@@ -1,27 +1,29 @@
 """Planning a run in steps: what each step reads and writes, one short transaction each.
 
-A run is planned a page of accounts at a time (``BALANCES_PLAN_PAGE_ACCOUNTS``), in (Powens user,
-account id) order, so each step's work is bounded whatever the size of the service (10 M accounts are
-5,000 steps, not one statement that outgrows every time limit). The run row holds where planning is:
+A run is planned a page of accounts at a time (``BALANCES_PLAN_PAGE_ACCOUNTS``), in (tenant, Powens
+user, account id) order, so each step's work is bounded whatever the size of the service (10 M
+accounts are 5,000 steps, not one statement that outgrows every time limit). The run row holds where
+planning is:
 
-- ``plan_user_pk``/``plan_account_id``: the last account written as an item. A step writes the next
-  page only if that cursor is still the one it was sent for (``after``), under the run row's lock, so
-  a step delivered twice writes nothing twice, and a re-planned run resumes where it stopped.
+- ``plan_*`` (the cursor): the last account written as an item. A step writes the next page only if
+  the cursor is still the one it was sent for (``after``) and the run is still its planner's
+  (``generation``), under the run row's lock: a step delivered twice writes nothing twice, a step of a
+  planner superseded by a re-plan stops, and a re-planned run resumes where it stopped.
 - ``published_*``: the last account published. A step that died between writing its page and
   publishing it leaves the gap, which the next planner publishes first.
 - ``planner_lease_until``: the live planner's lease, renewed by every step. The sweeper re-plans a
   planning run only once its lease ran out (a slow planner is alive; a dead one stops renewing).
-- ``replans``: the planner's generation; a re-plan fences off the messages of the planner before.
+- ``replans``: the planner's generation.
 
 Tenants get their counter row when planning begins (``expected`` and ``remaining`` 0), and each page
 adds its accounts to its tenants' counters in the transaction that writes its items, so an account
-refreshed before planning ends always finds its counter. A tenant is summarised only once the run is
-running (``runs.claim_summary``): before, its counter may reach 0 with more of its accounts to come.
+refreshed before planning ends always finds its counter. Pages go in tenant order, so once the cursor
+is past a tenant, that tenant's plan is whole: its summary may be claimed then (``runs.claim_summary``,
+``runs.claim_ready``), and summaries spread over the night instead of waiting for the last page.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,12 +37,12 @@ from app.store.models import BankAccount, RefreshRun, RunItem, RunTenant, Tenant
 from app.store.runs import Item, move_run
 from app.store.states import RUN_MOVES, AccountStatus, ItemStatus, RunStatus, TenantStatus, check_move
 
-Cursor = tuple[int, str]  # (Powens user pk, account id): the keyset planning pages through
+Cursor = tuple[str, int, str]  # (tenant id, Powens user pk, account id): the keyset planning pages through
 
-
-# The keyset, on accounts and on items: (Powens user pk, account id).
-ACCOUNT_KEY = tuple_(BankAccount.powens_user_pk, BankAccount.id)
-ITEM_KEY = tuple_(RunItem.powens_user_pk, RunItem.account_id)
+# The keyset, on accounts and on items. A Powens user belongs to one tenant: a tenant's accounts, and a
+# user's, are contiguous in it.
+ACCOUNT_KEY = tuple_(BankAccount.tenant_id, BankAccount.powens_user_pk, BankAccount.id)
+ITEM_KEY = tuple_(RunItem.tenant_id, RunItem.powens_user_pk, RunItem.account_id)
 
 
 def _between(key: Any, after: Cursor | None, upto: Cursor | None) -> list[ColumnElement[bool]]:
@@ -125,14 +127,16 @@ def state(settings: Settings, run_id: str) -> PlanState | None:
         return PlanState(
             RunStatus(run.status),
             run.replans,
-            _cursor(run.plan_user_pk, run.plan_account_id),
-            _cursor(run.published_user_pk, run.published_account_id),
+            _cursor(run.plan_tenant_id, run.plan_user_pk, run.plan_account_id),
+            _cursor(run.published_tenant_id, run.published_user_pk, run.published_account_id),
             run.total_accounts,
         )
 
 
-def _cursor(user_pk: int | None, account_id: str | None) -> Cursor | None:
-    return None if user_pk is None or account_id is None else (int(user_pk), account_id)
+def _cursor(tenant_id: str | None, user_pk: int | None, account_id: str | None) -> Cursor | None:
+    if tenant_id is None or user_pk is None or account_id is None:
+        return None
+    return (tenant_id, int(user_pk), account_id)
 
 
 def _planner(run_id: str, generation: int) -> ColumnElement[bool]:
@@ -147,18 +151,24 @@ def _planner(run_id: str, generation: int) -> ColumnElement[bool]:
 def _own(session: Session, run_id: str, generation: int, after: Cursor | None) -> RefreshRun:
     """The run row, locked, while it is this planner's and its cursor is still ``after``."""
     run = session.scalar(select(RefreshRun).where(_planner(run_id, generation)).with_for_update())
-    if run is None or _cursor(run.plan_user_pk, run.plan_account_id) != after:
+    if run is None or _cursor(run.plan_tenant_id, run.plan_user_pk, run.plan_account_id) != after:
         raise Superseded(run_id)
     return run
 
 
-def write_page(settings: Settings, run_id: str, generation: int, after: Cursor | None) -> list[Item]:
+@dataclass(frozen=True)
+class Page:
+    items: list[Item]  # written now (an account gone meanwhile is not in it)
+    upto: Cursor  # the new cursor: the next step plans after it
+
+
+def write_page(settings: Settings, run_id: str, generation: int, after: Cursor | None) -> Page | None:
     """The next page of active accounts after ``after``, written as pending items with their task
     ids, added to their tenants' counters, the cursor and the lease moved on: one transaction of a few
     set-based statements (the database writes the items, ``INSERT … SELECT``; one row per statement
-    cost 1 statement per account, measured: 3,400 accounts/s). A page ends at a Powens user's boundary
-    (a user with more accounts than a page is split), so one refresh message never carries part of a
-    user whose other part another message reads again."""
+    cost 1 statement per account, measured: 3,400 accounts/s). None: nothing left to plan. A page ends
+    at a Powens user's boundary (a user with more accounts than a page is split), so one refresh message
+    never carries part of a user whose other part another message reads again."""
     size = settings.plan_page_accounts
     with session_scope(settings) as session:
         run = _own(session, run_id, generation, after)
@@ -170,19 +180,19 @@ def write_page(settings: Settings, run_id: str, generation: int, after: Cursor |
             *_between(ACCOUNT_KEY, after, None),
         )
         keys = [
-            (int(u), str(a))
-            for u, a in session.execute(
-                select(BankAccount.powens_user_pk, BankAccount.id)
+            (str(t), int(u), str(a))
+            for t, u, a in session.execute(
+                select(BankAccount.tenant_id, BankAccount.powens_user_pk, BankAccount.id)
                 .where(planned)
-                .order_by(BankAccount.powens_user_pk, BankAccount.id)
+                .order_by(BankAccount.tenant_id, BankAccount.powens_user_pk, BankAccount.id)
                 .limit(size + 1)
             )
         ]
         page = keys[:size]
-        if len(keys) > size and keys[size][0] == page[-1][0]:
-            page = [k for k in page if k[0] != page[-1][0]] or page
+        if len(keys) > size and keys[size][:2] == page[-1][:2]:
+            page = [k for k in page if k[:2] != page[-1][:2]] or page
         if not page:
-            return []
+            return None
         upto = page[-1]
         run_lit = literal(run_id, String)
         written = session.execute(
@@ -202,13 +212,12 @@ def write_page(settings: Settings, run_id: str, generation: int, after: Cursor |
         ).all()
         items = sorted(
             (Item(str(t), str(tn), str(a), int(u)) for t, tn, a, u in written),
-            key=lambda i: (i.powens_user_pk, i.account_id),
+            key=lambda i: (i.tenant_id, i.powens_user_pk, i.account_id),
         )
-        per_tenant = Counter(i.tenant_id for i in items)
         # One lock order everywhere tenants' counters change: by tenant id (then one UPDATE … FROM).
         session.execute(
             select(RunTenant.tenant_id)
-            .where(RunTenant.run_id == run_id, RunTenant.tenant_id.in_(sorted(per_tenant)))
+            .where(RunTenant.run_id == run_id, RunTenant.tenant_id.in_(sorted({i.tenant_id for i in items})))
             .order_by(RunTenant.tenant_id)
             .with_for_update()
         ).all()
@@ -225,7 +234,7 @@ def write_page(settings: Settings, run_id: str, generation: int, after: Cursor |
             .execution_options(synchronize_session=False)
         )
         now = _now()
-        run.plan_user_pk, run.plan_account_id = upto
+        run.plan_tenant_id, run.plan_user_pk, run.plan_account_id = upto
         run.total_accounts += len(items)
         run.planned_at = now  # progress, for the sweeper
         run.planner_lease_until = _lease(settings, now)
@@ -237,7 +246,7 @@ def write_page(settings: Settings, run_id: str, generation: int, after: Cursor |
         # the first page and whenever the run doubled: a logarithmic number of ANALYZEs a night.
         with session_scope(settings) as session:
             session.execute(text("ANALYZE run_items"))
-    return items
+    return Page(items, upto)
 
 
 def _should_analyze(planned: int, page: int) -> bool:
@@ -256,7 +265,7 @@ def unpublished(settings: Settings, run_id: str, published: Cursor | None, curso
                 RunItem.status == ItemStatus.PENDING,
                 *_between(ITEM_KEY, published, cursor),
             )
-            .order_by(RunItem.powens_user_pk, RunItem.account_id)
+            .order_by(RunItem.tenant_id, RunItem.powens_user_pk, RunItem.account_id)
         )
         return [Item(str(t), str(tn), str(a), int(u)) for t, tn, a, u in session.execute(stmt)]
 
@@ -266,7 +275,7 @@ def mark_published(settings: Settings, run_id: str, generation: int, upto: Curso
         session.execute(
             update(RefreshRun)
             .where(_planner(run_id, generation))
-            .values(published_user_pk=upto[0], published_account_id=upto[1])
+            .values(published_tenant_id=upto[0], published_user_pk=upto[1], published_account_id=upto[2])
         )
 
 
@@ -281,29 +290,41 @@ def hold(settings: Settings, run_id: str, generation: int) -> bool:
         return bool(getattr(changed, "rowcount", 0))
 
 
-def finish(settings: Settings, run_id: str, generation: int, after: Cursor | None) -> list[str]:
-    """Every page written: the run moves to running. Returns the tenants with nothing left to refresh
-    (none planned, or all refreshed already), whose summaries the caller claims now."""
+def finish(settings: Settings, run_id: str, generation: int, after: Cursor | None) -> None:
+    """Every page written: the run moves to running (its tenants' summaries are claimed by the caller,
+    ``runs.claim_ready``, in bounded pieces)."""
     with session_scope(settings) as session:
         _own(session, run_id, generation, after)
-        tenants = session.scalar(
-            select(func.count()).select_from(RunTenant).where(RunTenant.run_id == run_id)
+        _to_running(session, run_id, error=None)
+
+
+def abandon(settings: Settings, run_id: str, planned: int) -> bool:
+    """A run whose planning could not be finished (its planner died again and again, or never came
+    back before the deadline): it runs with what was planned, so its accounts are refreshed or given up
+    and its tenants summarised, as a run's always are. Its error says how far planning went."""
+    with session_scope(settings) as session:
+        run = session.scalar(
+            select(RefreshRun)
+            .where(RefreshRun.id == run_id, RefreshRun.status == RunStatus.PLANNING)
+            .with_for_update()
         )
-        move_run(
-            session,
-            run_id,
-            RunStatus.PLANNING,
-            RunStatus.RUNNING,
-            total_tenants=int(tenants or 0),
-            planned_at=_now(),
-            planner_lease_until=None,
+        if run is None:
+            return False
+        _to_running(
+            session, run_id, error=f"planning stopped after {planned} accounts: the rest not refreshed"
         )
-        return list(
-            session.scalars(
-                select(RunTenant.tenant_id).where(
-                    RunTenant.run_id == run_id,
-                    RunTenant.status == TenantStatus.REFRESHING,
-                    RunTenant.remaining <= 0,
-                )
-            )
-        )
+        return True
+
+
+def _to_running(session: Session, run_id: str, error: str | None) -> None:
+    tenants = session.scalar(select(func.count()).select_from(RunTenant).where(RunTenant.run_id == run_id))
+    move_run(
+        session,
+        run_id,
+        RunStatus.PLANNING,
+        RunStatus.RUNNING,
+        total_tenants=int(tenants or 0),
+        planned_at=_now(),
+        planner_lease_until=None,
+        **({"error": error} if error else {}),
+    )

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 from app.config import Settings
 from app.store.db import rowcount, session_scope
@@ -19,6 +19,7 @@ from app.store.runs import move_run
 from app.store.states import (
     ITEM_MOVES,
     OPEN_RUN_STATUSES,
+    RUN_MOVES,
     ItemStatus,
     RunStatus,
     TenantStatus,
@@ -38,6 +39,7 @@ class OpenRun:
     replans: int
     pending: int
     planner_lease_until: datetime | None = None  # a planning run's live planner holds it until then
+    planned: int = 0  # accounts planned so far
 
 
 def open_runs(settings: Settings) -> list[OpenRun]:
@@ -52,10 +54,11 @@ def open_runs(settings: Settings) -> list[OpenRun]:
                 RefreshRun.redrives,
                 RefreshRun.replans,
                 RefreshRun.planner_lease_until,
+                RefreshRun.total_accounts,
             ).where(RefreshRun.status.in_(OPEN_RUN_STATUSES))
         ).all()
         found = []
-        for run_id, status, created, planned, redriven, redrives, replans, lease in rows:
+        for run_id, status, created, planned, redriven, redrives, replans, lease, total in rows:
             progress = session.scalar(select(func.max(RunItem.finished_at)).where(RunItem.run_id == run_id))
             pending = session.scalar(
                 select(func.count())
@@ -76,16 +79,35 @@ def open_runs(settings: Settings) -> list[OpenRun]:
                     replans,
                     int(pending or 0),
                     lease,
+                    int(total or 0),
                 )
             )
     return found
 
 
-def replan(settings: Settings, run: OpenRun, now: datetime) -> bool:
+def replan(settings: Settings, run: OpenRun, now: datetime, *, force: bool = False) -> bool:
     """A run whose planner died (or whose plan message was lost) goes back to pending, counted: the next
-    planner resumes from the run's cursor (what was planned and published stays)."""
+    planner resumes from the run's cursor (what was planned and published stays). A planning run is
+    taken only while its planner's lease is still out (checked in the UPDATE: a step renewing it at
+    this moment keeps its run), unless ``force`` (the broker lost the planner's next step)."""
     with session_scope(settings) as session:
         values = {"replans": RefreshRun.replans + 1, "redispatched_at": now}
+        if run.status is RunStatus.PLANNING and not force:
+            check_move(RUN_MOVES, RunStatus.PLANNING, RunStatus.PENDING)
+            lease = RefreshRun.planner_lease_until
+            return bool(
+                rowcount(
+                    session.execute(
+                        update(RefreshRun)
+                        .where(
+                            RefreshRun.id == run.id,
+                            RefreshRun.status == RunStatus.PLANNING,
+                            or_(lease.is_(None), lease <= now),
+                        )
+                        .values(status=RunStatus.PENDING, **values)
+                    )
+                )
+            )
         if run.status is RunStatus.PENDING:
             return bool(
                 rowcount(
@@ -143,20 +165,6 @@ def mark_items_stale(settings: Settings, run_id: str, now: datetime) -> int:
 def give_up(settings: Settings, run_id: str, status: RunStatus, now: datetime, error: str) -> bool:
     with session_scope(settings) as session:
         return move_run(session, run_id, status, RunStatus.STALE, finished_at=now, error=error)
-
-
-def tenants_ready(settings: Settings, run_id: str) -> list[str]:
-    """Tenants whose counter reached zero but whose move to summarising was never claimed."""
-    with session_scope(settings) as session:
-        return list(
-            session.scalars(
-                select(RunTenant.tenant_id).where(
-                    RunTenant.run_id == run_id,
-                    RunTenant.status == TenantStatus.REFRESHING,
-                    RunTenant.remaining <= 0,
-                )
-            )
-        )
 
 
 def claim_resends(

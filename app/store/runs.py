@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -164,17 +164,29 @@ def business_day_of(settings: Settings, run_id: str) -> date | None:
 # -- completion ----------------------------------------------------------------------------------------
 
 
+def _plan_whole() -> ColumnElement[bool]:
+    """A run tenant's plan is whole: its run is running, or its planner's cursor is past the tenant
+    (pages go in tenant order: app.store.planning). Before, its counter may reach 0 with more of its
+    accounts still to plan."""
+    return (
+        select(RefreshRun.id)
+        .where(
+            RefreshRun.id == RunTenant.run_id,
+            or_(
+                RefreshRun.status == RunStatus.RUNNING,
+                and_(
+                    RefreshRun.status == RunStatus.PLANNING, RefreshRun.plan_tenant_id > RunTenant.tenant_id
+                ),
+            ),
+        )
+        .exists()
+    )
+
+
 def claim_summary(settings: Settings, run_id: str, tenant_id: str) -> bool:
     """Exactly one caller moves a tenant whose counter reached zero from refreshing to summarising."""
     with session_scope(settings) as session:
         check_move(TENANT_MOVES, TenantStatus.REFRESHING, TenantStatus.SUMMARISING)
-        # Only once the run is running: while it is planned in steps, a tenant's counter may reach 0
-        # with more of its accounts still to be planned (app.store.planning).
-        running = (
-            select(RefreshRun.id)
-            .where(RefreshRun.id == run_id, RefreshRun.status == RunStatus.RUNNING)
-            .exists()
-        )
         return bool(
             rowcount(
                 session.execute(
@@ -184,7 +196,7 @@ def claim_summary(settings: Settings, run_id: str, tenant_id: str) -> bool:
                         RunTenant.tenant_id == tenant_id,
                         RunTenant.status == TenantStatus.REFRESHING,
                         RunTenant.remaining <= 0,
-                        running,
+                        _plan_whole(),
                     )
                     .values(status=TenantStatus.SUMMARISING, summary_enqueued_at=_now())
                 )
@@ -192,15 +204,58 @@ def claim_summary(settings: Settings, run_id: str, tenant_id: str) -> bool:
         )
 
 
-def finish_if_complete(settings: Settings, run_id: str) -> datetime | None:
-    """Mark the run completed once every tenant is done; returns the finish time to the one caller."""
+def claim_ready(settings: Settings, run_id: str, limit: int) -> list[str]:
+    """Up to ``limit`` tenants whose counter is at 0 and whose plan is whole, moved to summarising by
+    one statement (a tenant with nothing to refresh, or whose last refresh ended before the planner
+    passed it, or whose own claim was lost): their summaries are the caller's to send. Bounded, so a
+    step or a sweep stays short; the next one takes the rest."""
+    check_move(TENANT_MOVES, TenantStatus.REFRESHING, TenantStatus.SUMMARISING)
     with session_scope(settings) as session:
-        open_tenants = session.scalar(
-            select(func.count())
-            .select_from(RunTenant)
-            .where(RunTenant.run_id == run_id, RunTenant.status != TenantStatus.DONE)
+        ready = (
+            select(RunTenant.tenant_id)
+            .where(
+                RunTenant.run_id == run_id,
+                RunTenant.status == TenantStatus.REFRESHING,
+                RunTenant.remaining <= 0,
+                _plan_whole(),
+            )
+            .order_by(RunTenant.tenant_id)
+            .limit(limit)
         )
-        if open_tenants:
+        if not settings.is_sqlite:
+            ready = ready.with_for_update(skip_locked=True)
+        return list(
+            session.scalars(
+                update(RunTenant)
+                .where(
+                    RunTenant.run_id == run_id,
+                    RunTenant.tenant_id.in_(ready.scalar_subquery()),
+                    RunTenant.status == TenantStatus.REFRESHING,
+                )
+                .values(status=TenantStatus.SUMMARISING, summary_enqueued_at=_now())
+                .returning(RunTenant.tenant_id)
+            )
+        )
+
+
+def finish_if_complete(settings: Settings, run_id: str) -> datetime | None:
+    """Mark the run completed once every tenant is done; returns the finish time to the one caller.
+    Whether a tenant is still open is asked of the index on (run, status) — every forecast asks it, and
+    counting a 200,000-tenant run's open tenants each time would be quadratic over the night."""
+    with session_scope(settings) as session:
+        still_open = session.scalar(
+            select(
+                select(RunTenant.tenant_id)
+                .where(
+                    RunTenant.run_id == run_id,
+                    RunTenant.status.in_(
+                        (TenantStatus.REFRESHING, TenantStatus.SUMMARISING, TenantStatus.FORECASTING)
+                    ),
+                )
+                .exists()
+            )
+        )
+        if still_open:
             return None
         now = _now()
         done = move_run(session, run_id, RunStatus.RUNNING, RunStatus.COMPLETED, finished_at=now)
@@ -215,6 +270,17 @@ def last_success(settings: Settings) -> datetime | None:
 
 
 # -- status --------------------------------------------------------------------------------------------
+
+
+def outcomes(session: Session, run: RefreshRun) -> dict[str, Any]:
+    """The run's counts: kept on a finished run (written now for one that finished before they were
+    kept, while its items are still there), counted from the items of an open one."""
+    if run.outcomes is not None:
+        return dict(run.outcomes)
+    counts = item_counts(session, run.id)
+    if not RunStatus(run.status).open:
+        run.outcomes = counts
+    return counts
 
 
 def item_counts(session: Session, run_id: str) -> dict[str, Any]:
@@ -247,7 +313,7 @@ def run_status(settings: Settings, run_id: str | None = None) -> dict[str, Any] 
         run = session.get(RefreshRun, run_id)
         if run is None:
             return None
-        counts = run.outcomes or item_counts(session, run_id)
+        counts = outcomes(session, run)
         stale = session.execute(
             select(RunItem.tenant_id, RunItem.account_id)
             .where(RunItem.run_id == run_id, RunItem.status == ItemStatus.STALE)
@@ -285,11 +351,14 @@ def list_runs(settings: Settings, limit: int = 20) -> list[dict[str, Any]]:
         found = session.scalars(
             select(RefreshRun).order_by(RefreshRun.created_at.desc(), RefreshRun.id.desc()).limit(limit)
         ).all()
-        # A finished run carries its final counts; only open runs' items are counted (grouped, once).
-        counts: dict[str, dict[str, Any]] = {r.id: dict(r.outcomes or {}) for r in found}
+        # A finished run carries its final counts (one that finished before they were kept gets them
+        # now, once); only open runs' items are counted, grouped, each time.
+        counts: dict[str, dict[str, Any]] = {
+            r.id: outcomes(session, r) if not RunStatus(r.status).open else {} for r in found
+        }
         for run_id, status, n in session.execute(
             select(RunItem.run_id, RunItem.status, func.count())
-            .where(RunItem.run_id.in_([r.id for r in found if r.outcomes is None]))
+            .where(RunItem.run_id.in_([r.id for r in found if RunStatus(r.status).open]))
             .group_by(RunItem.run_id, RunItem.status)
         ):
             counts[run_id][status] = int(n)

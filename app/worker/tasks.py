@@ -323,13 +323,13 @@ def plan_nightly_run(run_id: str) -> bool:
 
 
 @app.task(name="balances.plan_nightly_step")
-def plan_nightly_step(run_id: str, after: list[Any] | None = None) -> bool:
+def plan_nightly_step(run_id: str, after: list[Any] | None, generation: int) -> bool:
     """One step of planning: a page of accounts written as items and published as refresh batches,
     under the planning time limits (BALANCES_PLAN_*), bounded whatever the number of accounts."""
     return pipeline.plan_step(
         get_settings(),
         run_id,
-        (int(after[0]), str(after[1])) if after else None,
+        pipeline.Step((str(after[0]), int(after[1]), str(after[2])) if after else None, int(generation)),
         publish=publish_page,
         enqueue_step=enqueue_plan_step,
         enqueue_summary=enqueue_summary,
@@ -342,8 +342,10 @@ def publish_page(run_id: str, items: Sequence[runs.Item]) -> None:
     publish_batches(run_id, items)
 
 
-def enqueue_plan_step(run_id: str, after: tuple[int, str] | None, countdown: float | None) -> None:
-    plan_nightly_step.apply_async(args=(run_id, list(after) if after else None), countdown=countdown)
+def enqueue_plan_step(run_id: str, step: pipeline.Step, countdown: float | None) -> None:
+    plan_nightly_step.apply_async(
+        args=(run_id, list(step.after) if step.after else None, step.generation), countdown=countdown
+    )
 
 
 @app.task(name="balances.summarize_tenant")

@@ -127,13 +127,20 @@ def _online_preparation(tomorrow: date) -> date:
 
 
 def _bounded(bound: date) -> bool:
-    """Whether every row is before ``bound``, proven by a CHECK validated under a lock writers pass."""
+    """Whether every row is before ``bound``, proven by a CHECK validated under a lock writers pass.
+    Adding and dropping the constraint take the table's ACCESS EXCLUSIVE lock for an instant: bounded
+    by a lock timeout, so behind a long reader (a dump, a report) the upgrade fails at once and is run
+    again, instead of queueing every snapshot writer behind it."""
+    op.execute("SET lock_timeout = '10s'")
     op.execute(f"ALTER TABLE {TABLE} DROP CONSTRAINT IF EXISTS {CHECK}")
     op.execute(f"ALTER TABLE {TABLE} ADD CONSTRAINT {CHECK} CHECK (day < DATE '{bound}') NOT VALID")
+    op.execute("RESET lock_timeout")  # the connection goes back to its pool
     try:
         op.execute(f"ALTER TABLE {TABLE} VALIDATE CONSTRAINT {CHECK}")
     except IntegrityError:
+        op.execute("SET lock_timeout = '10s'")
         op.execute(f"ALTER TABLE {TABLE} DROP CONSTRAINT IF EXISTS {CHECK}")
+        op.execute("RESET lock_timeout")
         return False
     return True
 

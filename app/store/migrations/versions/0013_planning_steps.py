@@ -1,13 +1,19 @@
 """planning in steps: the planner's cursors and lease on the run, its keyset index on the accounts
 
-``refresh_runs.plan_user_pk`` / ``plan_account_id``: the last account written as an item (the keyset
-of (Powens user, account id) the planner pages through); ``published_*``: the last one published;
-``planner_lease_until``: until when the live planner holds the run (renewed by every step).
-``outcomes``: the run's final counts, kept on the run when retention prunes its items.
-``ix_bank_accounts_active_user``: the planner reads a page of active accounts in that order, from
-an index instead of sorting every account for every page. Built ``CONCURRENTLY`` on PostgreSQL:
-``bank_accounts`` is read and written all night, and a plain CREATE INDEX would block its writers for
-as long as the build takes (minutes at 10 M accounts).
+``refresh_runs.plan_tenant_id`` / ``plan_user_pk`` / ``plan_account_id``: the last account written as
+an item (the keyset of (tenant, Powens user, account id) the planner pages through); ``published_*``:
+the last one published; ``planner_lease_until``: until when the live planner holds the run (renewed by
+every step); ``outcomes``: the run's final counts, kept on the run when retention prunes its items.
+
+Indexes, built ``CONCURRENTLY`` on PostgreSQL (the tables are read and written all night; a plain
+CREATE INDEX would block their writers for as long as the build takes, minutes at 10 M accounts):
+``ix_bank_accounts_active_plan``, the planner reads a page of active accounts in its keyset order off
+it instead of sorting every account for every page; ``ix_run_items_run_plan`` replaces the index on
+(run, tenant), which is its prefix, and serves the keyset too; ``ix_run_tenants_run_status``: whether a
+run has a tenant still open, asked by every forecast, answered by index instead of counted.
+
+Re-runnable: a failed upgrade (its job killed during a build) leaves the columns added and maybe an
+INVALID index; the next attempt adds what is missing and builds again what is invalid.
 
 Revision ID: 0013
 Revises: 0012
@@ -24,45 +30,81 @@ down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-INDEX = "ix_bank_accounts_active_user"
+COLUMNS = (
+    ("plan_tenant_id", sa.String(128), "varchar(128)"),
+    ("plan_user_pk", sa.BigInteger(), "bigint"),
+    ("plan_account_id", sa.String(64), "varchar(64)"),
+    ("published_tenant_id", sa.String(128), "varchar(128)"),
+    ("published_user_pk", sa.BigInteger(), "bigint"),
+    ("published_account_id", sa.String(64), "varchar(64)"),
+    ("planner_lease_until", sa.DateTime(timezone=True), "timestamp with time zone"),
+    ("outcomes", sa.JSON(), "json"),
+)
+# name, table, columns, partial condition
+INDEXES = (
+    (
+        "ix_bank_accounts_active_plan",
+        "bank_accounts",
+        ("tenant_id", "powens_user_pk", "id"),
+        "status = 'active'",
+    ),
+    ("ix_run_items_run_plan", "run_items", ("run_id", "tenant_id", "powens_user_pk", "account_id"), None),
+    ("ix_run_tenants_run_status", "run_tenants", ("run_id", "status"), None),
+)
+REPLACED = ("ix_run_items_run_tenant", "run_items", ("run_id", "tenant_id"))
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("refresh_runs") as batch:
-        batch.add_column(sa.Column("plan_user_pk", sa.BigInteger(), nullable=True))
-        batch.add_column(sa.Column("plan_account_id", sa.String(64), nullable=True))
-        batch.add_column(sa.Column("published_user_pk", sa.BigInteger(), nullable=True))
-        batch.add_column(sa.Column("published_account_id", sa.String(64), nullable=True))
-        batch.add_column(sa.Column("planner_lease_until", sa.DateTime(timezone=True), nullable=True))
-        batch.add_column(sa.Column("outcomes", sa.JSON(), nullable=True))
-    where = sa.text("status = 'active'")
-    if op.get_bind().dialect.name == "postgresql":
-        with op.get_context().autocommit_block():
-            op.create_index(
-                INDEX,
-                "bank_accounts",
-                ["powens_user_pk", "id"],
-                postgresql_where=where,
-                postgresql_concurrently=True,
-                if_not_exists=True,
+    if op.get_bind().dialect.name != "postgresql":
+        with op.batch_alter_table("refresh_runs") as batch:
+            for name, kind, _sql in COLUMNS:
+                batch.add_column(sa.Column(name, kind, nullable=True))
+        for name, table, cols, where in INDEXES:
+            op.create_index(name, table, list(cols), sqlite_where=sa.text(where) if where else None)
+        op.drop_index(REPLACED[0], table_name=REPLACED[1])
+        return
+    for name, _kind, sql in COLUMNS:
+        op.execute(f"ALTER TABLE refresh_runs ADD COLUMN IF NOT EXISTS {name} {sql}")
+    with op.get_context().autocommit_block():
+        for name, table, cols, where in INDEXES:
+            _drop_if_invalid(name)
+            condition = f" WHERE {where}" if where else ""
+            op.execute(
+                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({', '.join(cols)}){condition}"
             )
-    else:
-        op.create_index(INDEX, "bank_accounts", ["powens_user_pk", "id"], sqlite_where=where)
+        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {REPLACED[0]}")
+
+
+def _drop_if_invalid(name: str) -> None:
+    """An interrupted CONCURRENTLY build leaves an INVALID index that IF NOT EXISTS would accept."""
+    valid = (
+        op.get_bind()
+        .execute(
+            sa.text(
+                "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE c.relname = :n"
+            ),
+            {"n": name},
+        )
+        .scalar()
+    )
+    if valid is False:
+        op.execute(f"DROP INDEX CONCURRENTLY {name}")
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
+    postgres = op.get_bind().dialect.name == "postgresql"
+    if postgres:
         with op.get_context().autocommit_block():
-            op.drop_index(INDEX, table_name="bank_accounts", postgresql_concurrently=True, if_exists=True)
+            op.execute(
+                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {REPLACED[0]} ON run_items (run_id, tenant_id)"
+            )
+            for name, _table, _cols, _where in INDEXES:
+                op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
     else:
-        op.drop_index(INDEX, table_name="bank_accounts")
+        op.create_index(REPLACED[0], REPLACED[1], list(REPLACED[2]))
+        for name, table, _cols, _where in INDEXES:
+            op.drop_index(name, table_name=table)
     with op.batch_alter_table("refresh_runs") as batch:
-        for column in (
-            "outcomes",
-            "planner_lease_until",
-            "published_account_id",
-            "published_user_pk",
-            "plan_account_id",
-            "plan_user_pk",
-        ):
-            batch.drop_column(column)
+        for name, _kind, _sql in reversed(COLUMNS):
+            batch.drop_column(name)
